@@ -223,7 +223,9 @@ def group_widths(spec: WidthSpec) -> dict[str, int]:
     """Width of every channel group, keyed by group name."""
     out = {}
     for g in channel_groups(spec):
-        out[g.name] = spec.stages[g.stage] if g.kind == "stream" else spec.blocks[g.stage][g.block][g.conv]
+        out[g.name] = (
+            spec.stages[g.stage] if g.kind == "stream" else spec.blocks[g.stage][g.block][g.conv]
+        )
     return out
 
 

@@ -1,0 +1,571 @@
+"""Datasets as in-memory uint8 arrays, and seeded tensor batching/augmentation on any device.
+
+Why arrays and not a DataLoader: every Ray trial gets the same arrays from the object store
+(zero-copy on a node), and batches are gathered and augmented as tensor ops on the trial's
+own device. Batch order, crop offsets and flips come from a CPU generator seeded by
+(run seed, epoch), so every trial on every device sees identical batches — candidates are
+compared on common random numbers, and the teacher's view of an epoch is the same for all.
+
+Selection never looks at the test split: validation is carved from the training set with the
+run seed. Every problem with a data root is a one-line :class:`DataError` that names the path,
+what was expected there and how to get it.
+
+Formats (read directly, so nothing but numpy/PIL is needed at load time):
+
+- ``cifar10``: ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``
+- ``cifar100``: ``<root>/cifar-100-python/{train,test,meta}`` (fine labels)
+- ``fashion_mnist``: the four idx ``.gz`` files in ``<root>`` (Debian's
+  ``dataset-fashion-mnist`` or ``python -m casd_ray.data --download-fashion-mnist DIR``)
+- ``imagefolder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` (PNG/JPEG, all
+  one size and mode; classes sorted by name)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import pickle
+import sys
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from casd_ray.config import DataConfig
+
+PAD = 4  # zero padding before the random crop (torchvision RandomCrop(padding=4), fill=0)
+FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MODE_CHANNELS = {"L": 1, "RGB": 3}
+
+
+class DataError(Exception):
+    """A data problem, as one line: the path, what was expected there, and how to get it."""
+
+
+@dataclass
+class DataSplits:
+    """Train/val/test as uint8 NCHW arrays with int64 labels, plus normalisation statistics."""
+
+    name: str
+    classes: list[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.x_train.shape[2]), int(self.x_train.shape[3])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary, written next to a teacher so a run records what it trained on."""
+        return {
+            "name": self.name,
+            "sizes": {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)},
+            "shape": [self.in_channels, *self.image_size],
+            "num_classes": self.num_classes,
+            "classes": list(self.classes),
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "augment": self.augment,
+        }
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def default_root(dataset: str) -> Path | None:
+    """Where a dataset lives when ``data.root`` is not set (None: it must be set)."""
+    if dataset == "fashion_mnist":
+        if FASHION_MNIST_SYSTEM_ROOT.is_dir():
+            return FASHION_MNIST_SYSTEM_ROOT
+        return Path("data/fashion-mnist")
+    if dataset in ("cifar10", "cifar100"):
+        return Path("data")
+    return None
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
+    """Load ``cfg.dataset``, carve validation from train with ``seed``, apply subsets."""
+    root = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.dataset)
+    if root is None:
+        raise DataError(
+            f"data.root: required for {cfg.dataset} (a folder with train/<class>/ and "
+            "test/<class>/ image folders)"
+        )
+    if cfg.dataset == "fashion_mnist":
+        (xtr, ytr), (xte, yte), classes = _load_fashion_mnist(root, cfg.download)
+        augment = "crop"  # flipping clothes is harmless, but the usual recipe is crop only
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        (xtr, ytr), (xte, yte), classes = _load_cifar(root, cfg.dataset, cfg.download)
+        augment = "flip_crop"
+    else:
+        (xtr, ytr), (xte, yte), classes = _load_imagefolder(root)
+        augment = "flip_crop"
+
+    n = len(ytr)
+    if cfg.val_size > n - 2:
+        raise DataError(
+            f"data.val_size: {cfg.val_size} leaves fewer than 2 training examples (the train "
+            f"split of {root} has {n}); set data.val_size below {n - 1}"
+        )
+    # Validation is carved from train only; the test split never takes part in selection.
+    perm = np.random.default_rng(_seed_words(seed, 0x5E1)).permutation(n)
+    val_idx = np.sort(perm[: cfg.val_size])
+    train_idx = perm[cfg.val_size :]
+    if cfg.train_subset is not None:  # at most N: a larger value just means all of it
+        train_idx = train_idx[: cfg.train_subset]
+    train_idx = np.sort(train_idx)
+    if cfg.test_subset is not None and cfg.test_subset < len(yte):
+        test_perm = np.random.default_rng(_seed_words(seed, 0x7E5)).permutation(len(yte))
+        test_idx = np.sort(test_perm[: cfg.test_subset])
+        xte, yte = xte[test_idx], yte[test_idx]
+
+    x_train = xtr[train_idx]
+    mean, std = channel_stats(x_train)
+    return DataSplits(
+        name=cfg.dataset,
+        classes=classes,
+        x_train=x_train,
+        y_train=ytr[train_idx],
+        x_val=xtr[val_idx],
+        y_val=ytr[val_idx],
+        # writable copies: idx arrays are views into the decompressed bytes (read-only)
+        x_test=np.require(xte, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]),
+        y_test=np.require(yte, np.int64, ["C_CONTIGUOUS", "WRITEABLE"]),
+        mean=mean,
+        std=std,
+        augment=augment,
+    )
+
+
+def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on the [0, 1] scale, exact, from integer sums.
+
+    Integer sums (uint64 accumulators, no overflow below ~10^14 pixels) avoid a float copy of
+    the whole training set (1.1 GB for CIFAR in float64) and are ~10x faster.
+    """
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    sums = x.sum(axis=(0, 2, 3), dtype=np.uint64).astype(np.float64)
+    squares = np.einsum("nchw,nchw->c", x, x, dtype=np.uint64).astype(np.float64)
+    mean = sums / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    std[std == 0] = 255.0  # a constant channel: leave it centred, never divide by zero
+    return tuple(float(m) for m in mean / 255.0), tuple(float(v) for v in std / 255.0)
+
+
+def _seed_words(seed: int, *more: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, *more])
+
+
+# --- Fashion-MNIST (idx files)
+
+
+def _read_idx(path: Path, magic: int, what: str) -> np.ndarray:
+    """Parse one gzip'd idx file (big-endian header: magic, counts, then uint8 payload)."""
+    hint = "run `python -m casd_ray.data --download-fashion-mnist DIR` or set data.download: true"
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: not a readable gzip'd idx file ({err}); {hint}") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated idx header ({len(raw)} bytes); {hint}")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise DataError(
+            f"{path}: bad idx magic number {got:#010x}, expected {magic:#010x} ({what})"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path}: idx size {len(raw)} bytes, expected {expected} for shape {dims} "
+            f"(truncated or corrupt); {hint}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_fashion_mnist(root: Path, download: bool):
+    missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair if not (root / f).is_file()]
+    if missing and download:
+        download_fashion_mnist(root)
+    elif missing:
+        raise DataError(
+            f"data.root {root}: no {missing[0]} found (expected the four Fashion-MNIST idx .gz "
+            "files); set data.download: true, install Debian's dataset-fashion-mnist, or run "
+            f"`python -m casd_ray.data --download-fashion-mnist {root}`"
+        )
+    splits = []
+    for images_name, labels_name in FASHION_MNIST_FILES.values():
+        images = _read_idx(root / images_name, 0x00000803, "images, idx3 ubyte")
+        labels = _read_idx(root / labels_name, 0x00000801, "labels, idx1 ubyte")
+        if len(images) != len(labels):
+            raise DataError(
+                f"{root / labels_name}: {len(labels)} labels but {images_name} has "
+                f"{len(images)} images; re-download the Fashion-MNIST files"
+            )
+        _check_labels(labels, 10, root / labels_name)
+        splits.append((images[:, None], labels.astype(np.int64)))
+    return splits[0], splits[1], list(FASHION_MNIST_CLASSES)
+
+
+def download_fashion_mnist(root: str | Path) -> Path:
+    """Fetch the four idx .gz files (md5-checked by torchvision) straight into ``root``."""
+    root = Path(root)
+    if all((root / f).is_file() for pair in FASHION_MNIST_FILES.values() for f in pair):
+        return root  # nothing to fetch: skip importing torchvision (seconds)
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import download_url
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data.root {root}: cannot create it for the download ({err})") from None
+    for filename, md5 in FashionMNIST.resources:
+        if (root / filename).is_file():
+            continue
+        errors = []
+        for mirror in FashionMNIST.mirrors:
+            try:
+                download_url(mirror + filename, root=str(root), filename=filename, md5=md5)
+                break
+            except Exception as err:  # network errors come in many types; report the first line
+                errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        else:
+            raise DataError(
+                f"data.root {root}: downloading Fashion-MNIST {filename} failed "
+                f"({'; '.join(errors)}); copy the four idx .gz files there by hand"
+            )
+    return root
+
+
+# --- CIFAR (torchvision's python pickles)
+
+_CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": ("batches.meta", "label_names"),
+        "labels": "labels",
+        "human": "CIFAR-10",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": ("meta", "fine_label_names"),
+        "labels": "fine_labels",
+        "human": "CIFAR-100",
+    },
+}
+
+# The CIFAR pickles hold only dicts, lists, strings and numpy arrays: refuse anything else,
+# so a stray file in a data root cannot run code on load.
+_SAFE_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module.replace("numpy.core.", "numpy._core."), name)
+
+
+def _read_pickle(path: Path, hint: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()  # latin1: py2 numpy pickles
+    except Exception as err:
+        raise DataError(f"{path}: not a CIFAR python pickle ({err}); {hint}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}; {hint}")
+    # py2 pickles decode to str keys under latin1; py3 pickles written with bytes keys stay bytes.
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+def _load_cifar(root: Path, dataset: str, download: bool):
+    spec = _CIFAR[dataset]
+    folder = root / spec["folder"]
+    names = [*spec["train"], *spec["test"], spec["meta"][0]]
+    if not all((folder / n).is_file() for n in names) and download:
+        _download_cifar(root, dataset)
+    hint = f"set data.download: true or copy the {spec['human']} python version to {folder}"
+    if not folder.is_dir():
+        raise DataError(f"data.root {root}: no {spec['folder']}/ found; {hint}")
+    for n in names:
+        if not (folder / n).is_file():
+            raise DataError(f"data.root {root}: no {spec['folder']}/{n} found; {hint}")
+
+    meta_name, meta_key = spec["meta"]
+    meta = _read_pickle(folder / meta_name, hint)
+    if meta_key not in meta:
+        raise DataError(f"{folder / meta_name}: no {meta_key!r} key (has {sorted(meta)}); {hint}")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[meta_key]]
+
+    def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for n in files:
+            path = folder / n
+            d = _read_pickle(path, hint)
+            for key in ("data", spec["labels"]):
+                if key not in d:
+                    raise DataError(f"{path}: no {key!r} key (has {sorted(d)}); {hint}")
+            data = np.asarray(d["data"])
+            labels = np.asarray(d[spec["labels"]], dtype=np.int64)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise DataError(
+                    f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072); {hint}"
+                )
+            if len(labels) != len(data):
+                raise DataError(f"{path}: {len(labels)} labels for {len(data)} images; {hint}")
+            _check_labels(labels, len(classes), path)
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.append(labels)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    return read(spec["train"]), read(spec["test"]), classes
+
+
+def _download_cifar(root: Path, dataset: str) -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if dataset == "cifar10" else CIFAR100
+    try:
+        cls(root=str(root), train=True, download=True)  # fetches and extracts both splits
+    except Exception as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"data.root {root}: downloading {_CIFAR[dataset]['human']} failed ({msg}); copy "
+            f"the python version to {root / _CIFAR[dataset]['folder']}"
+        ) from None
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"{path}: labels range {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}"
+        )
+
+
+# --- ImageFolder
+
+
+def _load_imagefolder(root: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    hint = "expected <root>/train/<class>/*.png|jpg and <root>/test/<class>/*"
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"data.root {root}: no {split}/ folder found; {hint}")
+    classes = sorted(p.name for p in (root / "train").iterdir() if _visible_dir(p))
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class folders found; {hint}")
+    for p in (root / "test").iterdir():
+        if _visible_dir(p) and p.name not in classes:
+            raise DataError(f"{p}: class {p.name!r} is not in {root / 'train'} (classes {classes})")
+
+    ref: tuple[tuple[int, int], str, Path] | None = None  # (size, mode, first file)
+
+    def read(split: str) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal ref
+        files: list[tuple[Path, int]] = []
+        for label, cls in enumerate(classes):
+            d = root / split / cls
+            if not d.is_dir():
+                continue  # a test split may lack a class; train classes all exist by construction
+            found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"{d}: empty class folder (no .png/.jpg/.jpeg images); {hint}")
+            files += [(p, label) for p in found]
+        if not files:
+            raise DataError(f"{root / split}: no images found; {hint}")
+        x: np.ndarray | None = None
+        for i, (path, _) in enumerate(files):
+            try:
+                with Image.open(path) as img:
+                    if ref is None:
+                        if img.mode not in MODE_CHANNELS:
+                            raise DataError(
+                                f"{path}: image mode {img.mode}, expected L or RGB; convert the "
+                                "images (e.g. PIL .convert('RGB'))"
+                            )
+                        ref = (img.size, img.mode, path)
+                    if (img.size, img.mode) != ref[:2]:
+                        raise DataError(
+                            f"{path}: {img.mode} {img.size[0]}x{img.size[1]}, but {ref[2]} is "
+                            f"{ref[1]} {ref[0][0]}x{ref[0][1]}; all images must share size and mode"
+                        )
+                    pixels = np.asarray(img)
+            except (OSError, UnidentifiedImageError) as err:
+                raise DataError(f"{path}: not a readable image ({err})") from None
+            if x is None:
+                w, h = ref[0]
+                x = np.empty((len(files), MODE_CHANNELS[ref[1]], h, w), dtype=np.uint8)
+            x[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return x, np.array([label for _, label in files], dtype=np.int64)
+
+    return read("train"), read("test"), classes
+
+
+def _visible_dir(p: Path) -> bool:
+    return p.is_dir() and not p.name.startswith(".")
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Arrays -> tensors on ``device``; on CPU they share memory with the numpy arrays.
+
+    Object-store arrays are read-only; torch warns about that, but batching only ever reads
+    (gathers copy), so the warning is silenced rather than paying for a copy per trial.
+    """
+    x = np.ascontiguousarray(x, dtype=np.uint8)
+    y = np.ascontiguousarray(y, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    device = torch.device(device)
+    if device.type != "cpu":
+        xt, yt = xt.to(device), yt.to(device)
+    return xt, yt
+
+
+def _normalizer(mean: Sequence[float], std: Sequence[float], device: torch.device):
+    """uint8 -> float32 ``(x/255 - mean)/std`` as one multiply-add per element."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    scale, shift = 1.0 / (255.0 * std_t), -mean_t / std_t
+    return lambda xb: xb.float().mul_(scale).add_(shift)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator behind one epoch's order and augmentation (same on every device)."""
+    words = _seed_words(
+        seed, 0xBA7C4, int(epoch) & 0xFFFFFFFFFFFFFFFF
+    )  # own stream, not the split's
+    state = words.generate_state(1, np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(state))
+
+
+def train_batches(
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    augment: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of shuffled, augmented, normalised batches on ``x.device``.
+
+    ``augment``: "flip_crop" (zero-pad 4, random crop, horizontal flip), "crop" (no flip) or
+    "none". Order, offsets and flips are drawn up front on a CPU generator seeded by
+    (seed, epoch), so the epoch is identical on every device; crop and flip are one
+    vectorised gather per batch. A last batch of fewer than 2 is dropped (BatchNorm needs 2).
+    """
+    if augment not in ("flip_crop", "crop", "none"):
+        raise ValueError(f"augment: {augment!r}, expected 'flip_crop', 'crop' or 'none'")
+    n, c, h, w = x.shape
+    dev = x.device
+    g = epoch_generator(seed, epoch)
+    perm = torch.randperm(n, generator=g)
+    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    if augment != "flip_crop":
+        flips.zero_()
+    perm, offsets, flips = perm.to(dev), offsets.to(dev), flips.to(dev)
+    normalize = _normalizer(mean, std, dev)
+    rows0 = torch.arange(h, device=dev)
+    cols0 = torch.arange(w, device=dev)
+    for start in range(0, n, batch_size):
+        idx = perm[start : start + batch_size]
+        if len(idx) < 2:
+            break
+        xb = x[idx]
+        if augment != "none":
+            b = len(idx)
+            off = offsets[start : start + b]
+            flip = flips[start : start + b, None]
+            padded = torch.nn.functional.pad(xb, (PAD, PAD, PAD, PAD))
+            rows = off[:, :1] + rows0  # (B, H) rows of the padded image to keep
+            cols = off[:, 1:] + torch.where(flip, cols0.flip(0), cols0)  # flip folded into cols
+            # one gather over flattened padded planes (7x faster than 4-D advanced indexing)
+            flat = rows.view(b, 1, h, 1) * (w + 2 * PAD) + cols.view(b, 1, 1, w)
+            flat = flat.expand(b, c, h, w).reshape(b, c, h * w)
+            xb = torch.gather(padded.view(b, c, -1), 2, flat).view(b, c, h, w)
+        yield normalize(xb), y[idx]
+
+
+def eval_batches(
+    x: Tensor, y: Tensor, *, batch_size: int, mean: Sequence[float], std: Sequence[float]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every example exactly once, in order, normalised, no augmentation (last batch kept)."""
+    normalize = _normalizer(mean, std, x.device)
+    for start in range(0, len(x), batch_size):
+        yield normalize(x[start : start + batch_size]), y[start : start + batch_size]
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m casd_ray.data", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--download-fashion-mnist", metavar="DIR", required=True,
+                        help="fetch the four Fashion-MNIST idx .gz files into DIR")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        root = download_fashion_mnist(args.download_fashion_mnist)
+        _load_fashion_mnist(root, download=False)  # verify what landed there
+    except DataError as err:
+        print(f"casd-ray: error: {err}", file=sys.stderr)
+        return 2
+    print(f"Fashion-MNIST ready in {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The search space: genes, genome -> keep-ratios -> widths, and repair onto a cost budget.
+
+A *genome* holds one keep-ratio per searched gene. The granularity decides which channel
+groups a gene sets (see :func:`gene_groups`): ``stage`` (3 genes: each stage's stream and
+every inner conv of that stage), ``block`` (one gene per stream plus one per block for its
+inner convs) or ``layer`` (one gene per channel group).
+
+With repair on, a genome only gives the *shape* of a candidate: one global scale is found so
+that the candidate lands on the budget. Every candidate then costs the same (within one
+channel-rounding step), so the search compares allocations, not sizes, and the uniform
+genome at the budget is a fair control. Repair evaluates the analytic cost model
+(:func:`casd_ray.models.flops`), never a forward pass, so it takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from casd_ray.config import ExperimentConfig
+from casd_ray.models import WidthSpec, channel_groups, flops, params
+
+GRANULARITIES = ("stage", "block", "layer")
+METRICS = {"flops": flops, "params": params}
+# Scaled ratios are clipped to (0, 1]; this floor keeps a ratio positive without ever
+# rounding to a channel (every group then sits at its minimum width).
+_TINY_RATIO = 1e-12
+
+
+class BudgetError(ValueError):
+    """A budget that no candidate can meet, phrased as one line naming the config field."""
+
+
+# --------------------------------------------------------------------------- genes
+
+
+def gene_groups(spec: WidthSpec, granularity: str) -> dict[str, list[str]]:
+    """Gene name -> names of the channel groups it sets (every group exactly once).
+
+    Gene names use underscores (``stage1_block3``), never dots, so they are plain keys for
+    Ray Tune's config and Optuna's parameter names.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"space.granularity: {granularity!r} is not one of {GRANULARITIES}")
+    genes: dict[str, list[str]] = {}
+    groups = channel_groups(spec)
+    for g in groups:
+        if g.kind == "stream":
+            genes[g.name] = [g.name]
+    for g in groups:
+        if g.kind == "stream":
+            continue
+        if granularity == "stage":
+            genes[f"stage{g.stage}"].append(g.name)
+        elif granularity == "block":
+            genes.setdefault(f"stage{g.stage}_block{g.block}", []).append(g.name)
+        else:
+            genes[g.name.replace(".", "_")] = [g.name]
+    return genes
+
+
+def gene_names(spec: WidthSpec, granularity: str) -> list[str]:
+    """The searched genes, in network order (streams first)."""
+    return list(gene_groups(spec, granularity))
+
+
+def uniform_genome(spec: WidthSpec, granularity: str, value: float = 1.0) -> dict[str, float]:
+    """Every gene at ``value``: repaired, it is the uniform-width network at the budget."""
+    return dict.fromkeys(gene_names(spec, granularity), float(value))
+
+
+def ratios_from_genome(
+    spec: WidthSpec, granularity: str, genome: dict[str, float]
+) -> dict[str, float]:
+    """Group name -> keep-ratio. Keys of ``genome`` that are not genes are ignored, so a
+    whole Tune trial config can be passed; a missing gene is an error."""
+    out = {}
+    for gene, groups in gene_groups(spec, granularity).items():
+        if gene not in genome:
+            raise KeyError(f"genome: missing gene {gene!r} for granularity {granularity!r}")
+        value = float(genome[gene])
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"genome: gene {gene!r} must be a positive ratio, got {value}")
+        for group in groups:
+            out[group] = value
+    return out
+
+
+# --------------------------------------------------------------------------- widths
+
+
+def _round_widths(
+    teacher: np.ndarray, ratios: np.ndarray, min_channels: int, divisible_by: int
+) -> np.ndarray:
+    """Vectorised rounding shared by :func:`widths_from_ratios` and :func:`repair`.
+
+    A ratio >= 1 keeps the whole group (even if its width is not a multiple of
+    ``divisible_by``), so ratio 1.0 always reproduces the teacher. Otherwise round half up
+    to a multiple of ``divisible_by``, then clamp to [lowest, teacher width] where lowest is
+    ``min_channels`` rounded up to a multiple of ``divisible_by``.
+    """
+    d = divisible_by
+    lowest = -(-min_channels // d) * d
+    n = np.floor(ratios * teacher / d + 0.5) * d
+    n = np.minimum(np.maximum(n, lowest), teacher)
+    return np.where(ratios >= 1.0, teacher, n).astype(np.int64)
+
+
+def widths_from_ratios(
+    spec: WidthSpec, ratios: dict[str, float], *, min_channels: int = 1, divisible_by: int = 1
+) -> WidthSpec:
+    """Student spec from keep-ratios per group (missing groups keep ratio 1.0).
+
+    Widths round half up to a multiple of ``divisible_by`` and are at least ``min_channels``
+    (never more than the teacher's width).
+    """
+    if min_channels < 1 or divisible_by < 1:
+        raise ValueError("min_channels and divisible_by must be >= 1")
+    names, w = _layout(spec)
+    unknown = set(ratios) - set(names)
+    if unknown:
+        raise KeyError(f"ratios: unknown channel groups {sorted(unknown)[:3]}")
+    q = np.array([float(ratios.get(n, 1.0)) for n in names])
+    if not np.all(np.isfinite(q)) or np.any(q <= 0):
+        raise ValueError("ratios: every keep-ratio must be a positive finite number")
+    return _with_widths(spec, _round_widths(w, q, min_channels, divisible_by))
+
+
+@lru_cache(maxsize=64)
+def _layout(spec: WidthSpec) -> tuple[tuple[str, ...], np.ndarray]:
+    """Group names in ``channel_groups`` order (streams, then inner convs in network order)
+    and the teacher's widths as floats; cached because repair rebuilds specs many times."""
+    groups = channel_groups(spec)
+    widths = [
+        spec.stages[g.stage] if g.kind == "stream" else spec.blocks[g.stage][g.block][g.conv]
+        for g in groups
+    ]
+    w = np.array(widths, dtype=np.float64)
+    w.setflags(write=False)
+    return tuple(g.name for g in groups), w
+
+
+def _with_widths(spec: WidthSpec, widths: np.ndarray) -> WidthSpec:
+    """``with_group_widths`` for a width array in ``_layout`` order, without dict lookups
+    (the hot path of repair); equal to it by construction of the order."""
+    flat = widths.tolist()
+    n_streams = len(spec.stages)
+    stages = tuple(flat[:n_streams])
+    it = iter(flat[n_streams:])
+    blocks = tuple(
+        tuple(tuple(next(it) for _ in inner) for inner in stage) for stage in spec.blocks
+    )
+    stem = stages[0] if spec.block == "basic" else spec.stem
+    return spec.model_copy(update={"stages": stages, "blocks": blocks, "stem": stem})
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def cost(spec: WidthSpec, metric: str) -> int:
+    """FLOPs or parameter count of ``spec`` (analytic)."""
+    if metric not in METRICS:
+        raise ValueError(f"space.budget.metric: {metric!r} is not one of {sorted(METRICS)}")
+    return METRICS[metric](spec)
+
+
+def cost_ratio(student: WidthSpec, teacher: WidthSpec, metric: str) -> float:
+    """Student cost over teacher cost (the budget is expressed in this ratio)."""
+    return cost(student, metric) / cost(teacher, metric)
+
+
+def smallest_ratio(
+    spec: WidthSpec, metric: str = "flops", *, min_channels: int = 1, divisible_by: int = 1
+) -> float:
+    """Cost ratio with every group at its minimum width: no candidate can cost less."""
+    low = widths_from_ratios(
+        spec,
+        dict.fromkeys(group_names(spec), _TINY_RATIO),
+        min_channels=min_channels,
+        divisible_by=divisible_by,
+    )
+    return cost_ratio(low, spec, metric)
+
+
+def group_names(spec: WidthSpec) -> list[str]:
+    return list(_layout(spec)[0])
+
+
+def _check_target(
+    spec: WidthSpec, target: float, metric: str, min_channels: int, divisible_by: int
+) -> None:
+    if not (0 < target <= 1):
+        raise BudgetError(
+            f"space.budget.target: {target} must be in (0, 1] (a fraction of the teacher's "
+            f"{metric}; 1.0 keeps the whole teacher)"
+        )
+    low = smallest_ratio(spec, metric, min_channels=min_channels, divisible_by=divisible_by)
+    if target < low:
+        raise BudgetError(
+            f"space.budget.target: {target:g} is below the smallest reachable {metric} ratio "
+            f"{low:.4f} (every channel group at min_channels={min_channels}, "
+            f"divisible_by={divisible_by}); raise the target or lower space.min_channels"
+        )
+
+
+# --------------------------------------------------------------------------- repair
+
+
+def repair(
+    spec: WidthSpec,
+    granularity: str,
+    genome: dict[str, float],
+    *,
+    target: float,
+    metric: str = "flops",
+    min_channels: int = 1,
+    divisible_by: int = 1,
+) -> tuple[WidthSpec, float]:
+    """Scale the genome by one global factor so the student lands on the budget.
+
+    Returns ``(student, scale)`` where the student's ratios are ``clip(scale * genome, 0, 1]``.
+    Guarantee: ``cost_ratio(student) <= target`` and the next larger scale at which any
+    width changes gives a cost ratio above ``target`` — the candidate is within one rounding
+    step of the budget. The cost is a step function of the scale that only changes where
+    some group's rounded width changes, so we binary-search over exactly those breakpoints
+    (a few thousand for ResNet-164, ~13 cost evaluations) instead of bisecting a float.
+    """
+    _check_target(spec, target, metric, min_channels, divisible_by)
+    ratios = ratios_from_genome(spec, granularity, genome)
+    names, w = _layout(spec)
+    r = np.array([ratios[n] for n in names])
+    d = divisible_by
+    # Width of group g changes where scale * r_g * w_g / d crosses j + 0.5, and at
+    # scale * r_g = 1 (the group snaps to its full width).
+    points = [1.0 / r]
+    for rg, wg in zip(r, w, strict=True):
+        j = np.arange(math.ceil(wg / d) + 1)
+        points.append((j + 0.5) * d / (wg * rg))
+    breaks = np.unique(np.concatenate(points))
+    breaks = breaks[breaks <= 1.0 / r.min()]
+    # Evaluate just past each breakpoint so floating-point rounding cannot place the change
+    # after the point we test; below the first breakpoint every group is at its minimum.
+    scales = np.concatenate([[breaks[0] / 2], breaks * (1 + 1e-9)])
+    teacher_cost = cost(spec, metric)
+
+    def student_at(scale: float) -> WidthSpec:
+        q = np.clip(scale * r, _TINY_RATIO, 1.0)
+        return _with_widths(spec, _round_widths(w, q, min_channels, divisible_by))
+
+    def fits(i: int) -> bool:
+        # the same comparison as cost_ratio(student) <= target, so callers agree exactly
+        return cost(student_at(float(scales[i])), metric) / teacher_cost <= target
+
+    # Largest index whose cost fits; index 0 (all minimal) fits after _check_target.
+    lo, hi = 0, len(scales) - 1
+    if fits(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    scale = float(scales[lo])
+    return student_at(scale), scale
+
+
+def scaled_ratios(ratios: dict[str, float], scale: float) -> dict[str, float]:
+    """The ratios :func:`repair` builds at ``scale``: ``scale * r`` clipped to (0, 1]."""
+    return {g: min(1.0, max(_TINY_RATIO, scale * v)) for g, v in ratios.items()}
+
+
+# --------------------------------------------------------------------------- config glue
+
+
+def candidate_spec(cfg: ExperimentConfig, teacher_spec: WidthSpec, genome: dict) -> WidthSpec:
+    """The student a trial trains: repaired onto the budget, or the plain genome widths
+    when ``space.repair`` is off (multi-objective search keeps the cost as an objective)."""
+    sp = cfg.space
+    if sp.repair:
+        student, _ = repair(
+            teacher_spec,
+            sp.granularity,
+            genome,
+            target=sp.budget.target,
+            metric=sp.budget.metric,
+            min_channels=sp.min_channels,
+            divisible_by=sp.divisible_by,
+        )
+        return student
+    ratios = ratios_from_genome(teacher_spec, sp.granularity, genome)
+    return widths_from_ratios(
+        teacher_spec, ratios, min_channels=sp.min_channels, divisible_by=sp.divisible_by
+    )
+
+
+def control_genome(cfg: ExperimentConfig, teacher_spec: WidthSpec) -> dict[str, float]:
+    """The uniform genome whose candidate sits on the budget, whether repair is on or off.
+
+    Its value is the repair scale of the all-ones genome, clipped into the genome bounds, so
+    it is a valid point for Tune's ``points_to_evaluate`` (with repair on, any uniform value
+    repairs to the same uniform-width network).
+    """
+    sp = cfg.space
+    _, scale = repair(
+        teacher_spec,
+        sp.granularity,
+        uniform_genome(teacher_spec, sp.granularity, 1.0),
+        target=sp.budget.target,
+        metric=sp.budget.metric,
+        min_channels=sp.min_channels,
+        divisible_by=sp.divisible_by,
+    )
+    value = min(max(scale, sp.min_ratio), sp.max_ratio)
+    return uniform_genome(teacher_spec, sp.granularity, value)
+
+
+def check_budget(cfg: ExperimentConfig, teacher_spec: WidthSpec) -> None:
+    """Refuse an unreachable budget before any trial starts (raises :class:`BudgetError`).
+
+    With repair off, no candidate in the space can be cheaper than every gene at
+    ``space.min_ratio``, so a target below that is refused too.
+    """
+    sp = cfg.space
+    metric, target = sp.budget.metric, sp.budget.target
+    _check_target(teacher_spec, target, metric, sp.min_channels, sp.divisible_by)
+    if not sp.repair:
+        low = widths_from_ratios(
+            teacher_spec,
+            dict.fromkeys(group_names(teacher_spec), sp.min_ratio),
+            min_channels=sp.min_channels,
+            divisible_by=sp.divisible_by,
+        )
+        low_ratio = cost_ratio(low, teacher_spec, metric)
+        if target < low_ratio:
+            raise BudgetError(
+                f"space.budget.target: {target:g} is below the smallest reachable {metric} "
+                f"ratio {low_ratio:.4f} (every gene at space.min_ratio={sp.min_ratio:g}, "
+                "space.repair off); raise the target or lower space.min_ratio"
+            )

@@ -1,0 +1,63 @@
+"""Config: YAML + --set overrides, errors that name the field, resolved config written out."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from casd_ray.cli import main
+from casd_ray.config import ConfigError, load_config, save_config
+
+EXPERIMENTS = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: demo\nsearch:\n  num_samples: 3\n")
+    cfg = load_config(path, ["search.max_epochs=7", "data.root=/tmp/x", "space.budget.target=0.4"])
+    assert cfg.name == "demo" and cfg.search.num_samples == 3 and cfg.search.max_epochs == 7
+    assert cfg.data.root == "/tmp/x" and cfg.space.budget.target == 0.4
+    assert cfg.run_dir == Path("runs") / "demo"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        ("search:\n  max_epoch: 3\n", [], "search.max_epoch: unknown key"),
+        ("", ["search.max_epochs=0"], "search.max_epochs"),
+        ("", ["space.budget.target=1.5"], "space.budget.target"),
+        ("", ["search.algorithm=bayes"], "search.algorithm"),
+        ("", ["nonsense"], "expected key=value"),
+        ("[1, 2]\n", [], "mapping"),
+        ("space:\n  min_ratio: 0.9\n  max_ratio: 0.5\n", [], "min_ratio"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, text, overrides, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")) as err:
+        load_config(path, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["name=x", "seed=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert raw["seed"] == 3 and raw["search"]["algorithm"] == "optuna-tpe"
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_experiment_file_validates(path):
+    load_config(path)
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher:\n  epochs: -1\n")
+    assert main(["teacher", str(path), "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("casd-ray: error: teacher.epochs") and "\n" not in err
+    assert main(["teacher", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
