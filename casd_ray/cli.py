@@ -23,9 +23,10 @@ def _log(msg: str) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported as one line, not a traceback."""
     from casd_ray.data import DataError
+    from casd_ray.finetune import SelectionError
     from casd_ray.space import BudgetError
 
-    return (ConfigError, DataError, BudgetError, FileNotFoundError)
+    return (ConfigError, DataError, BudgetError, SelectionError, FileNotFoundError)
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:

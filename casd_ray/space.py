@@ -275,11 +275,17 @@ def scaled_ratios(ratios: dict[str, float], scale: float) -> dict[str, float]:
 # --------------------------------------------------------------------------- config glue
 
 
+def repair_enabled(cfg: ExperimentConfig) -> bool:
+    """Repair applies unless switched off or the search is multi-objective: NSGA-II keeps
+    the cost as its second objective, and repair would pin every candidate to one cost."""
+    return cfg.space.repair and cfg.search.algorithm != "optuna-nsga2"
+
+
 def candidate_spec(cfg: ExperimentConfig, teacher_spec: WidthSpec, genome: dict) -> WidthSpec:
     """The student a trial trains: repaired onto the budget, or the plain genome widths
-    when ``space.repair`` is off (multi-objective search keeps the cost as an objective)."""
+    when repair is off (see :func:`repair_enabled`)."""
     sp = cfg.space
-    if sp.repair:
+    if repair_enabled(cfg):
         student, _ = repair(
             teacher_spec,
             sp.granularity,
@@ -326,7 +332,7 @@ def check_budget(cfg: ExperimentConfig, teacher_spec: WidthSpec) -> None:
     sp = cfg.space
     metric, target = sp.budget.metric, sp.budget.target
     _check_target(teacher_spec, target, metric, sp.min_channels, sp.divisible_by)
-    if not sp.repair:
+    if not repair_enabled(cfg):
         low = widths_from_ratios(
             teacher_spec,
             dict.fromkeys(group_names(teacher_spec), sp.min_ratio),

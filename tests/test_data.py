@@ -401,7 +401,7 @@ def test_eval_batches_cover_everything_once_in_order():
     assert torch.allclose(torch.cat([b[0] for b in out]), ref, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.cuda
 def test_train_batches_same_on_cuda_as_cpu():
     x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
     y = torch.randint(0, 10, (64,))

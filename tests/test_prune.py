@@ -200,7 +200,7 @@ def test_inherited_student_beats_random_init_on_a_trained_teacher():
         assert accuracy(inherited) > accuracy(random_init) + 0.3, criterion
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_inherit_on_cuda_keeps_device_and_identity():
     teacher, spec = _teacher("resnet20")
     teacher = teacher.cuda()

@@ -1,0 +1,164 @@
+"""Per-trial memory with 1, 2 and 4 concurrent trials: data and teacher are not copied.
+
+The search puts the data arrays and the teacher weights into the Ray object store once
+(``tune.with_parameters``) as numpy arrays, which every trial on the node maps read-only
+(zero-copy). So a trial's *private* memory (USS) must not grow by the dataset size, however
+many trials run. As a control, the same data is passed as torch tensors, which Ray
+deserialises into a private copy in every trial: there USS grows by the dataset size.
+
+Each trial runs the real ``casd_ray.trial.distill_trial`` for one epoch on a ~60 MB
+synthetic CIFAR-sized dataset and measures its own process (/proc/self/smaps_rollup) at
+its first report: RSS (includes the shared object-store pages it touched), USS (private
+pages only) and PSS.
+
+    python benchmarks/trial_memory.py [--images 20000] [--smoke-test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import ray
+import torch
+from ray import tune
+
+from casd_ray.config import ExperimentConfig
+from casd_ray.data import DataSplits
+from casd_ray.models import build_model, spec_for
+from casd_ray.trial import distill_trial, pack_data, pack_teacher
+
+MB = 2**20
+
+
+def memory_mb() -> dict[str, float]:
+    """RSS, PSS and USS (private clean + dirty) of this process, from /proc (Linux)."""
+    kb: dict[str, int] = {}
+    with open("/proc/self/smaps_rollup") as f:
+        lines = f.read().splitlines()[1:]
+    for line in lines:
+        key, value = line.split(":", 1)
+        kb[key] = int(value.split()[0])
+    uss = kb["Private_Clean"] + kb["Private_Dirty"]
+    return {"rss_mb": kb["Rss"] / 1024, "pss_mb": kb["Pss"] / 1024, "uss_mb": uss / 1024}
+
+
+def synthetic(n: int, n_val: int, size: int = 32) -> DataSplits:
+    rng = np.random.default_rng(0)
+
+    def split(k: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.integers(0, 256, (k, 3, size, size), dtype=np.uint8)
+        return x, rng.integers(0, 10, k).astype(np.int64)
+
+    (xtr, ytr), (xv, yv), (xte, yte) = split(n), split(n_val), split(2)
+    stats = (0.5, 0.5, 0.5), (0.29, 0.29, 0.29)
+    classes = [str(i) for i in range(10)]
+    return DataSplits("synthetic", classes, xtr, ytr, xv, yv, xte, yte, *stats, "flip_crop")
+
+
+def memory_trial(config: dict, *, data: dict, teacher_state, teacher_spec_json, exp) -> None:
+    """distill_trial with a ``report`` that adds this process's memory figures."""
+    if config["mode"] == "torch":  # control: tensors come out of the store as private copies
+        data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    genome = {k: v for k, v in config.items() if k != "mode"}
+
+    def report(metrics: dict, *, checkpoint=None) -> None:
+        metrics = {**metrics, **memory_mb(), "pid": os.getpid()}
+        tune.report(metrics, checkpoint=checkpoint)
+
+    distill_trial(
+        genome,
+        data=data,
+        teacher_state=teacher_state,
+        teacher_spec_json=teacher_spec_json,
+        exp=exp,
+        report=report,
+    )
+
+
+def run(mode: str, concurrent: int, data: dict, teacher_state, spec, cfg, storage: str) -> list:
+    if mode == "torch":
+        data = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            memory_trial,
+            data=data,
+            teacher_state=teacher_state,
+            teacher_spec_json=spec.to_json(),
+            exp=cfg.model_dump(),
+        ),
+        {"cpu": 1},
+    )
+    genome = {"stage0": 0.5, "stage1": 0.5, "stage2": 0.5, "mode": mode}
+    tuner = tune.Tuner(
+        trainable,
+        param_space=genome,
+        tune_config=tune.TuneConfig(num_samples=concurrent, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=f"{mode}-{concurrent}", storage_path=storage, verbose=0),
+    )
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(errors[0])
+    return [r.metrics for r in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--smoke-test", action="store_true", help="tiny data, 1 and 2 trials")
+    args = parser.parse_args()
+    n = 1000 if args.smoke_test else args.images
+    levels = (1, 2) if args.smoke_test else (1, 2, 4)
+
+    packed = pack_data(synthetic(n, max(200, n // 20)))
+    spec = spec_for("resnet8", 3, 10, (32, 32), width=4)
+    torch.manual_seed(0)
+    teacher_state = pack_teacher(build_model(spec))
+    cfg = ExperimentConfig.model_validate(
+        {
+            "model": {"arch": "resnet8", "width": 4},
+            "search": {"max_epochs": 1, "batch_size": 256, "cpus_per_trial": 1},
+        }
+    )
+    data_mb = sum(v.nbytes for v in packed.values() if isinstance(v, np.ndarray)) / MB
+    teacher_mb = sum(v.nbytes for v in teacher_state.values()) / MB
+    storage = f"/tmp/casd-trial-memory-{os.getpid()}"
+    ray.init(num_cpus=max(levels), include_dashboard=False, logging_level="ERROR")
+    rows = []
+    try:
+        for mode in ("numpy", "torch"):
+            for k in levels:
+                t0 = time.perf_counter()
+                for m in run(mode, k, packed, teacher_state, spec, cfg, storage):
+                    rows.append((mode, k, m))
+                print(f"# {mode} x{k}: {time.perf_counter() - t0:.1f}s", flush=True)
+    finally:
+        ray.shutdown()
+
+    print(f"\ndata in the object store: {data_mb:.1f} MB; teacher weights: {teacher_mb:.3f} MB")
+    print("store   trials  RSS MB/trial  USS MB/trial  PSS MB/trial  USS MB all trials")
+    uss_of = {}
+    for mode in ("numpy", "torch"):
+        for k in levels:
+            ms = [m for md, kk, m in rows if md == mode and kk == k]
+            rss, uss, pss = (
+                float(np.mean([m[c] for m in ms])) for c in ("rss_mb", "uss_mb", "pss_mb")
+            )
+            uss_of[mode, k] = uss
+            total = sum(m["uss_mb"] for m in ms)
+            print(f"{mode:6s}  {k:6d}  {rss:12.1f}  {uss:12.1f}  {pss:12.1f}  {total:17.1f}")
+    spread = max(uss_of["numpy", k] for k in levels) - min(uss_of["numpy", k] for k in levels)
+    extra = float(np.mean([uss_of["torch", k] - uss_of["numpy", k] for k in levels]))
+    print(
+        f"\nnumpy (the search's way): per-trial USS varies by {spread:.1f} MB from 1 to "
+        f"{max(levels)} trials; torch tensors instead cost {extra:.1f} MB more per trial "
+        f"(the data is {data_mb:.1f} MB): numpy data is "
+        f"{'shared, not copied' if extra > 0.5 * data_mb and spread < 0.5 * data_mb else 'COPIED?'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

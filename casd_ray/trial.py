@@ -1,0 +1,242 @@
+"""The Ray Tune trainable: one candidate width genome, distilled from the teacher.
+
+A trial turns its genome into widths (repaired onto the budget), inherits the teacher's
+most important channels, optionally recalibrates BN, and distills for up to ``max_epochs``,
+reporting every epoch with a checkpoint so ASHA can stop it and ``Tuner.restore`` can
+resume it mid-way.
+
+Data and teacher arrive as plain numpy arrays: ``tune.with_parameters`` puts them into the
+object store once, and numpy arrays come back zero-copy (read-only views of shared memory)
+in every trial on a node. Torch tensors would be deserialised into a private copy per trial,
+which is why nothing torch-typed is put into the store.
+
+``report`` and ``get_checkpoint`` are parameters (defaults: ``ray.tune.report`` /
+``ray.tune.get_checkpoint``) so the whole trial runs in a unit test without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from casd_ray import distill, prune, space
+from casd_ray.config import ExperimentConfig
+from casd_ray.data import DataSplits, to_tensors, train_batches
+from casd_ray.models import WidthSpec, build_model, flops, params, spec_summary
+from casd_ray.teacher import numpy_to_state, state_to_numpy
+
+STATE_FILE = "state.pt"
+DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
+
+
+def pack_data(data: DataSplits) -> dict[str, Any]:
+    """The parts of the data a trial needs, as numpy arrays + plain metadata.
+
+    The test split is left out on purpose: the search never looks at it.
+    """
+    packed: dict[str, Any] = {k: np.ascontiguousarray(getattr(data, k)) for k in DATA_KEYS}
+    packed.update(name=data.name, mean=tuple(data.mean), std=tuple(data.std), augment=data.augment)
+    return packed
+
+
+def pack_teacher(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Teacher weights as numpy arrays (zero-copy from the object store, unlike tensors)."""
+    return state_to_numpy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches ``train_batches`` yields for ``n`` images (it drops a last batch of < 2)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+def genome_of(config: dict[str, Any], teacher_spec: WidthSpec, granularity: str) -> dict:
+    """The genome inside a Tune config (Tune may add nothing, but be strict about genes)."""
+    names = space.gene_names(teacher_spec, granularity)
+    missing = [n for n in names if n not in config]
+    if missing:
+        raise KeyError(f"trial config lacks genes {missing}; got {sorted(config)}")
+    return {n: float(config[n]) for n in names}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - the id is informative only
+        pass
+    return "local"
+
+
+def _save_state(path: Path, model, optimizer, scheduler, epoch: int, best: float) -> None:
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "best_val_acc": best,
+        },
+        path / STATE_FILE,
+    )
+
+
+def distill_trial(
+    config: dict[str, Any],
+    *,
+    data: dict[str, Any],
+    teacher_state: dict[str, np.ndarray],
+    teacher_spec_json: str,
+    exp: dict[str, Any],
+    report: Callable[..., None] | None = None,
+    get_checkpoint: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Distill one candidate; ``report(metrics, checkpoint=...)`` once per epoch.
+
+    Returns the last metrics (handy in tests; Tune ignores it).
+    """
+    from ray import tune
+
+    if report is None:  # inside Tune: one "checkpoint created" INFO line per epoch is noise
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    report = report or tune.report
+    get_checkpoint = get_checkpoint or tune.get_checkpoint
+    cfg = ExperimentConfig.model_validate(exp)
+    s = cfg.search
+    # One intra-op thread per CPU the trial holds: concurrent trials must not oversubscribe.
+    torch.set_num_threads(max(1, int(s.cpus_per_trial)))
+    device = distill.pick_device(s.gpus_per_trial)
+    amp = bool(s.amp and device.type == "cuda")
+
+    teacher_spec = WidthSpec.from_json(teacher_spec_json)
+    genome = genome_of(config, teacher_spec, cfg.space.granularity)
+    student_spec = space.candidate_spec(cfg, teacher_spec, genome)
+    t_flops, t_params = flops(teacher_spec), params(teacher_spec)
+    static = {
+        "flops": flops(student_spec),
+        "params": params(student_spec),
+        "flops_ratio": flops(student_spec) / t_flops,
+        "params_ratio": params(student_spec) / t_params,
+        "genome_widths": student_spec.model_dump_json(),
+        "width_summary": json.dumps(spec_summary(student_spec)),
+        "node_id": _node_id(),
+    }
+
+    teacher = build_model(teacher_spec)
+    teacher.load_state_dict(numpy_to_state(teacher_state))
+    teacher.eval()
+
+    mean, std, augment = data["mean"], data["std"], data["augment"]
+    x_train, y_train = to_tensors(data["x_train"], data["y_train"], device)
+    x_val, y_val = to_tensors(data["x_val"], data["y_val"], device)
+
+    ckpt = get_checkpoint()
+    state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    if state is None:
+        student = prune.inherit(teacher, teacher_spec, student_spec, criterion=cfg.space.importance)
+    else:
+        student = build_model(student_spec)
+    student.to(device)
+    teacher.to(device)
+
+    optimizer = distill.make_optimizer(
+        student, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+    )
+    scheduler = distill.make_scheduler(
+        optimizer, epochs=s.max_epochs, steps_per_epoch=steps_per_epoch(len(x_train), s.batch_size)
+    )
+    start_epoch, best = 0, 0.0
+    if state is not None:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = int(state["epoch"]), float(state["best_val_acc"])
+    elif cfg.distill.bn_recalibration_batches > 0:
+        # Adaptive BN (EagleEye): pruned channels shift the BN statistics; re-estimating them
+        # makes early-rung scores rank candidates like their final accuracy.
+        batches = train_batches(
+            x_train,
+            y_train,
+            batch_size=s.batch_size,
+            seed=cfg.seed,
+            epoch=0,
+            augment=augment,
+            mean=mean,
+            std=std,
+        )
+        prune.recalibrate_bn(
+            student, (xb for xb, _ in batches), cfg.distill.bn_recalibration_batches
+        )
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, s.max_epochs):
+        t0 = time.perf_counter()
+        train = distill.train_one_epoch(
+            student,
+            x_train,
+            y_train,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            batch_size=s.batch_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            augment=augment,
+            mean=mean,
+            std=std,
+            teacher=teacher,
+            temperature=cfg.distill.temperature,
+            alpha=cfg.distill.alpha,
+            amp=amp,
+        )
+        val = distill.evaluate(
+            student, x_val, y_val, batch_size=max(s.batch_size, 256), mean=mean, std=std, amp=amp
+        )
+        best = max(best, float(val["acc"]))
+        metrics = {
+            "val_acc": float(val["acc"]),
+            "val_loss": float(val["loss"]),
+            "best_val_acc": best,
+            "train_loss": float(train["loss"]),
+            "train_acc": float(train["acc"]),
+            "images_per_s": float(train["images_per_s"]),
+            "epoch_seconds": time.perf_counter() - t0,
+            "epoch": epoch + 1,  # 1-based: ASHA's time_attr, max_t = max_epochs
+            "max_epochs": s.max_epochs,
+            **static,
+        }
+        with tempfile.TemporaryDirectory(prefix="casd-ckpt-") as tmp:
+            _save_state(Path(tmp), student, optimizer, scheduler, epoch + 1, best)
+            # Tune copies the directory into its storage inside report().
+            report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    return metrics
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """Resources of one trial, for ``tune.with_resources``."""
+    res = {"cpu": cfg.search.cpus_per_trial}
+    if cfg.search.gpus_per_trial > 0:
+        res["gpu"] = cfg.search.gpus_per_trial
+    return res
+
+
+__all__ = [
+    "distill_trial",
+    "genome_of",
+    "pack_data",
+    "pack_teacher",
+    "steps_per_epoch",
+    "trial_resources",
+]

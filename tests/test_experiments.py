@@ -1,0 +1,79 @@
+"""Every experiment YAML loads, validates, and runs the whole pipeline in a smoke size.
+
+The paper-scale configs are far too big for a test, so each runs with an override set
+(tiny fake data in the real format, ResNet-8, one epoch per stage, two trials): the config's
+searcher, scheduler, granularity, budget and distillation settings still run for real, so
+no experiment file rots unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import smoke_overrides
+
+from casd_ray import space
+from casd_ray.cli import main
+from casd_ray.config import load_config
+from casd_ray.models import spec_for
+
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+SHAPES = {  # (in_channels, classes, image size) of each dataset, without loading it
+    "fashion_mnist": (1, 10, (28, 28)),
+    "cifar10": (3, 10, (32, 32)),
+    "cifar100": (3, 100, (32, 32)),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_experiments_exist():
+    names = {p.name for p in EXPERIMENTS}
+    assert {"cifar10_resnet164.yaml", "cifar100_resnet164.yaml"} <= names
+    assert "fashion_mnist_resnet56.yaml" in names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_config_validates_at_full_size(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    in_ch, classes, size = SHAPES[cfg.data.dataset]
+    teacher = spec_for(cfg.model.arch, in_ch, classes, size, cfg.model.width)
+    space.check_budget(cfg, teacher)  # the budget is reachable for the real teacher
+    assert space.gene_names(teacher, cfg.space.granularity)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in EXPERIMENTS if p.stem.startswith("cifar")], ids=lambda p: p.stem
+)
+def test_paper_configs_follow_the_paper_setting(path):
+    cfg = load_config(path)
+    assert cfg.model.arch == "resnet164"
+    assert cfg.space.granularity == "layer"
+    assert cfg.space.budget.target == 0.5
+    assert cfg.search.scheduler == "asha"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_pipeline_runs_in_smoke_size(path, tmp_path, ray_session, capsys):
+    overrides = smoke_overrides(path, tmp_path)
+    argv = ["run", str(path)]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0, capsys.readouterr().err
+    cfg = load_config(path, overrides)
+    run_dir = cfg.run_dir
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "uniform", "winner"}
+    assert report["search"]["trials"] == 2
+    assert report["search"]["searcher"] == cfg.search.algorithm
+    for part in ("winner", "uniform"):
+        assert (run_dir / part / "model.ts").is_file()

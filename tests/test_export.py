@@ -1,0 +1,76 @@
+"""Export: a compressed model rebuilds from widths.json + model.pt alone, and as TorchScript."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import casd_ray
+from casd_ray.export import FILES, is_complete, load_compressed, load_torchscript, save_compressed
+from casd_ray.models import build_model, spec_for, with_group_widths
+
+
+def _trained_like(spec):
+    """A model with non-default weights and BN statistics (what an export really holds)."""
+    torch.manual_seed(0)
+    model = build_model(spec)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # move BN running stats away from their initial values
+            model(torch.randn(8, spec.in_channels, *spec.image_size))
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture
+def pruned_spec():
+    spec = spec_for("resnet8", in_channels=1, num_classes=10, image_size=(28, 28), width=8)
+    return with_group_widths(spec, {"stage1": 11, "stage0.block0.conv1": 3, "stage2": 20})
+
+
+def test_reload_reproduces_outputs_exactly(tmp_path, pruned_spec):
+    model = _trained_like(pruned_spec)
+    out = save_compressed(model, pruned_spec, tmp_path / "winner", {"test_acc": 0.5})
+    assert is_complete(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    x = torch.randn(5, 1, 28, 28)
+    reloaded = load_compressed(out)
+    assert not reloaded.training
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        assert torch.equal(load_compressed(out / "model.pt")(x), model(x))
+    assert json.loads((out / "metrics.json").read_text()) == {"test_acc": 0.5}
+    assert json.loads((out / "widths.json").read_text())["stages"] == list(pruned_spec.stages)
+
+
+def test_torchscript_loads_and_reproduces_outputs(tmp_path, pruned_spec):
+    model = _trained_like(pruned_spec)
+    save_compressed(model, pruned_spec, tmp_path)
+    scripted = load_torchscript(tmp_path)
+    x = torch.randn(3, 1, 28, 28)  # a batch size other than the traced one
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_package_level_load_compressed(tmp_path, pruned_spec):
+    save_compressed(_trained_like(pruned_spec), pruned_spec, tmp_path)
+    assert casd_ray.load_compressed is load_compressed
+    assert casd_ray.load_compressed(tmp_path).spec == pruned_spec
+
+
+def test_export_leaves_the_model_and_folder_clean(tmp_path, pruned_spec):
+    model = _trained_like(pruned_spec).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_compressed(model, pruned_spec, tmp_path)
+    save_compressed(model, pruned_spec, tmp_path)  # overwrite in place
+    assert model.training  # the caller's model is not switched to eval
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_missing_files_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="widths.json"):
+        load_compressed(tmp_path)

@@ -1,0 +1,130 @@
+"""Fine-tune stage: winner selection, the uniform control, export, and reuse on rerun."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_config
+
+from casd_ray import space
+from casd_ray.export import FILES, load_compressed, load_torchscript
+from casd_ray.finetune import SelectionError, rank_of, run_finetune, select_winner, uniform_spec
+from casd_ray.models import WidthSpec, flops, spec_for
+
+
+def _table(**cols) -> pd.DataFrame:
+    base = {
+        "trial_id": ["a", "b", "c", "d", "e"],
+        "best_val_acc": [0.8, 0.9, 0.9, 0.95, 0.99],
+        "flops": [10, 30, 20, 5, 5],
+        "completed": [True, True, True, True, False],
+        "meets_budget": [True, True, True, False, True],
+        "status": ["TERMINATED"] * 5,
+    }
+    base.update(cols)
+    return pd.DataFrame(base)
+
+
+def test_winner_is_best_eligible_and_ties_go_to_fewer_flops():
+    # d is over budget, e stopped early: neither may win; b and c tie, c is cheaper.
+    assert select_winner(_table())["trial_id"] == "c"
+
+
+def test_errored_and_unscored_trials_never_win():
+    t = _table(status=["TERMINATED", "TERMINATED", "ERROR", "TERMINATED", "TERMINATED"])
+    t.loc[1, "best_val_acc"] = None
+    assert select_winner(t)["trial_id"] == "a"
+
+
+def test_no_eligible_trial_is_a_one_line_error():
+    t = _table(completed=[False] * 5)
+    with pytest.raises(SelectionError, match="no completed trial within the budget") as err:
+        select_winner(t)
+    assert "\n" not in str(err.value)
+
+
+def test_rank_of_counts_better_trials():
+    t = _table()
+    assert rank_of(t, "c") == {"trial_id": "c", "rank": 1, "of": 3, "rank_all": 3, "of_all": 5}
+    assert rank_of(t, "a")["rank"] == 3
+    assert rank_of(t, "e")["rank"] is None and rank_of(t, "e")["rank_all"] == 1
+    assert rank_of(t, None)["rank"] is None
+
+
+def test_uniform_without_control_is_repaired_to_the_winners_cost(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path, space={"repair": False})
+    teacher = spec_for("resnet8", in_channels=1, image_size=(28, 28), width=8)
+    genome = {n: 0.3 + 0.1 * i for i, n in enumerate(space.gene_names(teacher, "stage"))}
+    winner_spec = space.candidate_spec(cfg, teacher, genome)
+    ratio = flops(winner_spec) / flops(teacher)
+    row = pd.Series({"flops_ratio": ratio, "widths": winner_spec.model_dump_json()})
+    spec, trial_id = uniform_spec(pd.DataFrame({"is_control": [False]}), cfg, teacher, row)
+    assert trial_id is None
+    assert flops(spec) <= flops(winner_spec)
+    assert flops(spec) / flops(teacher) > ratio - 0.1  # within rounding of the same cost
+
+
+def test_run_finetune_exports_winner_and_uniform(finetuned_run):
+    cfg, summary, logs = finetuned_run
+    trials = pd.read_parquet(cfg.run_dir / "trials.parquet")
+    for part in ("winner", "uniform"):
+        folder = cfg.run_dir / part
+        assert {p.name for p in folder.iterdir()} == set(FILES)  # last.pt removed
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert 0 <= metrics["test_acc"] <= 1 and 0 <= metrics["val_acc"] <= 1
+        assert metrics["flops"] == metrics["flops_measured"]
+        assert len(metrics["history"]) == cfg.finetune.epochs
+        x = torch.randn(4, 1, 28, 28)
+        model = load_compressed(folder)
+        with torch.no_grad():
+            torch.testing.assert_close(load_torchscript(folder)(x), model(x), rtol=0, atol=1e-6)
+    winner = json.loads((cfg.run_dir / "winner" / "metrics.json").read_text())
+    uniform = json.loads((cfg.run_dir / "uniform" / "metrics.json").read_text())
+    assert winner["trial_id"] == "t1"  # t3 scored higher but was stopped early
+    assert uniform["trial_id"] == "t0"  # the control trial
+    control = trials.set_index("trial_id").loc["t0", "widths"]
+    assert WidthSpec.load(cfg.run_dir / "uniform" / "widths.json") == WidthSpec.from_json(control)
+    models = summary["models"]
+    assert set(models) == {"teacher", "uniform", "winner"}
+    assert models["winner"]["flops_ratio"] <= cfg.space.budget.target
+    assert models["winner"]["search"]["rank"] == 1  # best of the completed trials
+    assert models["winner"]["search"]["rank_all"] == 2  # behind the stopped-early t3
+    for name in models:
+        assert set(models[name]["latency"]["batch_ms"]) == {"1", "64"}
+    assert summary["flops_reduction"] >= 1 - cfg.space.budget.target
+
+
+def test_rerun_reuses_finished_outputs(finetuned_run):
+    cfg, summary, _ = finetuned_run
+    mtimes = {p: p.stat().st_mtime_ns for p in (cfg.run_dir / "winner").iterdir()}
+    logs: list[str] = []
+    assert run_finetune(cfg, log=logs.append) == summary
+    assert any("reusing" in line for line in logs)
+    assert {p: p.stat().st_mtime_ns for p in (cfg.run_dir / "winner").iterdir()} == mtimes
+
+
+def test_changed_recipe_redoes_the_finetune(finetuned_run, tmp_path):
+    cfg, _, _ = finetuned_run
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    cfg2 = cfg.model_copy(
+        update={
+            "output_dir": str(tmp_path),
+            "finetune": cfg.finetune.model_copy(update={"lr": 0.01}),
+        }
+    )
+    logs: list[str] = []
+    run_finetune(cfg2, log=logs.append)
+    assert "teacher: reusing" in "\n".join(logs)  # the teacher is not retrained
+    assert not any(line.startswith("finetune: reusing") for line in logs)
+    saved = json.loads((cfg2.run_dir / "winner" / "metrics.json").read_text())
+    assert saved["settings"]["finetune"]["lr"] == 0.01
+
+
+def test_missing_trials_table_names_the_command(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path)
+    with pytest.raises(FileNotFoundError, match="casd-ray search"):
+        run_finetune(cfg)

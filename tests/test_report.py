@@ -1,0 +1,79 @@
+"""Report: rebuilt from the run folder alone; JSON fields, tables, plots, partial runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from casd_ray.report import build_report
+
+
+@pytest.fixture
+def run_copy(finetuned_run, tmp_path):
+    """A copy of the shared run folder, so each test writes its own report files."""
+    cfg, summary, _ = finetuned_run
+    dst = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, dst)
+    return dst, cfg, summary
+
+
+def test_report_files_and_fields(run_copy):
+    run_dir, cfg, summary = run_copy
+    md = build_report(run_dir)
+    assert md == run_dir / "report.md"
+    report = json.loads((run_dir / "report.json").read_text())
+    for name in ("teacher", "uniform", "winner"):
+        m = report["models"][name]
+        for key in ("test_acc", "val_acc", "flops", "params", "latency"):
+            assert key in m, (name, key)
+        assert set(m["latency"]["batch_ms"]) == {"1", "64"}
+    assert report["models"]["winner"]["search"]["trial_id"] == "t1"
+    assert report["models"]["uniform"]["search"]["trial_id"] == "t0"
+    assert report["flops_reduction"] == pytest.approx(summary["flops_reduction"])
+    assert "2 FLOPs per multiply-add" in report["flops_convention"]
+    s = report["search"]
+    assert (s["trials"], s["completed"], s["early_stopped"], s["failed"]) == (4, 3, 1, 0)
+    assert s["wall_time_s"] == pytest.approx(5.0)  # first start 1000, last end 1005
+    assert s["searcher"] == cfg.search.algorithm and s["scheduler"] == cfg.search.scheduler
+    assert s["budget"] == {"metric": "flops", "target": 0.5}
+    assert report["missing"] == []
+    for png in ("pareto.png", "progress.png"):
+        with Image.open(run_dir / png) as img:
+            assert img.format == "PNG" and img.size[0] > 300
+
+
+def test_markdown_has_tables_and_the_reproduce_command(run_copy):
+    run_dir, _, _ = run_copy
+    text = build_report(run_dir).read_text()
+    assert "| model | test acc |" in text
+    for name in ("| teacher |", "| uniform |", "| winner |", "| searcher |"):
+        assert name in text
+    assert f"casd-ray run {run_dir / 'config.yaml'}" in text
+    assert "2 FLOPs per multiply-add" in text
+
+
+def test_report_needs_only_the_run_folder(run_copy, tmp_path):
+    run_dir, _, _ = run_copy
+    moved = tmp_path / "elsewhere"
+    shutil.move(run_dir, moved)  # no config path, data or teacher outside the folder
+    build_report(moved)
+    assert json.loads((moved / "report.json").read_text())["models"]["winner"]
+
+
+def test_partial_run_reports_what_exists(run_copy):
+    run_dir, _, _ = run_copy
+    (run_dir / "finetune.json").unlink()
+    (run_dir / "trials.parquet").unlink()
+    build_report(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["models"]) == {"teacher"}
+    assert len(report["missing"]) == 2
+    assert not (run_dir / "pareto.png").exists() or (run_dir / "pareto.png").stat().st_size
+
+
+def test_not_a_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        build_report(tmp_path)

@@ -1,0 +1,211 @@
+"""The search on a real local Ray instance (one per module), tiny model and data.
+
+Every searcher runs 6 trials under ASHA (4 epochs, grace 1, factor 2, 2 concurrent); a
+killed driver is resumed; a diverging config errors trial by trial without ending the search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import torch
+from ray.tune import ExperimentAnalysis
+
+from casd_ray.config import ConfigError, ExperimentConfig, save_config
+from casd_ray.models import WidthSpec, flops
+from casd_ray.search import (
+    TRIALS_FILE,
+    best_completed,
+    dashboard_login_hint,
+    pareto_front,
+    run_search,
+    trials_table,
+)
+from casd_ray.space import BudgetError
+from casd_ray.teacher import ensure_teacher
+
+MAX_EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, image_tree) -> Path:
+    """A module folder with one teacher (trained once, 3 epochs) that every test loads."""
+    root = tmp_path_factory.mktemp("search")
+    threads = torch.get_num_threads()
+    ensure_teacher(make_cfg(root, image_tree, "teacher"), log=lambda _: None, num_threads=1)
+    torch.set_num_threads(threads)
+    return root
+
+
+def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
+    teacher = root / "teacher" / "teacher"
+    algo = search.get("algorithm", "optuna-tpe")
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "output_dir": str(root),
+            "model": {"arch": "resnet8", "width": 4},
+            "data": {"dataset": "imagefolder", "root": str(images), "val_size": 40},
+            "teacher": {"epochs": 3, "batch_size": 32}
+            | ({"checkpoint": str(teacher)} if name != "teacher" else {}),
+            # NSGA-II keeps the cost as an objective: no repair onto the budget
+            "space": {"budget": {"target": 0.5}, "repair": algo != "optuna-nsga2"},
+            "search": {
+                "num_samples": 6,
+                "max_epochs": MAX_EPOCHS,
+                "grace_period": 1,
+                "reduction_factor": 2,
+                "max_concurrent": 2,
+                "batch_size": 32,
+                "population": 4,
+                "sample_size": 2,
+            }
+            | search,
+        }
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["optuna-tpe", "optuna-nsga2", "evolution", "random"])
+def test_searcher_runs_under_asha(ray_local, workdir, image_tree, algorithm):
+    cfg = make_cfg(workdir, image_tree, f"s-{algorithm}", algorithm=algorithm)
+    lines: list[str] = []
+    path = run_search(cfg, log=lines.append)
+    df = pd.read_parquet(path)
+
+    assert path == cfg.run_dir.absolute() / TRIALS_FILE
+    assert (cfg.run_dir / "config.yaml").is_file()
+    assert len(df) == 6 and df["trial_id"].is_unique
+    assert (df["status"] == "TERMINATED").all()
+    assert df["stopped_early"].any(), "ASHA should stop some of 6 trials at 4 epochs"
+    assert (df.loc[df["completed"], "epochs"] == MAX_EPOCHS).all()
+    assert (df.loc[df["stopped_early"], "epochs"] < MAX_EPOCHS).all()
+    assert df["is_control"].sum() == 1  # the uniform-width control was enqueued
+    for _, row in df.iterrows():  # widths/costs recorded per trial, consistent with each other
+        assert flops(WidthSpec.from_json(row["widths"])) == row["flops"]
+        assert set(json.loads(row["genome"])) == {"stage0", "stage1", "stage2"}
+
+    winner = best_completed(df)
+    assert winner is not None
+    assert winner["completed"] and winner["epochs"] == MAX_EPOCHS
+    assert winner["meets_budget"] and winner["flops_ratio"] <= 0.5 + 1e-9
+    if algorithm == "optuna-nsga2":
+        front = pareto_front(df)
+        assert not front.empty
+        assert front["completed"].all() and (front["epochs"] == MAX_EPOCHS).all()
+    else:  # repaired: every candidate sits on the budget
+        assert df["meets_budget"].all()
+    assert any("finished" in ln for ln in lines) and any("stopped early" in ln for ln in lines)
+    assert any(ln.startswith("search done: 6 trials") for ln in lines)
+
+
+def test_diverging_trials_are_recorded_and_the_search_finishes(ray_local, workdir, image_tree):
+    cfg = make_cfg(workdir, image_tree, "nan", lr=1e6, num_samples=2, scheduler="fifo")
+    lines: list[str] = []
+    df = pd.read_parquet(run_search(cfg, log=lines.append))
+    assert len(df) == 2
+    assert (df["status"] == "ERROR").all()
+    assert df["error"].str.contains("FloatingPointError: non-finite loss").all()
+    assert not df["completed"].any() and best_completed(df) is None
+    assert sum("failed: FloatingPointError: non-finite" in ln for ln in lines) == 2
+
+
+def test_unreachable_budget_is_refused_before_ray(ray_local, workdir, image_tree):
+    cfg = make_cfg(workdir, image_tree, "tight")
+    cfg.space.budget.target = 1e-4
+    with pytest.raises(BudgetError, match="space.budget.target"):
+        run_search(cfg, log=lambda _: None)
+    assert not (cfg.run_dir / "search").exists()
+
+
+def test_trials_larger_than_the_local_instance_are_refused(ray_local, workdir, image_tree):
+    cfg = make_cfg(workdir, image_tree, "big", cpus_per_trial=3)  # the instance has 2 CPUs
+    with pytest.raises(ConfigError, match="search.cpus_per_trial: 3 per trial"):
+        run_search(cfg, log=lambda _: None)
+    assert not (cfg.run_dir / TRIALS_FILE).exists()
+
+
+def _finished(exp: Path) -> dict[str, dict]:
+    """Trials Tune's own saved state marks finished, with their last reported row."""
+    try:
+        analysis = ExperimentAnalysis(str(exp))
+    except Exception:  # noqa: BLE001 - not written yet, or mid-write
+        return {}
+    out = {}
+    for t in analysis.trials:
+        df = analysis.trial_dataframes.get(t.trial_id)
+        if t.status == "TERMINATED" and df is not None and len(df):
+            out[t.trial_id] = df.iloc[-1][["epoch", "val_acc", "timestamp"]].to_dict()
+    return out
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, workdir, image_tree):
+    cfg = make_cfg(workdir, image_tree, "resume", scheduler="fifo", max_epochs=3)
+    save_config(cfg, workdir / "resume.yaml")
+    code = (
+        "from casd_ray.config import load_config; from casd_ray.search import run_search; "
+        f"run_search(load_config({str(workdir / 'resume.yaml')!r}), address={ray_local!r})"
+    )
+    log = (workdir / "resume-driver.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: we kill exactly what we started
+        # snapshot Tune's experiment state every second, so the watcher sees finished
+        # trials while most of the search is still ahead
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+    )
+    exp = cfg.run_dir / "search"
+    finished: dict[str, dict] = {}
+    try:
+        deadline = time.time() + 150
+        while len(finished) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+            finished = _finished(exp)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert len(finished) >= 2, (workdir / "resume-driver.log").read_text()[-2000:]
+    assert not (cfg.run_dir / TRIALS_FILE).exists(), "the driver finished before it was killed"
+    assert len(finished) < 6, "every trial had finished before the kill: nothing to resume"
+
+    lines: list[str] = []
+    df = pd.read_parquet(run_search(cfg, resume=True, log=lines.append)).set_index("trial_id")
+    assert any(ln.startswith("search: resuming") for ln in lines)
+    assert len(df) == 6 and df.index.is_unique
+    assert (df["status"] == "TERMINATED").all() and df["completed"].all()
+    assert (df["epochs"] == 3).all()
+    for trial_id, last in finished.items():  # kept, not rerun: same final report
+        assert df.loc[trial_id, "end_time"] == pytest.approx(last["timestamp"])
+        assert df.loc[trial_id, "last_val_acc"] == pytest.approx(last["val_acc"])
+    assert trials_table(cfg.run_dir / "search", cfg).shape[0] == 6
+    again: list[str] = []  # `casd-ray run` after a finished search: nothing is rerun
+    run_search(cfg, resume=True, log=again.append)
+    assert any("already finished" in ln for ln in again)
+    assert pd.read_parquet(cfg.run_dir / TRIALS_FILE).equals(df.reset_index())
+
+
+def test_dashboard_hint_names_the_token(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/secrets/ray-token")
+    assert "/secrets/ray-token" in dashboard_login_hint()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x")
+    assert "$RAY_AUTH_TOKEN" in dashboard_login_hint()

@@ -1,0 +1,182 @@
+"""The trainable's logic without Ray: ``report`` and ``get_checkpoint`` are plain callables."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ray import tune
+
+from casd_ray import distill, space
+from casd_ray.config import ExperimentConfig
+from casd_ray.data import load_dataset, to_tensors, train_batches
+from casd_ray.models import WidthSpec, build_model, flops, spec_for
+from casd_ray.trial import STATE_FILE, distill_trial, pack_data, pack_teacher, steps_per_epoch
+
+METRICS = {"val_acc", "val_loss", "flops", "params", "flops_ratio", "params_ratio", "epoch"}
+
+
+class Recorder:
+    """A ``report`` that keeps every metrics dict and a copy of every checkpoint."""
+
+    def __init__(self, root: Path, stop_after: int | None = None) -> None:
+        self.root, self.stop_after = root, stop_after
+        self.metrics: list[dict] = []
+        self.checkpoints: list[Path] = []
+
+    def __call__(self, metrics: dict, *, checkpoint: tune.Checkpoint) -> None:
+        keep = self.root / f"ckpt{len(self.metrics)}"
+        shutil.copytree(checkpoint.path, keep)  # the trial deletes its temp dir after report
+        self.metrics.append(dict(metrics))
+        self.checkpoints.append(keep)
+        if self.stop_after is not None and len(self.metrics) >= self.stop_after:
+            raise KeyboardInterrupt("driver killed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """distill_trial sets torch's threads to the trial's CPUs (1 here); restore them after.
+
+    One thread also keeps the fixture's teacher training fast when other processes load
+    the cores (two spinning OpenMP threads on a busy 2-core machine are 100x slower).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(image_tree: Path, one_thread):
+    cfg = ExperimentConfig.model_validate(
+        {
+            "model": {"arch": "resnet8", "width": 4},
+            "data": {"dataset": "imagefolder", "root": str(image_tree), "val_size": 40},
+            "space": {"budget": {"target": 0.5}},
+            "search": {"max_epochs": 3, "batch_size": 32, "lr": 0.05, "cpus_per_trial": 1},
+        }
+    )
+    data = load_dataset(cfg.data, cfg.seed)
+    spec = spec_for("resnet8", data.in_channels, data.num_classes, data.image_size, width=4)
+    torch.manual_seed(0)
+    teacher = build_model(spec)
+    x, y = to_tensors(data.x_train, data.y_train, "cpu")
+    opt = distill.make_optimizer(teacher, lr=0.05, momentum=0.9, weight_decay=0.0)
+    for epoch in range(5):
+        distill.train_one_epoch(
+            teacher,
+            x,
+            y,
+            optimizer=opt,
+            scheduler=None,
+            batch_size=32,
+            seed=0,
+            epoch=epoch,
+            augment=data.augment,
+            mean=data.mean,
+            std=data.std,
+        )
+    teacher.eval()
+    packed = pack_data(data)
+    for arr in packed.values():  # object-store arrays are read-only: the trial must cope
+        if isinstance(arr, np.ndarray):
+            arr.flags.writeable = False
+    return cfg, packed, pack_teacher(teacher), spec
+
+
+def _run(setup, cfg=None, genome=None, **kw):
+    base, data, teacher_state, spec = setup
+    cfg = cfg or base
+    genome = genome or space.uniform_genome(spec, cfg.space.granularity, 1.0)
+    return distill_trial(
+        genome,
+        data=data,
+        teacher_state=teacher_state,
+        teacher_spec_json=spec.to_json(),
+        exp=cfg.model_dump(),
+        **kw,
+    )
+
+
+def test_reports_every_epoch_with_metrics_and_checkpoint(setup, tmp_path):
+    cfg, _, _, spec = setup
+    rec = Recorder(tmp_path)
+    genome = {"stage0": 0.3, "stage1": 1.0, "stage2": 0.6}
+    _run(setup, genome=genome, report=rec, get_checkpoint=lambda: None)
+    assert [m["epoch"] for m in rec.metrics] == [1, 2, 3]
+    for m in rec.metrics:
+        assert set(m) >= METRICS
+        assert 0.0 <= m["val_acc"] <= 1.0 and np.isfinite(m["val_loss"])
+    last = rec.metrics[-1]
+    student = WidthSpec.from_json(last["genome_widths"])
+    assert student == space.candidate_spec(cfg, spec, genome)
+    assert last["flops"] == flops(student)
+    assert last["flops_ratio"] <= cfg.space.budget.target + 1e-9  # repaired onto the budget
+    assert last["best_val_acc"] == max(m["val_acc"] for m in rec.metrics)
+    state = torch.load(rec.checkpoints[-1] / STATE_FILE, weights_only=True)
+    assert state["epoch"] == 3 and {"model", "optimizer", "scheduler"} <= set(state)
+
+
+def test_resume_from_checkpoint_continues_where_it_stopped(setup, tmp_path):
+    full = Recorder(tmp_path / "full")
+    _run(setup, report=full, get_checkpoint=lambda: None)
+    cut = Recorder(tmp_path / "cut", stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, report=cut, get_checkpoint=lambda: None)
+    resumed = Recorder(tmp_path / "resumed")
+    ckpt = tune.Checkpoint.from_directory(cut.checkpoints[-1])
+    _run(setup, report=resumed, get_checkpoint=lambda: ckpt)
+    assert [m["epoch"] for m in resumed.metrics] == [3]
+    # Same seed, same batches, restored optimizer and LR schedule: the same final epoch.
+    assert resumed.metrics[-1]["val_acc"] == pytest.approx(full.metrics[-1]["val_acc"], abs=0.03)
+    assert resumed.metrics[-1]["val_loss"] == pytest.approx(full.metrics[-1]["val_loss"], rel=0.05)
+
+
+def test_distillation_learns_the_synthetic_task(setup, tmp_path):
+    cfg = setup[0].model_copy(
+        update={"search": setup[0].search.model_copy(update={"max_epochs": 6})}
+    )
+    rec = Recorder(tmp_path)
+    _run(setup, cfg=cfg, report=rec, get_checkpoint=lambda: None)
+    assert rec.metrics[-1]["best_val_acc"] > 0.6  # 4 classes: chance is 0.25
+
+
+def test_bn_recalibration_runs_before_training(setup, tmp_path):
+    cfg = setup[0].model_copy(
+        update={"distill": setup[0].distill.model_copy(update={"bn_recalibration_batches": 2})}
+    )
+    rec = Recorder(tmp_path)
+    _run(setup, cfg=cfg, report=rec, get_checkpoint=lambda: None)
+    assert len(rec.metrics) == 3
+
+
+def test_huge_learning_rate_fails_the_trial(setup, tmp_path):
+    cfg = setup[0].model_copy(update={"search": setup[0].search.model_copy(update={"lr": 1e6})})
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        _run(setup, cfg=cfg, report=Recorder(tmp_path), get_checkpoint=lambda: None)
+
+
+def test_missing_gene_is_an_error(setup, tmp_path):
+    with pytest.raises(KeyError, match="stage2"):
+        _run(setup, genome={"stage0": 1.0, "stage1": 1.0}, report=Recorder(tmp_path))
+
+
+def test_pack_data_leaves_the_test_split_out(setup):
+    _, packed, teacher_state, _ = setup
+    assert not any(k.startswith(("x_test", "y_test")) for k in packed)
+    assert packed["x_train"].dtype == np.uint8
+    assert all(isinstance(v, np.ndarray) for v in teacher_state.values())
+    json.dumps({k: v for k, v in packed.items() if not isinstance(v, np.ndarray)})
+
+
+@pytest.mark.parametrize(("n", "batch"), [(100, 32), (97, 32), (96, 32), (65, 32), (5, 8)])
+def test_steps_per_epoch_matches_train_batches(n, batch):
+    x, y = to_tensors(np.zeros((n, 1, 4, 4), np.uint8), np.zeros(n, np.int64), "cpu")
+    batches = train_batches(
+        x, y, batch_size=batch, seed=0, epoch=0, augment="none", mean=(0.0,), std=(1.0,)
+    )
+    assert steps_per_epoch(n, batch) == sum(1 for _ in batches)
