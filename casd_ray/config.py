@@ -80,6 +80,9 @@ class SearchConfig(_Strict):
     algorithm: Literal["optuna-tpe", "optuna-nsga2", "evolution", "random"] = "optuna-tpe"
     num_samples: int = Field(16, ge=1)
     max_epochs: int = Field(4, ge=1)
+    # Images per search epoch: a seeded random subset of the train split (a cheaper proxy
+    # for ranking candidates); None = all. The fine-tune always uses the whole train split.
+    train_subset: int | None = Field(None, ge=2)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -86,7 +86,7 @@ def uniform_spec(
     uniform genome is repaired onto the winner's own cost ratio: same cost, fair comparison.
     """
     metric = cfg.space.budget.metric
-    if cfg.space.repair and "is_control" in trials:
+    if space.repair_enabled(cfg) and "is_control" in trials:
         control = trials[trials["is_control"].astype(bool) & trials["widths"].notna()]
         if not control.empty:
             row = control.iloc[0]
@@ -168,8 +168,9 @@ def finetune_student(
     the same settings, so a long paper-scale fine-tune survives an interruption.
     """
     f = cfg.finetune
-    teacher = teacher.to(device).eval()
-    student = prune.inherit(teacher, teacher_spec, spec, criterion=cfg.space.importance).to(device)
+    teacher = distill.prepare_model(teacher, device).eval()
+    student = prune.inherit(teacher, teacher_spec, spec, criterion=cfg.space.importance)
+    student = distill.prepare_model(student, device)
     x, y = to_tensors(data.x_train, data.y_train, device)
     xv, yv = to_tensors(data.x_val, data.y_val, device)
     opt = distill.make_optimizer(student, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)

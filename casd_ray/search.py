@@ -304,7 +304,12 @@ def _start_ray(address: str | None, dashboard: bool, log: Log) -> bool:
         log(f"ray: joined cluster at {address}: {ray.cluster_resources()}")
         return True
     extra = {"dashboard_host": "127.0.0.1"} if dashboard else {}
-    ctx = ray.init(include_dashboard=dashboard, logging_level=logging.WARNING, **extra)
+    # Trial workers' own output stays in Ray's session logs: what a user needs from a trial
+    # (its metrics, or its error) reaches the driver through Tune and trials.parquet, and
+    # forwarding would print a SIGTERM traceback for every trial ASHA stops.
+    ctx = ray.init(
+        include_dashboard=dashboard, logging_level=logging.WARNING, log_to_driver=False, **extra
+    )
     if dashboard:
         log(f"ray dashboard: http://{ctx.dashboard_url} - {dashboard_login_hint()}")
     return True
@@ -429,7 +434,7 @@ def run_search(
         trainable = tune.with_resources(
             tune.with_parameters(
                 distill_trial,
-                data=pack_data(data),
+                data=pack_data(data, cfg.search.train_subset, cfg.seed),
                 teacher_state=pack_teacher(teacher.model),
                 teacher_spec_json=teacher.spec.to_json(),
                 exp=cfg.model_dump(),
@@ -455,7 +460,6 @@ def run_search(
                     search_alg=build_searcher(cfg, bounds, points),
                     scheduler=_scheduler(cfg),
                     num_samples=cfg.search.num_samples,
-                    max_concurrent_trials=cfg.search.max_concurrent,
                     # a finished trial's worker (torch imported, data mapped) runs the next
                     reuse_actors=True,
                 ),

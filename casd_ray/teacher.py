@@ -11,7 +11,6 @@ every epoch) instead of starting over.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from casd_ray.distill import (
     prepare_model,
     train_one_epoch,
 )
+from casd_ray.export import atomic_write, write_json
 from casd_ray.models import WidthSpec, build_model, flops, params, spec_for
 
 EVAL_BATCH = 1024
@@ -91,23 +91,6 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, WidthSpec]:
     model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True))
     model.eval()
     return model, spec
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save via a temp file + rename: a crash mid-write never leaves a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -284,18 +267,16 @@ def _train(
         val = evaluate(model, xv, yv, batch_size=EVAL_BATCH, mean=data.mean, std=data.std, amp=amp)
         seconds += time.perf_counter() - began  # training + validation, not the save
         history.append({"epoch": epoch + 1, **tr, "val_loss": val["loss"], "val_acc": val["acc"]})
-        _atomic_save(
-            {
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "settings": settings,
-                "history": history,
-                "seconds": seconds,
-            },
-            last,
-        )
+        state = {
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "settings": settings,
+            "history": history,
+            "seconds": seconds,
+        }
+        atomic_write(last, lambda p, s=state: torch.save(s, p))
         eta = seconds / (epoch + 1) * (t.epochs - epoch - 1)
         log(
             f"teacher epoch {epoch + 1}/{t.epochs}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
@@ -340,11 +321,11 @@ def _finish(
         "params": params(spec),
     }
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-    _atomic_save(model.state_dict(), folder / "model.pt")
-    _atomic_write_text(folder / "widths.json", spec.to_json())
-    _write_json(folder / "data.json", data.describe())
-    _write_json(folder / "metrics.json", metrics)
-    _write_json(folder / "settings.json", settings)
+    atomic_write(folder / "model.pt", lambda p: torch.save(model.state_dict(), p))
+    atomic_write(folder / "widths.json", lambda p: p.write_text(spec.to_json()))
+    write_json(folder / "data.json", data.describe())
+    write_json(folder / "metrics.json", metrics)
+    write_json(folder / "settings.json", settings)
     (folder / "last.pt").unlink(missing_ok=True)
     log(
         f"teacher: val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f} "

@@ -37,12 +37,19 @@ STATE_FILE = "state.pt"
 DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
 
 
-def pack_data(data: DataSplits) -> dict[str, Any]:
+def pack_data(data: DataSplits, train_subset: int | None = None, seed: int = 0) -> dict[str, Any]:
     """The parts of the data a trial needs, as numpy arrays + plain metadata.
 
-    The test split is left out on purpose: the search never looks at it.
+    The test split is left out on purpose: the search never looks at it. ``train_subset``
+    keeps a seeded random subset of the training images (``search.train_subset``): every
+    trial ranks candidates on the same proxy, while the fine-tune uses all of them.
     """
     packed: dict[str, Any] = {k: np.ascontiguousarray(getattr(data, k)) for k in DATA_KEYS}
+    n = len(packed["y_train"])
+    if train_subset is not None and train_subset < n:
+        keep = np.sort(np.random.default_rng(seed).choice(n, train_subset, replace=False))
+        packed["x_train"] = np.ascontiguousarray(packed["x_train"][keep])
+        packed["y_train"] = np.ascontiguousarray(packed["y_train"][keep])
     packed.update(name=data.name, mean=tuple(data.mean), std=tuple(data.std), augment=data.augment)
     return packed
 
@@ -149,8 +156,8 @@ def distill_trial(
         student = prune.inherit(teacher, teacher_spec, student_spec, criterion=cfg.space.importance)
     else:
         student = build_model(student_spec)
-    student.to(device)
-    teacher.to(device)
+    student = distill.prepare_model(student, device)
+    teacher = distill.prepare_model(teacher, device)
 
     optimizer = distill.make_optimizer(
         student, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay

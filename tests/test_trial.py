@@ -180,3 +180,16 @@ def test_steps_per_epoch_matches_train_batches(n, batch):
         x, y, batch_size=batch, seed=0, epoch=0, augment="none", mean=(0.0,), std=(1.0,)
     )
     assert steps_per_epoch(n, batch) == sum(1 for _ in batches)
+
+
+def test_search_train_subset_is_a_seeded_subset_of_train(setup):
+    data = load_dataset(setup[0].data, 0)
+    full = pack_data(data)
+    a, b = pack_data(data, 40, seed=3), pack_data(data, 40, seed=3)
+    other = pack_data(data, 40, seed=4)
+    assert len(a["y_train"]) == 40 and np.array_equal(a["x_train"], b["x_train"])
+    assert not np.array_equal(a["x_train"], other["x_train"])
+    rows = {r.tobytes() for r in full["x_train"]}
+    assert all(r.tobytes() in rows for r in a["x_train"])
+    assert np.array_equal(a["x_val"], full["x_val"])  # validation is never subsampled
+    assert len(pack_data(data, 10**9)["y_train"]) == len(full["y_train"])
