@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from casd_ray.data import eval_batches, train_batches
+from casd_ray.export import atomic_write
 
 # On a GPU a host sync per step costs throughput; checking every few steps still stops a
 # diverged run within a second, and the running loss sum keeps any NaN it has seen.
@@ -101,6 +105,12 @@ def make_scheduler(
     """
     fn = WarmupCosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
     return LambdaLR(optimizer, fn)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches ``train_batches`` yields for ``n`` images (it drops a last batch of < 2)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)
 
 
 def pick_device(gpus: float) -> torch.device:
@@ -235,3 +245,98 @@ def evaluate(
     finally:
         model.train(was_training)
     return {"loss": loss_sum.item() / max(1, seen), "acc": correct.item() / max(1, seen)}
+
+
+# --------------------------------------------------------------------------- resumable fit
+
+
+def resume(
+    checkpoint: Path,
+    settings: dict,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    *,
+    log: Callable[[str], None] = print,
+    label: str = "train",
+) -> list[dict]:
+    """Load ``checkpoint`` into model/optimizer/scheduler when it was written with the same
+    ``settings``; return the history of the epochs it holds (empty: start from scratch).
+
+    A file from other settings is ignored (and left to be overwritten), never half-used.
+    """
+    if not checkpoint.is_file():
+        return []
+    ckpt = torch.load(checkpoint, map_location=_device_of(model), weights_only=True)
+    if ckpt.get("settings") != settings:
+        log(f"{label}: ignoring {checkpoint} (written with other settings)")
+        return []
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    history = list(ckpt["history"])
+    log(f"{label}: resuming from {checkpoint} after epoch {len(history)}/{ckpt['epochs']}")
+    return history
+
+
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    epochs: int,
+    checkpoint: Path,
+    settings: dict,
+    history: list[dict] | None = None,
+    log: Callable[[str], None] = print,
+    label: str = "train",
+    eval_batch_size: int = 1024,
+    **train_kw: Any,
+) -> list[dict]:
+    """Train until ``epochs``, validating after each epoch and writing ``checkpoint``.
+
+    The teacher and the final fine-tune both run long; the checkpoint (written atomically,
+    with ``settings`` inside so :func:`resume` can tell whether it fits) makes either one
+    survive an interruption. ``history`` is what :func:`resume` returned; ``train_kw`` goes
+    to :func:`train_one_epoch` (batch_size, seed, augment, mean, std, teacher, ...).
+    Returns one dict per epoch: the training metrics, ``val_loss``, ``val_acc`` and
+    ``epoch_seconds`` (training + validation).
+    """
+    history = list(history or [])
+    mean, std, amp = train_kw["mean"], train_kw["std"], train_kw.get("amp", False)
+    for epoch in range(len(history), epochs):
+        began = time.perf_counter()
+        tr = train_one_epoch(
+            model, x, y, optimizer=optimizer, scheduler=scheduler, epoch=epoch, **train_kw
+        )
+        val = evaluate(model, x_val, y_val, batch_size=eval_batch_size, mean=mean, std=std, amp=amp)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                **tr,
+                "val_loss": val["loss"],
+                "val_acc": val["acc"],
+                "epoch_seconds": time.perf_counter() - began,
+            }
+        )
+        state = {
+            "epochs": epochs,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "settings": settings,
+            "history": history,
+        }
+        atomic_write(checkpoint, lambda p, s=state: torch.save(s, p))
+        done = sum(h["epoch_seconds"] for h in history)
+        eta = done / len(history) * (epochs - epoch - 1)
+        log(
+            f"{label} epoch {epoch + 1}/{epochs}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
+            f"val_acc {val['acc']:.4f} {tr['images_per_s']:.0f} img/s "
+            f"{history[-1]['epoch_seconds']:.1f}s ETA {eta:.0f}s"
+        )
+    return history

@@ -26,7 +26,6 @@ from casd_ray.cost import cpu_latency, measure_flops
 from casd_ray.data import DataSplits, load_dataset, to_tensors, train_batches
 from casd_ray.export import FILES, atomic_write, is_complete, save_compressed, write_json
 from casd_ray.models import WidthSpec, flops, params, spec_summary
-from casd_ray.trial import steps_per_epoch
 
 PARTS = ("winner", "uniform")
 EVAL_BATCH = 1024
@@ -177,21 +176,13 @@ def finetune_student(
     sched = distill.make_scheduler(
         opt,
         epochs=f.epochs,
-        steps_per_epoch=max(1, steps_per_epoch(len(x), f.batch_size)),
+        steps_per_epoch=max(1, distill.steps_per_epoch(len(x), f.batch_size)),
         warmup_epochs=f.warmup_epochs,
     )
     amp = bool(cfg.search.amp and device.type == "cuda")
-    start, history = 0, []
     last = folder / "last.pt"
-    if last.is_file():
-        ckpt = torch.load(last, map_location=device, weights_only=False)
-        if ckpt.get("settings") == settings:
-            student.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            start, history = int(ckpt["epoch"]), list(ckpt["history"])
-            log(f"{label}: resuming fine-tune from {last} after epoch {start}/{f.epochs}")
-    elif cfg.distill.bn_recalibration_batches > 0:
+    history = distill.resume(last, settings, student, opt, sched, log=log, label=label)
+    if not history and cfg.distill.bn_recalibration_batches > 0:
         batches = train_batches(
             x,
             y,
@@ -205,43 +196,31 @@ def finetune_student(
         prune.recalibrate_bn(
             student, (xb for xb, _ in batches), cfg.distill.bn_recalibration_batches
         )
-    for epoch in range(start, f.epochs):
-        tr = distill.train_one_epoch(
-            student,
-            x,
-            y,
-            optimizer=opt,
-            scheduler=sched,
-            batch_size=f.batch_size,
-            seed=cfg.seed,
-            epoch=epoch,
-            augment=data.augment,
-            mean=data.mean,
-            std=data.std,
-            teacher=teacher,
-            temperature=cfg.distill.temperature,
-            alpha=cfg.distill.alpha,
-            amp=amp,
-        )
-        val = distill.evaluate(
-            student, xv, yv, batch_size=EVAL_BATCH, mean=data.mean, std=data.std, amp=amp
-        )
-        history.append({"epoch": epoch + 1, **tr, "val_loss": val["loss"], "val_acc": val["acc"]})
-        state = {
-            "epoch": epoch + 1,
-            "model": student.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "settings": settings,
-            "history": history,
-        }
-        atomic_write(last, lambda p, s=state: torch.save(s, p))
-        done = sum(h["seconds"] for h in history)
-        eta = done / len(history) * (f.epochs - epoch - 1)
-        log(
-            f"{label} epoch {epoch + 1}/{f.epochs}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
-            f"val_acc {val['acc']:.4f} {tr['images_per_s']:.0f} img/s ETA {eta:.0f}s"
-        )
+    history = distill.fit(
+        student,
+        x,
+        y,
+        xv,
+        yv,
+        optimizer=opt,
+        scheduler=sched,
+        epochs=f.epochs,
+        checkpoint=last,
+        settings=settings,
+        history=history,
+        log=log,
+        label=label,
+        eval_batch_size=EVAL_BATCH,
+        batch_size=f.batch_size,
+        seed=cfg.seed,
+        augment=data.augment,
+        mean=data.mean,
+        std=data.std,
+        teacher=teacher,
+        temperature=cfg.distill.temperature,
+        alpha=cfg.distill.alpha,
+        amp=amp,
+    )
     return student.eval(), history
 
 
@@ -343,7 +322,7 @@ def run_finetune(
             **_evaluate_splits(model, data, dev, amp),
             **_cost_entry(model, spec, teacher_spec),
             "epochs": cfg.finetune.epochs,
-            "seconds": round(sum(h["seconds"] for h in history), 2),
+            "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
             "trial_id": trial_ids[part],
             "history": history,
             "settings": settings[part],

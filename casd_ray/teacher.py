@@ -11,7 +11,6 @@ every epoch) instead of starting over.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,13 @@ from casd_ray.config import ConfigError, ExperimentConfig
 from casd_ray.data import DataSplits, load_dataset, to_tensors
 from casd_ray.distill import (
     evaluate,
+    fit,
     make_optimizer,
     make_scheduler,
     pick_device,
     prepare_model,
-    train_one_epoch,
+    resume,
+    steps_per_epoch,
 )
 from casd_ray.export import atomic_write, write_json
 from casd_ray.models import WidthSpec, build_model, flops, params, spec_for
@@ -223,66 +224,42 @@ def _train(
     model = prepare_model(build_model(spec), dev)
     x, y = to_tensors(data.x_train, data.y_train, dev)
     xv, yv = to_tensors(data.x_val, data.y_val, dev)
-    steps = len(x) // t.batch_size + (1 if len(x) % t.batch_size >= 2 else 0)
+    steps = steps_per_epoch(len(x), t.batch_size)
     opt = make_optimizer(
         model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
     )
     sched = make_scheduler(
         opt, epochs=t.epochs, steps_per_epoch=max(1, steps), warmup_epochs=t.warmup_epochs
     )
-    start_epoch, history, seconds = 0, [], 0.0
-    last = folder / "last.pt"
-    if last.is_file():
-        ckpt = torch.load(last, map_location=dev, weights_only=True)
-        if ckpt.get("settings") == settings:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            start_epoch, history, seconds = ckpt["epoch"], ckpt["history"], ckpt["seconds"]
-            log(f"teacher: resuming from {last} after epoch {start_epoch}/{t.epochs}")
-        else:
-            log(f"teacher: ignoring {last} (written with other settings)")
-    amp = cfg.search.amp and dev.type == "cuda"
+    history = resume(folder / "last.pt", settings, model, opt, sched, log=log, label="teacher")
     log(
         f"teacher: training {cfg.model.arch} (width {cfg.model.width}, {flops(spec) / 1e6:.1f} "
         f"MFLOPs, {params(spec) / 1e3:.1f}k params) on {len(x)} images, {t.epochs} epochs, {dev}"
     )
-    for epoch in range(start_epoch, t.epochs):
-        began = time.perf_counter()
-        tr = train_one_epoch(
-            model,
-            x,
-            y,
-            optimizer=opt,
-            scheduler=sched,
-            batch_size=t.batch_size,
-            seed=cfg.seed,
-            epoch=epoch,
-            augment=data.augment,
-            mean=data.mean,
-            std=data.std,
-            label_smoothing=t.label_smoothing,
-            amp=amp,
-        )
-        val = evaluate(model, xv, yv, batch_size=EVAL_BATCH, mean=data.mean, std=data.std, amp=amp)
-        seconds += time.perf_counter() - began  # training + validation, not the save
-        history.append({"epoch": epoch + 1, **tr, "val_loss": val["loss"], "val_acc": val["acc"]})
-        state = {
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "settings": settings,
-            "history": history,
-            "seconds": seconds,
-        }
-        atomic_write(last, lambda p, s=state: torch.save(s, p))
-        eta = seconds / (epoch + 1) * (t.epochs - epoch - 1)
-        log(
-            f"teacher epoch {epoch + 1}/{t.epochs}: loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
-            f"val_acc {val['acc']:.4f} {tr['images_per_s']:.0f} img/s "
-            f"{tr['seconds']:.1f}s ETA {eta:.0f}s"
-        )
+    history = fit(
+        model,
+        x,
+        y,
+        xv,
+        yv,
+        optimizer=opt,
+        scheduler=sched,
+        epochs=t.epochs,
+        checkpoint=folder / "last.pt",
+        settings=settings,
+        history=history,
+        log=log,
+        label="teacher",
+        eval_batch_size=EVAL_BATCH,
+        batch_size=t.batch_size,
+        seed=cfg.seed,
+        augment=data.augment,
+        mean=data.mean,
+        std=data.std,
+        label_smoothing=t.label_smoothing,
+        amp=cfg.search.amp and dev.type == "cuda",
+    )
+    seconds = sum(h["epoch_seconds"] for h in history)  # training + validation, not saves
     return model, spec, seconds
 
 

@@ -30,6 +30,7 @@ import torch
 from casd_ray import distill, prune, space
 from casd_ray.config import ExperimentConfig
 from casd_ray.data import DataSplits, to_tensors, train_batches
+from casd_ray.distill import steps_per_epoch
 from casd_ray.models import WidthSpec, build_model, flops, params, spec_summary
 from casd_ray.teacher import numpy_to_state, state_to_numpy
 
@@ -57,12 +58,6 @@ def pack_data(data: DataSplits, train_subset: int | None = None, seed: int = 0) 
 def pack_teacher(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """Teacher weights as numpy arrays (zero-copy from the object store, unlike tensors)."""
     return state_to_numpy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Batches ``train_batches`` yields for ``n`` images (it drops a last batch of < 2)."""
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= 2 else 0)
 
 
 def genome_of(config: dict[str, Any], teacher_spec: WidthSpec, granularity: str) -> dict:

@@ -155,7 +155,9 @@ def _finished(exp: Path) -> dict[str, dict]:
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, workdir, image_tree):
-    cfg = make_cfg(workdir, image_tree, "resume", scheduler="fifo", max_epochs=3)
+    # enough epochs per trial that the watcher (Tune snapshots every second) catches the
+    # search with some trials finished and others still to run, even on an idle machine
+    cfg = make_cfg(workdir, image_tree, "resume", scheduler="fifo", max_epochs=10)
     save_config(cfg, workdir / "resume.yaml")
     code = (
         "from casd_ray.config import load_config; from casd_ray.search import run_search; "
@@ -192,7 +194,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, work
     assert any(ln.startswith("search: resuming") for ln in lines)
     assert len(df) == 6 and df.index.is_unique
     assert (df["status"] == "TERMINATED").all() and df["completed"].all()
-    assert (df["epochs"] == 3).all()
+    assert (df["epochs"] == cfg.search.max_epochs).all()
     for trial_id, last in finished.items():  # kept, not rerun: same final report
         assert df.loc[trial_id, "end_time"] == pytest.approx(last["timestamp"])
         assert df.loc[trial_id, "last_val_acc"] == pytest.approx(last["val_acc"])
