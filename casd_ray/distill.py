@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from casd_ray.data import eval_batches, train_batches
+from casd_ray.data import DataSplits, eval_batches, to_tensors, train_batches
 from casd_ray.export import atomic_write
 
 # On a GPU a host sync per step costs throughput; checking every few steps still stops a
@@ -245,6 +245,22 @@ def evaluate(
     finally:
         model.train(was_training)
     return {"loss": loss_sum.item() / max(1, seen), "acc": correct.item() / max(1, seen)}
+
+
+def evaluate_splits(
+    model: nn.Module, data: DataSplits, device: torch.device, *, batch_size: int, amp: bool = False
+) -> dict:
+    """``val_acc``/``val_loss``/``test_acc``/``test_loss`` of a finished model.
+
+    Only the teacher and fine-tune stages call this: the test split is read here, for the
+    final numbers, and never during selection.
+    """
+    out = {}
+    for split in ("val", "test"):
+        xs, ys = to_tensors(getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), device)
+        res = evaluate(model, xs, ys, batch_size=batch_size, mean=data.mean, std=data.std, amp=amp)
+        out[f"{split}_acc"], out[f"{split}_loss"] = res["acc"], res["loss"]
+    return out
 
 
 # --------------------------------------------------------------------------- resumable fit

@@ -193,9 +193,7 @@ def finetune_student(
             mean=data.mean,
             std=data.std,
         )
-        prune.recalibrate_bn(
-            student, (xb for xb, _ in batches), cfg.distill.bn_recalibration_batches
-        )
+        prune.recalibrate_bn(student, batches, cfg.distill.bn_recalibration_batches)
     history = distill.fit(
         student,
         x,
@@ -222,17 +220,6 @@ def finetune_student(
         amp=amp,
     )
     return student.eval(), history
-
-
-def _evaluate_splits(model: nn.Module, data: DataSplits, device: torch.device, amp: bool) -> dict:
-    out = {}
-    for split in ("val", "test"):
-        xs, ys = to_tensors(getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), device)
-        res = distill.evaluate(
-            model, xs, ys, batch_size=EVAL_BATCH, mean=data.mean, std=data.std, amp=amp
-        )
-        out[f"{split}_acc"], out[f"{split}_loss"] = res["acc"], res["loss"]
-    return out
 
 
 def _cost_entry(model: nn.Module, spec: WidthSpec, teacher_spec: WidthSpec) -> dict:
@@ -319,7 +306,7 @@ def run_finetune(
             cfg, data, teacher, teacher_spec, spec, folder, settings[part], dev, log, part
         )
         metrics = {
-            **_evaluate_splits(model, data, dev, amp),
+            **distill.evaluate_splits(model, data, dev, batch_size=EVAL_BATCH, amp=amp),
             **_cost_entry(model, spec, teacher_spec),
             "epochs": cfg.finetune.epochs,
             "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
@@ -365,7 +352,9 @@ def _summarize(
     teacher = art.model.to(dev).eval()
     t_metrics = dict(art.metrics)
     if "test_acc" not in t_metrics or "val_acc" not in t_metrics:
-        t_metrics.update(_evaluate_splits(teacher, data, dev, amp))
+        t_metrics.update(
+            distill.evaluate_splits(teacher, data, dev, batch_size=EVAL_BATCH, amp=amp)
+        )
     entries: dict[str, dict] = {
         "teacher": {
             "val_acc": t_metrics["val_acc"],

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from casd_ray.config import ConfigError, ExperimentConfig
 from casd_ray.data import DataSplits, load_dataset, to_tensors
 from casd_ray.distill import (
-    evaluate,
+    evaluate_splits,
     fit,
     make_optimizer,
     make_scheduler,
@@ -278,20 +278,8 @@ def _finish(
     """Evaluate on validation and test, write the folder (settings.json last), drop last.pt."""
     model = prepare_model(model, dev)
     amp = cfg.search.amp and dev.type == "cuda"
-    res = {}
-    for split, (xs, ys) in {
-        "val": (data.x_val, data.y_val),
-        "test": (data.x_test, data.y_test),
-    }.items():
-        xt, yt = to_tensors(xs, ys, dev)
-        res[split] = evaluate(
-            model, xt, yt, batch_size=EVAL_BATCH, mean=data.mean, std=data.std, amp=amp
-        )
     metrics = {
-        "val_acc": res["val"]["acc"],
-        "val_loss": res["val"]["loss"],
-        "test_acc": res["test"]["acc"],
-        "test_loss": res["test"]["loss"],
+        **evaluate_splits(model, data, dev, batch_size=EVAL_BATCH, amp=amp),
         "epochs": epochs,
         "seconds": round(seconds, 2),
         "flops": flops(spec),

@@ -179,9 +179,7 @@ def distill_trial(
             mean=mean,
             std=std,
         )
-        prune.recalibrate_bn(
-            student, (xb for xb, _ in batches), cfg.distill.bn_recalibration_batches
-        )
+        prune.recalibrate_bn(student, batches, cfg.distill.bn_recalibration_batches)
 
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, s.max_epochs):
