@@ -28,7 +28,7 @@ from ray import tune
 from casd_ray.config import ExperimentConfig
 from casd_ray.data import DataSplits
 from casd_ray.models import build_model, spec_for
-from casd_ray.trial import distill_trial, pack_data, pack_teacher
+from casd_ray.trial import TrialPlan, distill_trial, pack_data, pack_teacher, trial_plan
 
 MB = 2**20
 
@@ -58,7 +58,9 @@ def synthetic(n: int, n_val: int, size: int = 32) -> DataSplits:
     return DataSplits("synthetic", classes, xtr, ytr, xv, yv, xte, yte, *stats, "flip_crop")
 
 
-def memory_trial(config: dict, *, data: dict, teacher_state, teacher_spec_json, exp) -> None:
+def memory_trial(
+    config: dict, *, data: dict, teacher_state, teacher_spec_json, plan: TrialPlan
+) -> None:
     """distill_trial with a ``report`` that adds this process's memory figures."""
     if config["mode"] == "torch":  # control: tensors come out of the store as private copies
         data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
@@ -73,7 +75,7 @@ def memory_trial(config: dict, *, data: dict, teacher_state, teacher_spec_json, 
         data=data,
         teacher_state=teacher_state,
         teacher_spec_json=teacher_spec_json,
-        exp=exp,
+        plan=plan,
         report=report,
     )
 
@@ -87,7 +89,7 @@ def run(mode: str, concurrent: int, data: dict, teacher_state, spec, cfg, storag
             data=data,
             teacher_state=teacher_state,
             teacher_spec_json=spec.to_json(),
-            exp=cfg.model_dump(),
+            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
         ),
         {"cpu": 1},
     )

@@ -25,7 +25,7 @@ from ray import tune
 from casd_ray.config import ExperimentConfig
 from casd_ray.data import DataSplits
 from casd_ray.models import build_model, spec_for
-from casd_ray.trial import distill_trial, pack_data, pack_teacher
+from casd_ray.trial import distill_trial, pack_data, pack_teacher, trial_plan
 
 
 def synthetic(n: int, n_val: int) -> DataSplits:
@@ -72,7 +72,7 @@ def main() -> None:
         data=data,
         teacher_state=teacher_state,
         teacher_spec_json=spec.to_json(),
-        exp=cfg.model_dump(),
+        plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
     )
 
     def run_bare() -> tuple[list[dict], float]:

@@ -1,19 +1,24 @@
 """`casd-ray` command line: one subcommand per pipeline stage, plus `run` for all of them.
 
-Every stage reuses what an earlier run finished, so `casd-ray run` after an interruption only
-does what is left. Bad input (config, data, budget) ends with one line naming the field or
-file and exit code 2; nothing already written is touched.
+The commands only parse arguments and hand over to :mod:`casd_ray.pipeline`, which checks
+everything before writing anything and decides what a rerun reuses. Every failure ends with
+one line on stderr and a non-zero exit code: 2 for bad input (config, data, budget, a run
+folder that does not match), 1 for anything unexpected (the traceback with ``--debug``),
+130 after Ctrl-C and 143 after SIGTERM, with the command that resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from casd_ray.config import ConfigError, ExperimentConfig, load_config, save_config
+from casd_ray.config import ConfigError, load_config
+from casd_ray.pipeline import STAGES
 
 
 def _log(msg: str) -> None:
@@ -21,73 +26,52 @@ def _log(msg: str) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: reported as one line, not a traceback."""
+    """Errors caused by the user's input or files: reported as one line, not a traceback."""
     from casd_ray.data import DataError
-    from casd_ray.finetune import SelectionError
+    from casd_ray.files import ArtifactError
     from casd_ray.space import BudgetError
+    from casd_ray.trials import SelectionError
+    from casd_ray.trust import UntrustedRunError
 
-    return (ConfigError, DataError, BudgetError, SelectionError, FileNotFoundError)
+    return (ConfigError, DataError, BudgetError, SelectionError, ArtifactError, UntrustedRunError)
 
 
-def _load(args: argparse.Namespace) -> ExperimentConfig:
+COMMAND_STAGES = {
+    "teacher": ["teacher"],
+    "search": ["search"],
+    "finetune": ["finetune"],
+    "run": list(STAGES),
+}
+
+
+def cmd_stages(args: argparse.Namespace) -> None:
+    from casd_ray.pipeline import execute
+
+    stages = COMMAND_STAGES[args.command]
+    if args.fresh and args.fresh not in stages:
+        raise ConfigError(
+            f"--fresh {args.fresh}: `casd-ray {args.command}` does not run that stage"
+        )
     cfg = load_config(args.config, args.set)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    return cfg
-
-
-def cmd_teacher(args: argparse.Namespace) -> None:
-    from casd_ray.teacher import ensure_teacher
-
-    cfg = _load(args)
-    _log(f"stage teacher: {cfg.model.arch} on {cfg.data.dataset}")
-    art = ensure_teacher(cfg, log=_log)
-    _log(f"teacher ready at {art.path}: {art.metrics}")
-
-
-def cmd_search(args: argparse.Namespace) -> None:
-    from casd_ray.search import run_search
-
-    cfg = _load(args)
-    _log(f"stage search: {cfg.search.algorithm}, {cfg.search.num_samples} trials")
-    path = run_search(
-        cfg, address=args.address, dashboard=args.dashboard, resume=args.resume, log=_log
+    execute(
+        cfg,
+        stages,
+        fresh=args.fresh,
+        address=getattr(args, "address", None),
+        dashboard=getattr(args, "dashboard", False),
+        trust_folder=args.trust_run_folder,
+        log=_log,
     )
-    _log(f"trials table: {path}")
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from casd_ray.finetune import run_finetune
-
-    cfg = _load(args)
-    _log("stage finetune: winner and uniform baseline")
-    run_finetune(cfg, log=_log)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from casd_ray.files import ArtifactError
     from casd_ray.report import build_report
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found")
+        raise ArtifactError(f"{run_dir}: run folder not found")
     _log(f"report written: {build_report(run_dir)}")
-
-
-def cmd_run(args: argparse.Namespace) -> None:
-    from casd_ray.finetune import run_finetune
-    from casd_ray.report import build_report
-    from casd_ray.search import run_search
-    from casd_ray.teacher import ensure_teacher
-
-    cfg = _load(args)
-    stages = ["teacher", "search", "finetune", "report"]
-    _log(f"stage 1/{len(stages)} teacher")
-    ensure_teacher(cfg, log=_log)
-    _log(f"stage 2/{len(stages)} search")
-    run_search(cfg, address=args.address, dashboard=args.dashboard, resume=True, log=_log)
-    _log(f"stage 3/{len(stages)} finetune")
-    run_finetune(cfg, log=_log)
-    _log(f"stage 4/{len(stages)} report")
-    _log(f"report written: {build_report(cfg.run_dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="casd-ray",
         description="Compress a CNN by channel-width search with distillation, on Ray Tune.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(name: str, func, help_: str) -> argparse.ArgumentParser:
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="experiment YAML (see experiments/)")
         p.add_argument(
@@ -107,7 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config field, e.g. --set search.num_samples=8 (repeatable)",
         )
-        p.set_defaults(func=func)
+        p.add_argument(
+            "--fresh",
+            choices=STAGES[:3],
+            default=None,
+            help="redo this stage and every later one (old outputs move to previous/)",
+        )
+        p.add_argument(
+            "--trust-run-folder",
+            action="store_true",
+            help="resume a search whose Tune state this user's key did not sign",
+        )
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        p.set_defaults(func=cmd_stages)
         return p
 
     def with_cluster(p: argparse.ArgumentParser) -> None:
@@ -118,29 +117,67 @@ def build_parser() -> argparse.ArgumentParser:
             help="start the local Ray dashboard on 127.0.0.1 (token auth stays on)",
         )
 
-    with_config("teacher", cmd_teacher, "train (or reuse) the teacher")
-    search = with_config("search", cmd_search, "run the width search on Ray Tune")
+    with_config("teacher", "train (or reuse) the teacher")
+    search = with_config("search", "run (or resume) the width search on Ray Tune")
     with_cluster(search)
-    search.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    with_config("finetune", cmd_finetune, "prune and fine-tune the winner and uniform baseline")
-    run = with_config("run", cmd_run, "teacher -> search -> finetune -> report")
+    search.add_argument("--resume", action="store_true", help="(default; kept for old scripts)")
+    with_config("finetune", "prune and fine-tune the winner and uniform baseline")
+    run = with_config("run", "teacher -> search -> finetune -> report")
     with_cluster(run)
     report = sub.add_parser("report", help="rebuild report.md/json and plots from a run folder")
     report.add_argument("run_dir")
+    report.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     report.set_defaults(func=cmd_report)
     return parser
 
 
+_SIGNALLED: list[int] = []
+
+
+def _on_sigterm(signum, frame) -> None:
+    # Handled like Ctrl-C: Ray Tune stops gracefully on SIGINT (saving its state), and
+    # outside Tune SIGINT raises KeyboardInterrupt at a safe point of our own code.
+    _SIGNALLED.append(signum)
+    signal.raise_signal(signal.SIGINT)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
+    except KeyboardInterrupt as err:
+        code = 143 if _SIGNALLED else 130
+        what = _one_line(err) if str(err) else "interrupted"
+        print(
+            f"casd-ray: {what}; resume with: casd-ray {shlex.join(argv)}",
+            file=sys.stderr,
+        )
+        return code
     except _user_errors() as err:
-        print(f"casd-ray: error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"casd-ray: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("casd-ray: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        if args.debug:
+            raise
+        print(
+            f"casd-ray: error: {type(err).__name__}: {_one_line(err)[:300]} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -7,11 +7,19 @@ run folder, making every run reproducible from its own outputs.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -34,6 +42,15 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     arch: str = "resnet20"
     width: int = Field(16, ge=1)  # base width; stages use width*(1, 2, 4)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from casd_ray.models import ARCHS  # lazy: torch is only needed once a config is read
+
+        if v not in ARCHS:
+            raise ValueError(f"unknown architecture; known: {', '.join(sorted(ARCHS))}")
+        return v
 
 
 class TeacherConfig(_Strict):
@@ -109,6 +126,9 @@ class FinetuneConfig(_Strict):
     warmup_epochs: int = Field(0, ge=0)
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 class ExperimentConfig(_Strict):
     name: str = "quick"
     seed: int = 0
@@ -120,6 +140,16 @@ class ExperimentConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     search: SearchConfig = SearchConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        # the run folder is output_dir/name: a path in the name would write elsewhere
+        if not _PLAIN_NAME.fullmatch(v) or v in (".", ".."):
+            raise ValueError(
+                "must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')"
+            )
+        return v
 
     @property
     def run_dir(self) -> Path:
@@ -144,19 +174,28 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value")
-        out.append((key.strip(), yaml.safe_load(raw) if raw else None))
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(
+                f"--set {key.strip()}: value {raw!r} is not valid YAML ({first})"
+            ) from None
+        out.append((key.strip(), value))
     return out
 
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    return f"{field}: {msg} (got {first.get('input')!r})"
+    got = repr(first.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return " ".join(f"{field}: {msg} (got {got})".split())
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
@@ -174,9 +213,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text())
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: cannot read the config ({type(err).__name__})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if raw is None:
+            # an empty file would silently run every default (into the demo's own folder)
+            raise ConfigError(f"{p}: the config file is empty; start from experiments/quick.yaml")
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
     for key, value in parse_overrides(overrides or []):
@@ -185,6 +229,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write the resolved config (every default filled in) as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    """Write the resolved config (every default filled in) as YAML, atomically."""
+    from casd_ray.files import write_text
+
+    write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -1,10 +1,8 @@
-"""Datasets as in-memory uint8 arrays, and seeded tensor batching/augmentation on any device.
+"""Datasets as in-memory uint8 arrays (batching and augmentation: :mod:`casd_ray.batches`).
 
 Why arrays and not a DataLoader: every Ray trial gets the same arrays from the object store
 (zero-copy on a node), and batches are gathered and augmented as tensor ops on the trial's
-own device. Batch order, crop offsets and flips come from a CPU generator seeded by
-(run seed, epoch), so every trial on every device sees identical batches — candidates are
-compared on common random numbers, and the teacher's view of an epoch is the same for all.
+own device.
 
 Selection never looks at the test split: validation is carved from the training set with the
 run seed. Every problem with a data root is a one-line :class:`DataError` that names the path,
@@ -15,31 +13,24 @@ Formats (read directly, so nothing but numpy/PIL is needed at load time):
 - ``cifar10``: ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``
 - ``cifar100``: ``<root>/cifar-100-python/{train,test,meta}`` (fine labels)
 - ``fashion_mnist``: the four idx ``.gz`` files in ``<root>`` (Debian's
-  ``dataset-fashion-mnist`` or ``python -m casd_ray.data --download-fashion-mnist DIR``)
+  ``dataset-fashion-mnist`` or ``python -m casd_ray.download --download-fashion-mnist DIR``)
 - ``imagefolder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` (PNG/JPEG, all
   one size and mode; classes sorted by name)
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import pickle
-import sys
-import warnings
 import zlib
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from casd_ray.config import DataConfig
 
-PAD = 4  # zero padding before the random crop (torchvision RandomCrop(padding=4), fill=0)
 FASHION_MNIST_SYSTEM_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -122,7 +113,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
             "test/<class>/ image folders)"
         )
     if cfg.dataset == "fashion_mnist":
-        (xtr, ytr), (xte, yte), classes = _load_fashion_mnist(root, cfg.download)
+        (xtr, ytr), (xte, yte), classes = load_fashion_mnist(root, cfg.download)
         augment = "crop"  # flipping clothes is harmless, but the usual recipe is crop only
     elif cfg.dataset in ("cifar10", "cifar100"):
         (xtr, ytr), (xte, yte), classes = _load_cifar(root, cfg.dataset, cfg.download)
@@ -138,14 +129,14 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
             f"split of {root} has {n}); set data.val_size below {n - 1}"
         )
     # Validation is carved from train only; the test split never takes part in selection.
-    perm = np.random.default_rng(_seed_words(seed, 0x5E1)).permutation(n)
+    perm = np.random.default_rng(seed_words(seed, 0x5E1)).permutation(n)
     val_idx = np.sort(perm[: cfg.val_size])
     train_idx = perm[cfg.val_size :]
     if cfg.train_subset is not None:  # at most N: a larger value just means all of it
         train_idx = train_idx[: cfg.train_subset]
     train_idx = np.sort(train_idx)
     if cfg.test_subset is not None and cfg.test_subset < len(yte):
-        test_perm = np.random.default_rng(_seed_words(seed, 0x7E5)).permutation(len(yte))
+        test_perm = np.random.default_rng(seed_words(seed, 0x7E5)).permutation(len(yte))
         test_idx = np.sort(test_perm[: cfg.test_subset])
         xte, yte = xte[test_idx], yte[test_idx]
 
@@ -182,7 +173,7 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(m) for m in mean / 255.0), tuple(float(v) for v in std / 255.0)
 
 
-def _seed_words(seed: int, *more: int) -> np.random.SeedSequence:
+def seed_words(seed: int, *more: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, *more])
 
 
@@ -191,7 +182,9 @@ def _seed_words(seed: int, *more: int) -> np.random.SeedSequence:
 
 def _read_idx(path: Path, magic: int, what: str) -> np.ndarray:
     """Parse one gzip'd idx file (big-endian header: magic, counts, then uint8 payload)."""
-    hint = "run `python -m casd_ray.data --download-fashion-mnist DIR` or set data.download: true"
+    hint = (
+        "run `python -m casd_ray.download --download-fashion-mnist DIR` or set data.download: true"
+    )
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:
@@ -215,15 +208,17 @@ def _read_idx(path: Path, magic: int, what: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _load_fashion_mnist(root: Path, download: bool):
+def load_fashion_mnist(root: Path, download: bool):
     missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair if not (root / f).is_file()]
     if missing and download:
+        from casd_ray.download import download_fashion_mnist
+
         download_fashion_mnist(root)
     elif missing:
         raise DataError(
             f"data.root {root}: no {missing[0]} found (expected the four Fashion-MNIST idx .gz "
             "files); set data.download: true, install Debian's dataset-fashion-mnist, or run "
-            f"`python -m casd_ray.data --download-fashion-mnist {root}`"
+            f"`python -m casd_ray.download --download-fashion-mnist {root}`"
         )
     splits = []
     for images_name, labels_name in FASHION_MNIST_FILES.values():
@@ -239,39 +234,9 @@ def _load_fashion_mnist(root: Path, download: bool):
     return splits[0], splits[1], list(FASHION_MNIST_CLASSES)
 
 
-def download_fashion_mnist(root: str | Path) -> Path:
-    """Fetch the four idx .gz files (md5-checked by torchvision) straight into ``root``."""
-    root = Path(root)
-    if all((root / f).is_file() for pair in FASHION_MNIST_FILES.values() for f in pair):
-        return root  # nothing to fetch: skip importing torchvision (seconds)
-    from torchvision.datasets import FashionMNIST
-    from torchvision.datasets.utils import download_url
-
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"data.root {root}: cannot create it for the download ({err})") from None
-    for filename, md5 in FashionMNIST.resources:
-        if (root / filename).is_file():
-            continue
-        errors = []
-        for mirror in FashionMNIST.mirrors:
-            try:
-                download_url(mirror + filename, root=str(root), filename=filename, md5=md5)
-                break
-            except Exception as err:  # network errors come in many types; report the first line
-                errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
-        else:
-            raise DataError(
-                f"data.root {root}: downloading Fashion-MNIST {filename} failed "
-                f"({'; '.join(errors)}); copy the four idx .gz files there by hand"
-            )
-    return root
-
-
 # --- CIFAR (torchvision's python pickles)
 
-_CIFAR = {
+CIFAR = {
     "cifar10": {
         "folder": "cifar-10-batches-py",
         "train": [f"data_batch_{i}" for i in range(1, 6)],
@@ -323,11 +288,13 @@ def _read_pickle(path: Path, hint: str) -> dict[str, Any]:
 
 
 def _load_cifar(root: Path, dataset: str, download: bool):
-    spec = _CIFAR[dataset]
+    spec = CIFAR[dataset]
     folder = root / spec["folder"]
     names = [*spec["train"], *spec["test"], spec["meta"][0]]
     if not all((folder / n).is_file() for n in names) and download:
-        _download_cifar(root, dataset)
+        from casd_ray.download import download_cifar
+
+        download_cifar(root, dataset)
     hint = f"set data.download: true or copy the {spec['human']} python version to {folder}"
     if not folder.is_dir():
         raise DataError(f"data.root {root}: no {spec['folder']}/ found; {hint}")
@@ -363,20 +330,6 @@ def _load_cifar(root: Path, dataset: str, download: bool):
         return np.concatenate(xs), np.concatenate(ys)
 
     return read(spec["train"]), read(spec["test"]), classes
-
-
-def _download_cifar(root: Path, dataset: str) -> None:
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cls = CIFAR10 if dataset == "cifar10" else CIFAR100
-    try:
-        cls(root=str(root), train=True, download=True)  # fetches and extracts both splits
-    except Exception as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(
-            f"data.root {root}: downloading {_CIFAR[dataset]['human']} failed ({msg}); copy "
-            f"the python version to {root / _CIFAR[dataset]['folder']}"
-        ) from None
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
@@ -448,124 +401,3 @@ def _load_imagefolder(root: Path):
 
 def _visible_dir(p: Path) -> bool:
     return p.is_dir() and not p.name.startswith(".")
-
-
-# ---------------------------------------------------------------------------- batching
-
-
-def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Arrays -> tensors on ``device``; on CPU they share memory with the numpy arrays.
-
-    Object-store arrays are read-only; torch warns about that, but batching only ever reads
-    (gathers copy), so the warning is silenced rather than paying for a copy per trial.
-    """
-    x = np.ascontiguousarray(x, dtype=np.uint8)
-    y = np.ascontiguousarray(y, dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    device = torch.device(device)
-    if device.type != "cpu":
-        xt, yt = xt.to(device), yt.to(device)
-    return xt, yt
-
-
-def _normalizer(mean: Sequence[float], std: Sequence[float], device: torch.device):
-    """uint8 -> float32 ``(x/255 - mean)/std`` as one multiply-add per element."""
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    scale, shift = 1.0 / (255.0 * std_t), -mean_t / std_t
-    return lambda xb: xb.float().mul_(scale).add_(shift)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator behind one epoch's order and augmentation (same on every device)."""
-    words = _seed_words(
-        seed, 0xBA7C4, int(epoch) & 0xFFFFFFFFFFFFFFFF
-    )  # own stream, not the split's
-    state = words.generate_state(1, np.uint64)[0]
-    return torch.Generator(device="cpu").manual_seed(int(state))
-
-
-def train_batches(
-    x: Tensor,
-    y: Tensor,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    augment: str,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """One epoch of shuffled, augmented, normalised batches on ``x.device``.
-
-    ``augment``: "flip_crop" (zero-pad 4, random crop, horizontal flip), "crop" (no flip) or
-    "none". Order, offsets and flips are drawn up front on a CPU generator seeded by
-    (seed, epoch), so the epoch is identical on every device; crop and flip are one
-    vectorised gather per batch. A last batch of fewer than 2 is dropped (BatchNorm needs 2).
-    """
-    if augment not in ("flip_crop", "crop", "none"):
-        raise ValueError(f"augment: {augment!r}, expected 'flip_crop', 'crop' or 'none'")
-    n, c, h, w = x.shape
-    dev = x.device
-    g = epoch_generator(seed, epoch)
-    perm = torch.randperm(n, generator=g)
-    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
-    flips = torch.rand(n, generator=g) < 0.5
-    if augment != "flip_crop":
-        flips.zero_()
-    perm, offsets, flips = perm.to(dev), offsets.to(dev), flips.to(dev)
-    normalize = _normalizer(mean, std, dev)
-    rows0 = torch.arange(h, device=dev)
-    cols0 = torch.arange(w, device=dev)
-    for start in range(0, n, batch_size):
-        idx = perm[start : start + batch_size]
-        if len(idx) < 2:
-            break
-        xb = x[idx]
-        if augment != "none":
-            b = len(idx)
-            off = offsets[start : start + b]
-            flip = flips[start : start + b, None]
-            padded = torch.nn.functional.pad(xb, (PAD, PAD, PAD, PAD))
-            rows = off[:, :1] + rows0  # (B, H) rows of the padded image to keep
-            cols = off[:, 1:] + torch.where(flip, cols0.flip(0), cols0)  # flip folded into cols
-            # one gather over flattened padded planes (7x faster than 4-D advanced indexing)
-            flat = rows.view(b, 1, h, 1) * (w + 2 * PAD) + cols.view(b, 1, 1, w)
-            flat = flat.expand(b, c, h, w).reshape(b, c, h * w)
-            xb = torch.gather(padded.view(b, c, -1), 2, flat).view(b, c, h, w)
-        yield normalize(xb), y[idx]
-
-
-def eval_batches(
-    x: Tensor, y: Tensor, *, batch_size: int, mean: Sequence[float], std: Sequence[float]
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Every example exactly once, in order, normalised, no augmentation (last batch kept)."""
-    normalize = _normalizer(mean, std, x.device)
-    for start in range(0, len(x), batch_size):
-        yield normalize(x[start : start + batch_size]), y[start : start + batch_size]
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m casd_ray.data", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--download-fashion-mnist", metavar="DIR", required=True,
-                        help="fetch the four Fashion-MNIST idx .gz files into DIR")  # fmt: skip
-    args = parser.parse_args(argv)
-    try:
-        root = download_fashion_mnist(args.download_fashion_mnist)
-        _load_fashion_mnist(root, download=False)  # verify what landed there
-    except DataError as err:
-        print(f"casd-ray: error: {err}", file=sys.stderr)
-        return 2
-    print(f"Fashion-MNIST ready in {root}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ in every trial.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from casd_ray.data import DataSplits, eval_batches, to_tensors, train_batches
-from casd_ray.export import atomic_write
+from casd_ray.batches import eval_batches, to_tensors, train_batches
+from casd_ray.data import DataSplits
+from casd_ray.files import atomic_write
 
 # On a GPU a host sync per step costs throughput; checking every few steps still stops a
 # diverged run within a second, and the running loss sum keeps any NaN it has seen.
@@ -283,14 +285,28 @@ def resume(
     """
     if not checkpoint.is_file():
         return []
-    ckpt = torch.load(checkpoint, map_location=_device_of(model), weights_only=True)
-    if ckpt.get("settings") != settings:
+    try:
+        ckpt = torch.load(checkpoint, map_location=_device_of(model), weights_only=True)
+        same = isinstance(ckpt, dict) and ckpt.get("settings") == settings
+    except Exception as err:  # noqa: BLE001 - a torn or foreign file is only a lost epoch
+        log(f"{label}: ignoring unreadable {checkpoint} ({type(err).__name__}); starting over")
+        return []
+    if not same:
         log(f"{label}: ignoring {checkpoint} (written with other settings)")
         return []
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    history = list(ckpt["history"])
+    fresh = [copy.deepcopy(o.state_dict()) for o in (model, optimizer, scheduler)]
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history = list(ckpt["history"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as err:
+        # The checkpoint is derived data: start over rather than fail the stage, from the
+        # caller's fresh state (a failed load may have copied part of the file in).
+        for obj, state in zip((model, optimizer, scheduler), fresh, strict=True):
+            obj.load_state_dict(state)
+        log(f"{label}: ignoring {checkpoint} ({type(err).__name__}); starting over")
+        return []
     log(f"{label}: resuming from {checkpoint} after epoch {len(history)}/{ckpt['epochs']}")
     return history
 

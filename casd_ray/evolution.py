@@ -33,8 +33,8 @@ loaded by ``restore``, so ``Tuner.restore`` continues the identical sequence.
 
 from __future__ import annotations
 
+import json
 import math
-import pickle
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -45,7 +45,7 @@ from ray.tune.search.sample import Float, Uniform
 
 Bounds = dict[str, tuple[float, float]]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: JSON (1 was a pickle)
 
 
 def space_from_tune_config(config: Mapping[str, Any]) -> Bounds:
@@ -265,9 +265,18 @@ class RegularizedEvolution(Searcher):
         self._rng.bit_generator.state = state["rng"]
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
+        # JSON, not pickle: a searcher state found in a run folder must never run code.
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.get_state(), f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
+        try:
+            with open(checkpoint_path) as f:
+                state = json.load(f)
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(
+                f"{checkpoint_path}: not a JSON evolution state (an older casd-ray's pickle?); "
+                "redo the search with --fresh search"
+            ) from None
+        state["population"] = [tuple(m) for m in state["population"]]
+        self.set_state(state)

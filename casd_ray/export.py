@@ -9,45 +9,81 @@ written last: a folder with ``metrics.json`` is complete, so an interrupted expo
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
+from pydantic import ValidationError
+from torch import Tensor, nn
 
+from casd_ray.files import ArtifactError, atomic_write, read_json, write_json, write_text
 from casd_ray.models import WidthSpec, build_model
 
 FILES = ("model.pt", "widths.json", "model.ts", "metrics.json")
+# What the fine-tune stage writes into the run folder: one export folder per part, and a
+# summary (accuracy, cost, latency of teacher and both parts) that the report reads.
+PARTS = ("winner", "uniform")
+SUMMARY = "finetune.json"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place.
+@dataclass
+class Network:
+    """A saved network loaded back: eval mode, on CPU, with its spec and metrics."""
 
-    A crash leaves either the old file or the new one, never half of one; the rename is
-    atomic on POSIX because the temporary file lives in the same folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    model: nn.Module
+    spec: WidthSpec
+    path: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def read_summary(path: Path) -> dict:
+    """``finetune.json``, checked for the fields the report uses: a torn or foreign file is
+    an ArtifactError (never read as "not yet run")."""
+    hint = "rerun the same command to rebuild it"
+    summary = read_json(path, hint=hint)
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        models = summary["models"]
+        for name in ("teacher", *PARTS):
+            for key in ("test_acc", "val_acc", "flops", "params", "flops_ratio", "latency"):
+                models[name][key]  # noqa: B018 - presence check
+        models["teacher"]["latency"]["batch_ms"].keys()
+        float(summary["flops_reduction"]), float(summary["params_reduction"])
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ArtifactError(f"{path}: not a complete fine-tune summary ({err!r}); {hint}") from None
+    return summary
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=_jsonable)))
+def read_spec(path: Path) -> WidthSpec:
+    """A ``widths.json``, checked: a corrupt or foreign file is one ArtifactError line."""
+    raw = read_json(path, hint="it should hold a width spec written by casd-ray")
+    try:
+        return WidthSpec.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise ArtifactError(f"{path}: not a valid width spec ({where}: {first['msg']})") from None
 
 
-def _jsonable(obj: object) -> object:
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+def load_state(path: Path, model: nn.Module, spec_file: Path) -> None:
+    """Load a state dict file into ``model`` (``weights_only``: a file never runs code)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ArtifactError(f"{path}: not a readable state dict ({type(err).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a resume checkpoint (last.pt)
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{path}: expected a state dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()
+        detail = next((ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else "")
+        raise ArtifactError(
+            f"{path}: does not fit the architecture in {spec_file.name} ({detail[:160]})"
+        ) from None
 
 
 def trace(model: nn.Module, spec: WidthSpec) -> torch.jit.ScriptModule:
@@ -69,7 +105,7 @@ def save_compressed(
     net = _cpu_copy(model, spec)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     atomic_write(out / "model.pt", lambda p: torch.save(state, p))
-    atomic_write(out / "widths.json", lambda p: p.write_text(spec.to_json()))
+    write_text(out / "widths.json", spec.to_json())
     scripted = trace(net, spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -86,22 +122,55 @@ def _cpu_copy(model: nn.Module, spec: WidthSpec) -> nn.Module:
     return net.eval()
 
 
+def load_network(path: str | Path) -> Network:
+    """Rebuild a saved network from its folder (``teacher/``, ``winner/``…) or its model.pt.
+
+    The width spec next to the state dict is all the architecture there is, so a pruned
+    student loads exactly like the teacher. Every file is checked: a corrupt one, or weights
+    that do not fit the spec, is one :class:`ArtifactError` line naming the file.
+    """
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    widths, weights = folder / "widths.json", (p if p.is_file() else folder / "model.pt")
+    for f in (widths, weights):
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing; expected a saved network folder with {FILES[:2]}")
+    spec = read_spec(widths)
+    model = build_model(spec)
+    load_state(weights, model, widths)
+    metrics_file = folder / "metrics.json"
+    metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+    return Network(model.eval(), spec, folder, metrics)
+
+
 def load_compressed(path: str | Path) -> nn.Module:
     """Rebuild an exported model from ``widths.json`` + ``model.pt`` alone (eval mode, CPU).
 
     ``path`` is the export folder (``winner/``, ``uniform/``, ``teacher/``) or its ``model.pt``.
     """
-    p = Path(path)
-    folder = p.parent if p.is_file() else p
-    widths, weights = folder / "widths.json", folder / "model.pt"
-    for f in (widths, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; expected an export folder with {FILES[:2]}")
-    spec = WidthSpec.load(widths)
-    model = build_model(spec)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
+    return load_network(path).model
+
+
+def state_to_numpy(state_dict: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """CPU numpy copies of a state dict: what goes into the Ray object store.
+
+    Numpy arrays are read zero-copy by every worker on a node; torch tensors would be
+    copied into each trial.
+    """
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in state_dict.items()}
+
+
+def numpy_to_state(d: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    """Tensors from :func:`state_to_numpy` arrays; read-only (object-store) arrays are copied.
+
+    ``torch.from_numpy`` on a read-only array warns and would allow writes into shared
+    memory, so only writable arrays are shared.
+    """
+    out = {}
+    for k, v in d.items():
+        arr = np.asarray(v)
+        out[k] = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    return out
 
 
 def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:

@@ -14,69 +14,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
 from casd_ray import distill, prune, space
-from casd_ray.config import ExperimentConfig
+from casd_ray.batches import to_tensors, train_batches
+from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.cost import cpu_latency, measure_flops
-from casd_ray.data import DataSplits, load_dataset, to_tensors, train_batches
-from casd_ray.export import FILES, atomic_write, is_complete, save_compressed, write_json
+from casd_ray.data import DataSplits
+from casd_ray.export import (
+    FILES,
+    PARTS,
+    SUMMARY,
+    Network,
+    is_complete,
+    load_compressed,
+    save_compressed,
+)
+from casd_ray.files import atomic_write, read_json_or_none, write_json
 from casd_ray.models import WidthSpec, flops, params, spec_summary
+from casd_ray.space import SpaceRules
+from casd_ray.trials import rank_of, select_winner
 
-PARTS = ("winner", "uniform")
 EVAL_BATCH = 1024
-SUMMARY = "finetune.json"
-
-
-class SelectionError(RuntimeError):
-    """No trial can be the winner (all failed, stopped early or over budget)."""
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def eligible(trials: pd.DataFrame) -> pd.Series:
-    """Trials that may win: finished every epoch, met the budget, and did not error.
-
-    ASHA-stopped trials reach the searcher with partial scores; comparing a 1-epoch score
-    with a 4-epoch one would be meaningless, so only complete trials compete.
-    """
-    return (
-        trials["completed"].astype(bool)
-        & trials["meets_budget"].astype(bool)
-        & (trials["status"] == "TERMINATED")
-        & trials["best_val_acc"].notna()
-    )
-
-
-def select_winner(trials: pd.DataFrame, cfg: ExperimentConfig | None = None) -> pd.Series:
-    """The trial with the best ``best_val_acc`` among eligible ones; ties go to fewer FLOPs.
-
-    ``best_val_acc`` (best epoch on validation) rather than the last epoch's: validation is
-    carved from train and never used for training, so picking on it leaks nothing into the
-    test score. ``cfg`` is accepted for the contract's signature; the budget is already in
-    the ``meets_budget`` column.
-    """
-    pool = trials[eligible(trials)]
-    if pool.empty:
-        counts = (
-            f"{len(trials)} trials, {int(trials['completed'].astype(bool).sum())} completed, "
-            f"{int(trials['meets_budget'].astype(bool).sum())} within budget"
-        )
-        raise SelectionError(
-            f"trials.parquet: no completed trial within the budget ({counts}); "
-            "rerun the search with more search.num_samples or a looser space.budget.target"
-        )
-    ranked = pool.sort_values(["best_val_acc", "flops"], ascending=[False, True], kind="stable")
-    return ranked.iloc[0]
 
 
 def uniform_spec(
-    trials: pd.DataFrame, cfg: ExperimentConfig, teacher_spec: WidthSpec, winner: pd.Series
+    trials: pd.DataFrame, rules: SpaceRules, teacher_spec: WidthSpec, winner: pd.Series
 ) -> tuple[WidthSpec, str | None]:
     """The uniform-width baseline at the winner's cost, and its control trial id if any.
 
@@ -84,73 +50,50 @@ def uniform_spec(
     network already. Without repair (NSGA-II) the winner may sit below the budget, so the
     uniform genome is repaired onto the winner's own cost ratio: same cost, fair comparison.
     """
-    metric = cfg.space.budget.metric
-    if space.repair_enabled(cfg) and "is_control" in trials:
+    metric = rules.metric
+    if rules.repair and "is_control" in trials:
         control = trials[trials["is_control"].astype(bool) & trials["widths"].notna()]
         if not control.empty:
             row = control.iloc[0]
             return WidthSpec.from_json(row["widths"]), str(row["trial_id"])
     target = float(winner[f"{metric}_ratio"])
-    genome = space.uniform_genome(teacher_spec, cfg.space.granularity, 1.0)
+    genome = space.uniform_genome(teacher_spec, rules.granularity, 1.0)
     spec, _ = space.repair(
         teacher_spec,
-        cfg.space.granularity,
+        rules.granularity,
         genome,
         target=target,
         metric=metric,
-        min_channels=cfg.space.min_channels,
-        divisible_by=cfg.space.divisible_by,
+        min_channels=rules.min_channels,
+        divisible_by=rules.divisible_by,
     )
     return spec, None
-
-
-def rank_of(trials: pd.DataFrame, trial_id: str | None) -> dict[str, Any]:
-    """Where the search put a trial by ``best_val_acc``: among eligible trials and among all.
-
-    1 is best; ties share the better rank. ``None`` when the trial is not in that pool.
-    """
-    out: dict[str, Any] = {"trial_id": trial_id, "rank": None, "of": 0, "rank_all": None}
-    pool = trials[eligible(trials)]
-    scored = trials[trials["best_val_acc"].notna()]
-    out["of"], out["of_all"] = len(pool), len(scored)
-    if trial_id is None:
-        return out
-    for key, df in (("rank", pool), ("rank_all", scored)):
-        row = df[df["trial_id"].astype(str) == str(trial_id)]
-        if not row.empty:
-            acc = float(row["best_val_acc"].iloc[0])
-            out[key] = int((df["best_val_acc"] > acc).sum()) + 1
-    return out
 
 
 # --------------------------------------------------------------------------- fine-tune
 
 
-def part_settings(cfg: ExperimentConfig, teacher_dir: Path, spec: WidthSpec) -> dict:
-    """Everything that changes a fine-tuned student; equal settings mean the folder is reused."""
-    teacher = teacher_dir / "settings.json"
-    return {
-        "seed": cfg.seed,
-        "finetune": cfg.finetune.model_dump(mode="json"),
-        "distill": cfg.distill.model_dump(mode="json"),
-        "importance": cfg.space.importance,
-        "widths": json.loads(spec.to_json()),
-        "teacher": json.loads(teacher.read_text()) if teacher.is_file() else None,
-    }
+def part_settings(stage: dict, spec: WidthSpec) -> dict:
+    """Everything that changes one fine-tuned student: the stage's fingerprint + its widths.
+
+    Equal settings mean the part's folder (or its ``last.pt``) can be reused.
+    """
+    return {**stage, "widths": json.loads(spec.to_json())}
 
 
 def _reusable(folder: Path, settings: dict) -> bool:
     if not is_complete(folder):
         return False
-    try:
-        saved = json.loads((folder / "metrics.json").read_text()).get("settings")
-    except (OSError, ValueError):
-        return False
-    return saved == json.loads(json.dumps(settings))
+    saved = read_json_or_none(folder / "metrics.json")
+    return isinstance(saved, dict) and saved.get("settings") == json.loads(json.dumps(settings))
 
 
 def finetune_student(
-    cfg: ExperimentConfig,
+    f: FinetuneConfig,
+    d: DistillConfig,
+    importance: str,
+    seed: int,
+    amp: bool,
     data: DataSplits,
     teacher: nn.Module,
     teacher_spec: WidthSpec,
@@ -161,14 +104,13 @@ def finetune_student(
     log=print,
     label: str = "student",
 ) -> tuple[nn.Module, list[dict]]:
-    """Prune ``spec`` from the teacher and distill it for ``cfg.finetune.epochs``.
+    """Prune ``spec`` from the teacher and distill it for ``f.epochs``.
 
     Resumes from ``folder/last.pt`` (written atomically after each epoch) when it carries
     the same settings, so a long paper-scale fine-tune survives an interruption.
     """
-    f = cfg.finetune
     teacher = distill.prepare_model(teacher, device).eval()
-    student = prune.inherit(teacher, teacher_spec, spec, criterion=cfg.space.importance)
+    student = prune.inherit(teacher, teacher_spec, spec, criterion=importance)
     student = distill.prepare_model(student, device)
     x, y = to_tensors(data.x_train, data.y_train, device)
     xv, yv = to_tensors(data.x_val, data.y_val, device)
@@ -179,21 +121,21 @@ def finetune_student(
         steps_per_epoch=max(1, distill.steps_per_epoch(len(x), f.batch_size)),
         warmup_epochs=f.warmup_epochs,
     )
-    amp = bool(cfg.search.amp and device.type == "cuda")
+    amp = bool(amp and device.type == "cuda")
     last = folder / "last.pt"
     history = distill.resume(last, settings, student, opt, sched, log=log, label=label)
-    if not history and cfg.distill.bn_recalibration_batches > 0:
+    if not history and d.bn_recalibration_batches > 0:
         batches = train_batches(
             x,
             y,
             batch_size=f.batch_size,
-            seed=cfg.seed,
+            seed=seed,
             epoch=0,
             augment=data.augment,
             mean=data.mean,
             std=data.std,
         )
-        prune.recalibrate_bn(student, batches, cfg.distill.bn_recalibration_batches)
+        prune.recalibrate_bn(student, batches, d.bn_recalibration_batches)
     history = distill.fit(
         student,
         x,
@@ -210,13 +152,13 @@ def finetune_student(
         label=label,
         eval_batch_size=EVAL_BATCH,
         batch_size=f.batch_size,
-        seed=cfg.seed,
+        seed=seed,
         augment=data.augment,
         mean=data.mean,
         std=data.std,
         teacher=teacher,
-        temperature=cfg.distill.temperature,
-        alpha=cfg.distill.alpha,
+        temperature=d.temperature,
+        alpha=d.alpha,
         amp=amp,
     )
     return student.eval(), history
@@ -238,88 +180,88 @@ def _cost_entry(model: nn.Module, spec: WidthSpec, teacher_spec: WidthSpec) -> d
 
 
 def run_finetune(
-    cfg: ExperimentConfig,
-    log=print,
+    data: DataSplits,
+    teacher: Network,
+    trials: pd.DataFrame,
     *,
-    data: DataSplits | None = None,
+    finetune_cfg: FinetuneConfig,
+    distill_cfg: DistillConfig,
+    rules: SpaceRules,
+    seed: int,
+    run_dir: Path,
+    settings: dict,
+    amp: bool = True,
+    log=print,
     device: str | torch.device | None = None,
 ) -> dict:
     """Select the winner, fine-tune it and the uniform baseline, export both, measure all three.
 
-    Writes ``winner/`` and ``uniform/`` (see :mod:`casd_ray.export`) and ``finetune.json``
-    (teacher / uniform / winner: accuracy, cost, CPU latency, search rank), which the report
-    reads. Returns that summary.
+    ``settings`` is the stage's fingerprint; a part whose folder carries the same settings
+    plus its widths is reused, an interrupted one resumes from its ``last.pt``. Writes
+    ``winner/`` and ``uniform/`` (see :mod:`casd_ray.export`) and ``finetune.json`` (teacher /
+    uniform / winner: accuracy, cost, CPU latency, search rank), which the report reads.
+    Returns that summary.
     """
-    from casd_ray.teacher import ensure_teacher
-
-    run_dir = cfg.run_dir
-    trials_path = run_dir / "trials.parquet"
-    if not trials_path.is_file():
-        raise FileNotFoundError(f"{trials_path}: not found; run `casd-ray search CONFIG` first")
-    trials = pd.read_parquet(trials_path)
-    winner_row = select_winner(trials, cfg)
-    teacher_dir = run_dir / "teacher"
-    if not (teacher_dir / "widths.json").is_file():
-        raise FileNotFoundError(f"{teacher_dir}: no teacher; run `casd-ray teacher CONFIG` first")
-    teacher_spec = WidthSpec.load(teacher_dir / "widths.json")
+    run_dir = Path(run_dir)
+    winner_row = select_winner(trials)
+    teacher_spec = teacher.spec
     specs = {"winner": WidthSpec.from_json(winner_row["widths"])}
-    specs["uniform"], control_id = uniform_spec(trials, cfg, teacher_spec, winner_row)
+    specs["uniform"], control_id = uniform_spec(trials, rules, teacher_spec, winner_row)
     trial_ids = {"winner": str(winner_row["trial_id"]), "uniform": control_id}
-    settings = {k: part_settings(cfg, teacher_dir, s) for k, s in specs.items()}
-    todo = [k for k in PARTS if not _reusable(run_dir / k, settings[k])]
-    summary_path = run_dir / SUMMARY
-    if not todo and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("settings") == json.loads(json.dumps(settings)):
-            log(f"finetune: reusing {run_dir / 'winner'} and {run_dir / 'uniform'} (same settings)")
-            return summary
-
-    if data is None:
-        data = load_dataset(cfg.data, cfg.seed)
+    part = {k: part_settings(settings, s) for k, s in specs.items()}
+    todo = [k for k in PARTS if not _reusable(run_dir / k, part[k])]
     dev = torch.device(device) if device is not None else distill.pick_device(1)
-    amp = bool(cfg.search.amp and dev.type == "cuda")
-    art = ensure_teacher(cfg, data, log=log)
-    teacher = art.model
-    # ensure_teacher retrains when the teacher settings changed since the search: record
-    # the teacher actually used, so a later rerun compares against the truth.
-    settings = {k: part_settings(cfg, teacher_dir, s) for k, s in specs.items()}
-    todo = [k for k in PARTS if not _reusable(run_dir / k, settings[k])]
-    for part in PARTS:
-        folder = run_dir / part
-        if part not in todo:
+    amp = bool(amp and dev.type == "cuda")
+    f = finetune_cfg
+    for name in PARTS:
+        folder = run_dir / name
+        if name not in todo:
             log(f"finetune: reusing {folder} (same settings)")
             continue
-        spec = specs[part]
+        spec = specs[name]
         # metrics.json marks a finished export: drop it first, so a crash mid-export can
         # never leave an old marker next to new weights.
         (folder / "metrics.json").unlink(missing_ok=True)
-        if part == "uniform" and spec == specs["winner"]:
+        if name == "uniform" and spec == specs["winner"]:
             # The control trial won: same widths, recipe and seed give the same network.
-            _copy_export(run_dir / "winner", folder, trial_ids[part])
+            _copy_export(run_dir / "winner", folder, trial_ids[name])
             log("finetune: the uniform control won the search; uniform/ is a copy of winner/")
             continue
         log(
-            f"finetune: {part} ({flops(spec) / flops(teacher_spec):.3f} of the teacher's FLOPs, "
-            f"trial {trial_ids[part]}) for {cfg.finetune.epochs} epochs on {dev}"
+            f"finetune: {name} ({flops(spec) / flops(teacher_spec):.3f} of the teacher's FLOPs, "
+            f"trial {trial_ids[name]}) for {f.epochs} epochs on {dev}"
         )
         model, history = finetune_student(
-            cfg, data, teacher, teacher_spec, spec, folder, settings[part], dev, log, part
+            f,
+            distill_cfg,
+            rules.importance,
+            seed,
+            amp,
+            data,
+            teacher.model,
+            teacher_spec,
+            spec,
+            folder,
+            part[name],
+            dev,
+            log,
+            name,
         )
         metrics = {
             **distill.evaluate_splits(model, data, dev, batch_size=EVAL_BATCH, amp=amp),
             **_cost_entry(model, spec, teacher_spec),
-            "epochs": cfg.finetune.epochs,
+            "epochs": f.epochs,
             "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
-            "trial_id": trial_ids[part],
+            "trial_id": trial_ids[name],
             "history": history,
-            "settings": settings[part],
+            "settings": part[name],
         }
         save_compressed(model, spec, folder, metrics)
         (folder / "last.pt").unlink(missing_ok=True)
-        log(f"finetune: {part} val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f}")
+        log(f"finetune: {name} val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f}")
 
-    summary = _summarize(cfg, data, art, teacher_spec, trials, trial_ids, settings, dev, amp, log)
-    write_json(summary_path, summary)
+    summary = _summarize(run_dir, data, teacher, trials, trial_ids, part, dev, amp, log)
+    write_json(run_dir / SUMMARY, summary)
     return summary
 
 
@@ -334,10 +276,9 @@ def _copy_export(src: Path, dst: Path, trial_id: str | None) -> None:
 
 
 def _summarize(
-    cfg: ExperimentConfig,
+    run_dir: Path,
     data: DataSplits,
-    art: Any,
-    teacher_spec: WidthSpec,
+    art: Network,
     trials: pd.DataFrame,
     trial_ids: dict[str, str | None],
     settings: dict,
@@ -346,8 +287,7 @@ def _summarize(
     log,
 ) -> dict:
     """Teacher / uniform / winner side by side, with CPU latency measured the same way."""
-    from casd_ray.export import load_compressed
-
+    teacher_spec = art.spec
     shape = (teacher_spec.in_channels, *teacher_spec.image_size)
     teacher = art.model.to(dev).eval()
     t_metrics = dict(art.metrics)
@@ -363,7 +303,7 @@ def _summarize(
         }
     }
     for part in PARTS:
-        m = json.loads((cfg.run_dir / part / "metrics.json").read_text())
+        m = json.loads((run_dir / part / "metrics.json").read_text())
         keep = ("val_acc", "test_acc", "flops", "flops_measured", "params", "params_measured")
         entries[part] = {k: m[k] for k in keep if k in m}
         entries[part].update(
@@ -375,7 +315,7 @@ def _summarize(
     log("finetune: measuring CPU latency (teacher, uniform, winner)")
     models = {
         "teacher": teacher.cpu(),
-        **{p: load_compressed(cfg.run_dir / p) for p in PARTS},
+        **{p: load_compressed(run_dir / p) for p in PARTS},
     }
     for name, model in models.items():
         entries[name]["latency"] = cpu_latency(model, shape)

@@ -19,8 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from casd_ray.export import atomic_write, write_json  # noqa: E402
-from casd_ray.finetune import PARTS, SUMMARY, eligible  # noqa: E402
+from casd_ray.export import PARTS, SUMMARY, read_summary  # noqa: E402
+from casd_ray.files import ArtifactError, atomic_write, write_json  # noqa: E402
+from casd_ray.trials import TRIALS_FILE, eligible, read_trials  # noqa: E402
 
 NAMES = ("teacher", "uniform", "winner")
 
@@ -33,8 +34,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _load_trials(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "trials.parquet"
-    return pd.read_parquet(path) if path.is_file() else None
+    path = run_dir / TRIALS_FILE
+    return read_trials(path) if path.exists() else None
 
 
 def search_summary(trials: pd.DataFrame, config: dict) -> dict:
@@ -64,7 +65,12 @@ def search_summary(trials: pd.DataFrame, config: dict) -> dict:
 
 def build_report_json(run_dir: Path) -> dict:
     """Gather everything the report shows into one JSON-able dict."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{run_dir / 'config.yaml'}: not a casd-ray config (corrupt YAML)")
     report: dict[str, Any] = {
         "name": config.get("name", run_dir.name),
         "run_dir": str(run_dir),
@@ -78,7 +84,10 @@ def build_report_json(run_dir: Path) -> dict:
         "flops_convention": "FlopCounterMode: 2 FLOPs per multiply-add; conv and linear only",
         "missing": [],
     }
-    finetune = _read_json(run_dir / SUMMARY)
+    # A corrupt summary is an error, not "not yet run": a complete report must never be
+    # replaced by a teacher-only one.
+    summary = run_dir / SUMMARY
+    finetune = read_summary(summary) if summary.exists() else None
     if finetune is not None:
         report["models"] = finetune["models"]
         report["flops_reduction"] = finetune["flops_reduction"]
@@ -324,7 +333,7 @@ def build_report(run_dir: str | Path) -> Path:
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: not found; is this a run folder?")
+        raise ArtifactError(f"{run_dir / 'config.yaml'}: not found; is this a run folder?")
     report = build_report_json(run_dir)
     trials = _load_trials(run_dir)
     if trials is not None and len(trials):

@@ -1,15 +1,15 @@
-"""Registry of Tune searchers: name -> builder(cfg, space, points) -> Searcher.
+"""Registry of Tune searchers: name -> builder(search_cfg, seed, space, points) -> Searcher.
 
 Every builder returns a searcher WITHOUT its own space: the space reaches it from the
 Tuner's ``param_space`` (``tune_search_space(space)``) through ``set_search_properties``,
 the same path ``Tuner.restore`` takes. ``build_searcher`` adds a ``ConcurrencyLimiter``
-(``cfg.search.max_concurrent``) to all of them: without it Tune asks for a batch of pending
+(``search.max_concurrent``) to all of them: without it Tune asks for a batch of pending
 trials before any result is back, which makes TPE, NSGA-II and evolution propose blind;
 for random it simply enforces the configured concurrency.
 
 How the search uses this (Ray 2.60)::
 
-    searcher = build_searcher(cfg, space, points)
+    searcher = build_searcher(cfg.search, cfg.seed, space, points)
     tune.Tuner(trainable, param_space=tune_search_space(space),
                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=ASHAScheduler(
                    metric="val_acc", mode="max", ...), num_samples=...))   # no metric/mode
@@ -33,13 +33,13 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from casd_ray.config import ExperimentConfig
+from casd_ray.config import SearchConfig
 from casd_ray.evolution import Bounds, RegularizedEvolution, validate_points
 
 METRIC, MODE = "val_acc", "max"
 MULTI_METRIC, MULTI_MODE = ["val_acc", "flops"], ["max", "min"]
 
-Builder = Callable[[ExperimentConfig, Bounds, list[dict[str, float]]], Searcher]
+Builder = Callable[[SearchConfig, int, Bounds, list[dict[str, float]]], Searcher]
 SEARCHERS: dict[str, Builder] = {}
 MULTI_OBJECTIVE: frozenset[str] = frozenset({"optuna-nsga2"})
 
@@ -93,55 +93,57 @@ def _optuna(
 
 
 @register("optuna-tpe")
-def _tpe(cfg: ExperimentConfig, space: Bounds, points: list[dict[str, float]]) -> Searcher:
+def _tpe(s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float]]) -> Searcher:
     # Random start-up trials: Optuna's 10, but at most a third of a small budget so a quick
     # run still gets model-based proposals. Multivariate TPE (Optuna 5's default) models the
     # genes jointly, which matters under budget repair where only their ratios count.
-    startup = max(2, min(10, cfg.search.num_samples // 3))
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
+    startup = max(2, min(10, s.num_samples // 3))
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
     return _optuna("optuna-tpe", sampler, points)
 
 
 @register("optuna-nsga2")
-def _nsga2(cfg: ExperimentConfig, space: Bounds, points: list[dict[str, float]]) -> Searcher:
+def _nsga2(s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float]]) -> Searcher:
     # Optuna's default population of 50 exceeds typical num_samples (never leaving
     # generation 0); the config's population (shared with evolution) sizes a generation.
-    sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=cfg.search.population)
+    sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population)
     return _optuna("optuna-nsga2", sampler, points)
 
 
 @register("random")
-def _random(cfg: ExperimentConfig, space: Bounds, points: list[dict[str, float]]) -> Searcher:
+def _random(s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float]]) -> Searcher:
     # OptunaSearch + RandomSampler rather than BasicVariantGenerator: it is a Searcher (same
     # conformance suite, ConcurrencyLimiter, points_to_evaluate) and its pickled state holds
     # the sampler's RNG, so save/restore continues the identical sequence.
-    return _optuna("random", optuna.samplers.RandomSampler(seed=cfg.seed), points)
+    return _optuna("random", optuna.samplers.RandomSampler(seed=seed), points)
 
 
 @register("evolution")
-def _evolution(cfg: ExperimentConfig, space: Bounds, points: list[dict[str, float]]) -> Searcher:
+def _evolution(
+    s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float]]
+) -> Searcher:
     return RegularizedEvolution(
         metric=METRIC,
         mode=MODE,
-        population_size=cfg.search.population,
-        sample_size=cfg.search.sample_size,
-        mutation_genes=cfg.search.mutation_genes,
+        population_size=s.population,
+        sample_size=s.sample_size,
+        mutation_genes=s.mutation_genes,
         points_to_evaluate=[dict(p) for p in points],
-        seed=cfg.seed,
+        seed=seed,
     )
 
 
 def build_searcher(
-    cfg: ExperimentConfig, space: Bounds, points: list[dict[str, float]]
+    s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float]]
 ) -> ConcurrencyLimiter:
-    """The searcher ``cfg.search.algorithm`` names, limited to ``cfg.search.max_concurrent``.
+    """The searcher ``s.algorithm`` names (seeded), limited to ``s.max_concurrent``.
 
     ``space``: ``{gene: (low, high)}``; ``points``: genomes tried first (the uniform control
     first). Points are checked against the space here, before any cluster starts.
     """
-    name = cfg.search.algorithm
+    name = s.algorithm
     if name not in SEARCHERS:
         raise ValueError(f"search.algorithm: unknown searcher {name!r} (have {sorted(SEARCHERS)})")
     validate_points(space, points)
-    searcher = SEARCHERS[name](cfg, space, points)
-    return ConcurrencyLimiter(searcher, max_concurrent=cfg.search.max_concurrent)
+    searcher = SEARCHERS[name](s, seed, space, points)
+    return ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)

@@ -15,11 +15,12 @@ genome at the budget is a fair control. Repair evaluates the analytic cost model
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from casd_ray.config import ExperimentConfig
+from casd_ray.config import SpaceConfig
 from casd_ray.models import WidthSpec, channel_groups, flops, params
 
 GRANULARITIES = ("stage", "block", "layer")
@@ -272,77 +273,112 @@ def scaled_ratios(ratios: dict[str, float], scale: float) -> dict[str, float]:
     return {g: min(1.0, max(_TINY_RATIO, scale * v)) for g, v in ratios.items()}
 
 
-# --------------------------------------------------------------------------- config glue
+# --------------------------------------------------------------------------- rules
 
 
-def repair_enabled(cfg: ExperimentConfig) -> bool:
-    """Repair applies unless switched off or the search is multi-objective: NSGA-II keeps
-    the cost as its second objective, and repair would pin every candidate to one cost."""
-    return cfg.space.repair and cfg.search.algorithm != "optuna-nsga2"
+@dataclass(frozen=True)
+class SpaceRules:
+    """Plain values that turn a genome into a candidate: what a Ray trial receives.
+
+    ``repair`` is already resolved (off for multi-objective searchers), so a trial needs no
+    config and no searcher name to build its candidate.
+    """
+
+    granularity: str
+    target: float
+    metric: str = "flops"
+    min_channels: int = 1
+    divisible_by: int = 1
+    min_ratio: float = 0.1
+    max_ratio: float = 1.0
+    repair: bool = True
+    importance: str = "l1"
 
 
-def candidate_spec(cfg: ExperimentConfig, teacher_spec: WidthSpec, genome: dict) -> WidthSpec:
-    """The student a trial trains: repaired onto the budget, or the plain genome widths
-    when repair is off (see :func:`repair_enabled`)."""
-    sp = cfg.space
-    if repair_enabled(cfg):
-        student, _ = repair(
-            teacher_spec,
-            sp.granularity,
-            genome,
-            target=sp.budget.target,
-            metric=sp.budget.metric,
-            min_channels=sp.min_channels,
-            divisible_by=sp.divisible_by,
-        )
-        return student
-    ratios = ratios_from_genome(teacher_spec, sp.granularity, genome)
-    return widths_from_ratios(
-        teacher_spec, ratios, min_channels=sp.min_channels, divisible_by=sp.divisible_by
+def rules_of(space: SpaceConfig, algorithm: str) -> SpaceRules:
+    """The rules of ``space`` for a search run by ``algorithm``.
+
+    Repair applies unless switched off or the search is multi-objective: NSGA-II keeps
+    the cost as its second objective, and repair would pin every candidate to one cost.
+    """
+    return SpaceRules(
+        granularity=space.granularity,
+        target=space.budget.target,
+        metric=space.budget.metric,
+        min_channels=space.min_channels,
+        divisible_by=space.divisible_by,
+        min_ratio=space.min_ratio,
+        max_ratio=space.max_ratio,
+        repair=space.repair and algorithm != "optuna-nsga2",
+        importance=space.importance,
     )
 
 
-def control_genome(cfg: ExperimentConfig, teacher_spec: WidthSpec) -> dict[str, float]:
+def candidate_spec(rules: SpaceRules, teacher_spec: WidthSpec, genome: dict) -> WidthSpec:
+    """The student a trial trains: repaired onto the budget, or the plain genome widths
+    when repair is off."""
+    if rules.repair:
+        student, _ = repair(
+            teacher_spec,
+            rules.granularity,
+            genome,
+            target=rules.target,
+            metric=rules.metric,
+            min_channels=rules.min_channels,
+            divisible_by=rules.divisible_by,
+        )
+        return student
+    ratios = ratios_from_genome(teacher_spec, rules.granularity, genome)
+    return widths_from_ratios(
+        teacher_spec, ratios, min_channels=rules.min_channels, divisible_by=rules.divisible_by
+    )
+
+
+def control_genome(rules: SpaceRules, teacher_spec: WidthSpec) -> dict[str, float]:
     """The uniform genome whose candidate sits on the budget, whether repair is on or off.
 
     Its value is the repair scale of the all-ones genome, clipped into the genome bounds, so
     it is a valid point for Tune's ``points_to_evaluate`` (with repair on, any uniform value
     repairs to the same uniform-width network).
     """
-    sp = cfg.space
     _, scale = repair(
         teacher_spec,
-        sp.granularity,
-        uniform_genome(teacher_spec, sp.granularity, 1.0),
-        target=sp.budget.target,
-        metric=sp.budget.metric,
-        min_channels=sp.min_channels,
-        divisible_by=sp.divisible_by,
+        rules.granularity,
+        uniform_genome(teacher_spec, rules.granularity, 1.0),
+        target=rules.target,
+        metric=rules.metric,
+        min_channels=rules.min_channels,
+        divisible_by=rules.divisible_by,
     )
-    value = min(max(scale, sp.min_ratio), sp.max_ratio)
-    return uniform_genome(teacher_spec, sp.granularity, value)
+    value = min(max(scale, rules.min_ratio), rules.max_ratio)
+    return uniform_genome(teacher_spec, rules.granularity, value)
 
 
-def check_budget(cfg: ExperimentConfig, teacher_spec: WidthSpec) -> None:
+def search_bounds(rules: SpaceRules, teacher_spec: WidthSpec) -> dict[str, tuple[float, float]]:
+    """``{gene: (min_ratio, max_ratio)}``: the searchers' space."""
+    lo, hi = rules.min_ratio, rules.max_ratio
+    return {n: (lo, hi) for n in gene_names(teacher_spec, rules.granularity)}
+
+
+def check_budget(rules: SpaceRules, teacher_spec: WidthSpec) -> None:
     """Refuse an unreachable budget before any trial starts (raises :class:`BudgetError`).
 
     With repair off, no candidate in the space can be cheaper than every gene at
     ``space.min_ratio``, so a target below that is refused too.
     """
-    sp = cfg.space
-    metric, target = sp.budget.metric, sp.budget.target
-    _check_target(teacher_spec, target, metric, sp.min_channels, sp.divisible_by)
-    if not repair_enabled(cfg):
+    metric, target = rules.metric, rules.target
+    _check_target(teacher_spec, target, metric, rules.min_channels, rules.divisible_by)
+    if not rules.repair:
         low = widths_from_ratios(
             teacher_spec,
-            dict.fromkeys(group_names(teacher_spec), sp.min_ratio),
-            min_channels=sp.min_channels,
-            divisible_by=sp.divisible_by,
+            dict.fromkeys(group_names(teacher_spec), rules.min_ratio),
+            min_channels=rules.min_channels,
+            divisible_by=rules.divisible_by,
         )
         low_ratio = cost_ratio(low, teacher_spec, metric)
         if target < low_ratio:
             raise BudgetError(
                 f"space.budget.target: {target:g} is below the smallest reachable {metric} "
-                f"ratio {low_ratio:.4f} (every gene at space.min_ratio={sp.min_ratio:g}, "
+                f"ratio {low_ratio:.4f} (every gene at space.min_ratio={rules.min_ratio:g}, "
                 "space.repair off); raise the target or lower space.min_ratio"
             )

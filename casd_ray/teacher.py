@@ -1,26 +1,23 @@
-"""The teacher: trained once per run, reused by every later command and every trial.
+"""The teacher stage: train the network to compress (or import a given one) into ``teacher/``.
 
-``runs/<name>/teacher/`` holds everything needed to rebuild it without the config that made
-it (state dict + width spec), what it was trained on (data.json), how good it is
-(metrics.json) and the settings it was trained with (settings.json). settings.json is
-written last, so its presence marks a finished teacher; a rerun with equal settings reuses
-it, and a run interrupted mid-training resumes from ``last.pt`` (saved atomically after
-every epoch) instead of starting over.
+``teacher/`` holds everything needed to rebuild it without the config that made it (state
+dict + width spec), what it was trained on (data.json), how good it is (metrics.json) and
+the settings it was trained with (settings.json, written last). Whether an existing
+teacher is reused is the pipeline's decision (:mod:`casd_ray.pipeline`); this module only
+makes one. A run interrupted mid-training resumes from ``last.pt`` (saved atomically after
+every epoch, and only used when it carries the same settings).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from casd_ray.config import ConfigError, ExperimentConfig
-from casd_ray.data import DataSplits, load_dataset, to_tensors
+from casd_ray.batches import to_tensors
+from casd_ray.config import ConfigError, ModelConfig, TeacherConfig
+from casd_ray.data import DataSplits
 from casd_ray.distill import (
     evaluate_splits,
     fit,
@@ -31,174 +28,89 @@ from casd_ray.distill import (
     resume,
     steps_per_epoch,
 )
-from casd_ray.export import atomic_write, write_json
+from casd_ray.export import Network, load_network, load_state
+from casd_ray.files import ArtifactError, atomic_write, write_json, write_text
 from casd_ray.models import WidthSpec, build_model, flops, params, spec_for
 
 EVAL_BATCH = 1024
 FILES = ("model.pt", "widths.json", "data.json", "metrics.json", "settings.json")
 
 
-@dataclass
-class TeacherArtifacts:
-    """A ready teacher (eval mode, on CPU) with its spec, metrics and folder."""
-
-    model: nn.Module
-    spec: WidthSpec
-    metrics: dict
-    path: Path
-
-
-# --------------------------------------------------------------------------- (de)serialisation
-
-
-def state_to_numpy(state_dict: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    """CPU numpy copies of a state dict: what goes into the Ray object store.
-
-    Numpy arrays are read zero-copy by every worker on a node; torch tensors would be
-    copied into each trial.
-    """
-    return {k: v.detach().cpu().contiguous().numpy() for k, v in state_dict.items()}
-
-
-def numpy_to_state(d: dict[str, np.ndarray]) -> dict[str, Tensor]:
-    """Tensors from :func:`state_to_numpy` arrays; read-only (object-store) arrays are copied.
-
-    ``torch.from_numpy`` on a read-only array warns and would allow writes into shared
-    memory, so only writable arrays are shared.
-    """
-    out = {}
-    for k, v in d.items():
-        arr = np.asarray(v)
-        out[k] = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-    return out
-
-
-def load_teacher(path: str | Path) -> tuple[nn.Module, WidthSpec]:
-    """Rebuild a saved network from a ``teacher/`` or ``winner/`` folder (or its model.pt).
-
-    The width spec next to the state dict is all the architecture there is, so a pruned
-    student loads exactly like the teacher.
-    """
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    model_file = path if path.is_file() else folder / "model.pt"
-    widths = folder / "widths.json"
-    if not model_file.is_file() or not widths.is_file():
-        raise FileNotFoundError(
-            f"{path}: expected model.pt and widths.json (a teacher/ or winner/ folder)"
-        )
-    spec = WidthSpec.load(widths)
-    model = build_model(spec)
-    model.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True))
-    model.eval()
-    return model, spec
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def teacher_settings(cfg: ExperimentConfig) -> dict:
-    """Everything that changes the trained teacher; equal settings mean the teacher is reused.
-
-    The run name, output folder and the later stages' settings are left out on purpose:
-    changing the search must not retrain the teacher.
-    """
-    return {
-        "seed": cfg.seed,
-        "data": cfg.data.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
-        "teacher": cfg.teacher.model_dump(mode="json"),
-    }
-
-
-def _spec_for_data(cfg: ExperimentConfig, data: DataSplits) -> WidthSpec:
+def teacher_spec(model_cfg: ModelConfig, data: DataSplits) -> WidthSpec:
+    """The architecture ``model`` names, shaped for ``data`` (channels, classes, image size)."""
     return spec_for(
-        cfg.model.arch,
+        model_cfg.arch,
         in_channels=data.in_channels,
         num_classes=data.num_classes,
         image_size=tuple(data.image_size),
-        width=cfg.model.width,
+        width=model_cfg.width,
     )
 
 
-def _finished(folder: Path, settings: dict) -> bool:
-    return all((folder / f).is_file() for f in FILES) and _read_json(
-        folder / "settings.json"
-    ) == json.loads(json.dumps(settings))
-
-
-def _load_artifacts(folder: Path) -> TeacherArtifacts:
-    model, spec = load_teacher(folder)
-    return TeacherArtifacts(model, spec, _read_json(folder / "metrics.json") or {}, folder)
-
-
-# --------------------------------------------------------------------------- ensure_teacher
-
-
-def ensure_teacher(
-    cfg: ExperimentConfig,
-    data: DataSplits | None = None,
-    log=print,
+def make_teacher(
+    data: DataSplits,
+    model_cfg: ModelConfig,
+    teacher_cfg: TeacherConfig,
+    seed: int,
+    folder: Path,
     *,
+    settings: dict,
+    amp: bool = True,
+    log=print,
     num_threads: int | None = None,
     device: str | torch.device | None = None,
-) -> TeacherArtifacts:
-    """Return the run's teacher: reused, loaded from ``teacher.checkpoint``, or trained.
+) -> Network:
+    """Train the teacher (or load ``teacher.checkpoint``) and write ``folder``.
 
-    ``num_threads`` sets torch's intra-op threads for this call only (restored after), so a
-    caller sharing the CPU with other work can keep the teacher off the other cores;
-    ``device`` defaults to CUDA when visible. Data is loaded only when something must be
-    computed.
+    ``settings`` is the stage's fingerprint: stored in ``last.pt`` (a resume only continues
+    a checkpoint made with the same settings) and as ``settings.json``, written last.
+    ``num_threads`` sets torch's intra-op threads for this call only; ``device`` defaults to
+    CUDA when visible.
     """
-    folder = cfg.run_dir / "teacher"
-    settings = teacher_settings(cfg)
-    if _finished(folder, settings):
-        log(f"teacher: reusing {folder} (same settings)")
-        return _load_artifacts(folder)
     threads = torch.get_num_threads()
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
         dev = torch.device(device) if device is not None else pick_device(1)
-        if data is None:
-            data = load_dataset(cfg.data, cfg.seed)
         folder.mkdir(parents=True, exist_ok=True)
-        if cfg.teacher.checkpoint:
-            model, spec = _from_checkpoint(cfg, data, log)
+        (folder / "settings.json").unlink(missing_ok=True)  # written last: marks a finished one
+        if teacher_cfg.checkpoint:
+            model, spec = load_checkpoint(teacher_cfg.checkpoint, model_cfg, data, log)
             epochs_done, seconds = 0, 0.0
         else:
-            model, spec, seconds = _train(cfg, data, folder, settings, dev, log)
-            epochs_done = cfg.teacher.epochs
-        return _finish(cfg, data, folder, settings, model, spec, epochs_done, seconds, dev, log)
+            model, spec, seconds = _train(
+                data, model_cfg, teacher_cfg, seed, folder, settings, dev, amp, log
+            )
+            epochs_done = teacher_cfg.epochs
+        return _finish(data, folder, settings, model, spec, epochs_done, seconds, dev, amp, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _from_checkpoint(cfg: ExperimentConfig, data: DataSplits, log) -> tuple[nn.Module, WidthSpec]:
-    """Load ``teacher.checkpoint``: a saved folder (with widths.json) or a bare state dict."""
-    src = Path(cfg.teacher.checkpoint)
+def load_checkpoint(
+    checkpoint: str, model_cfg: ModelConfig, data: DataSplits, log
+) -> tuple[nn.Module, WidthSpec]:
+    """Load ``teacher.checkpoint``: a saved folder (with widths.json) or a bare state dict.
+
+    Any problem with the file is a ConfigError naming ``teacher.checkpoint``.
+    """
+    src = Path(checkpoint)
     if not src.exists():
-        raise FileNotFoundError(f"teacher.checkpoint: {src} does not exist")
-    if (src.is_dir() and (src / "widths.json").is_file()) or (
-        src.is_file() and (src.parent / "widths.json").is_file()
-    ):
-        model, spec = load_teacher(src)
-    else:
-        if src.is_dir():
-            raise FileNotFoundError(f"teacher.checkpoint: {src} has no model.pt/widths.json")
-        spec = _spec_for_data(cfg, data)
-        model = build_model(spec)
-        state = torch.load(src, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]  # a last.pt resume checkpoint
-        model.load_state_dict(state)
+        raise ConfigError(f"teacher.checkpoint: {src} does not exist")
+    try:
+        if (src.is_dir() and (src / "widths.json").is_file()) or (
+            src.is_file() and (src.parent / "widths.json").is_file()
+        ):
+            net = load_network(src)
+            model, spec = net.model, net.spec
+        else:
+            if src.is_dir():
+                raise ConfigError(f"teacher.checkpoint: {src} has no model.pt/widths.json")
+            spec = teacher_spec(model_cfg, data)
+            model = build_model(spec)
+            load_state(src, model, Path(f"model.arch={model_cfg.arch}"))
+    except ArtifactError as err:
+        raise ConfigError(f"teacher.checkpoint: {err}") from None
     expected = (data.in_channels, data.num_classes, tuple(data.image_size))
     got = (spec.in_channels, spec.num_classes, tuple(spec.image_size))
     if got != expected:
@@ -210,17 +122,19 @@ def _from_checkpoint(cfg: ExperimentConfig, data: DataSplits, log) -> tuple[nn.M
 
 
 def _train(
-    cfg: ExperimentConfig,
     data: DataSplits,
+    model_cfg: ModelConfig,
+    t: TeacherConfig,
+    seed: int,
     folder: Path,
     settings: dict,
     dev: torch.device,
+    amp: bool,
     log,
 ) -> tuple[nn.Module, WidthSpec, float]:
     """Train from scratch, or from ``last.pt`` when it was written with the same settings."""
-    t = cfg.teacher
-    spec = _spec_for_data(cfg, data)
-    torch.manual_seed(cfg.seed)
+    spec = teacher_spec(model_cfg, data)
+    torch.manual_seed(seed)
     model = prepare_model(build_model(spec), dev)
     x, y = to_tensors(data.x_train, data.y_train, dev)
     xv, yv = to_tensors(data.x_val, data.y_val, dev)
@@ -233,7 +147,7 @@ def _train(
     )
     history = resume(folder / "last.pt", settings, model, opt, sched, log=log, label="teacher")
     log(
-        f"teacher: training {cfg.model.arch} (width {cfg.model.width}, {flops(spec) / 1e6:.1f} "
+        f"teacher: training {model_cfg.arch} (width {model_cfg.width}, {flops(spec) / 1e6:.1f} "
         f"MFLOPs, {params(spec) / 1e3:.1f}k params) on {len(x)} images, {t.epochs} epochs, {dev}"
     )
     history = fit(
@@ -252,19 +166,18 @@ def _train(
         label="teacher",
         eval_batch_size=EVAL_BATCH,
         batch_size=t.batch_size,
-        seed=cfg.seed,
+        seed=seed,
         augment=data.augment,
         mean=data.mean,
         std=data.std,
         label_smoothing=t.label_smoothing,
-        amp=cfg.search.amp and dev.type == "cuda",
+        amp=amp and dev.type == "cuda",
     )
     seconds = sum(h["epoch_seconds"] for h in history)  # training + validation, not saves
     return model, spec, seconds
 
 
 def _finish(
-    cfg: ExperimentConfig,
     data: DataSplits,
     folder: Path,
     settings: dict,
@@ -273,11 +186,12 @@ def _finish(
     epochs: int,
     seconds: float,
     dev: torch.device,
+    amp: bool,
     log,
-) -> TeacherArtifacts:
+) -> Network:
     """Evaluate on validation and test, write the folder (settings.json last), drop last.pt."""
     model = prepare_model(model, dev)
-    amp = cfg.search.amp and dev.type == "cuda"
+    amp = amp and dev.type == "cuda"
     metrics = {
         **evaluate_splits(model, data, dev, batch_size=EVAL_BATCH, amp=amp),
         "epochs": epochs,
@@ -287,7 +201,7 @@ def _finish(
     }
     model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     atomic_write(folder / "model.pt", lambda p: torch.save(model.state_dict(), p))
-    atomic_write(folder / "widths.json", lambda p: p.write_text(spec.to_json()))
+    write_text(folder / "widths.json", spec.to_json())
     write_json(folder / "data.json", data.describe())
     write_json(folder / "metrics.json", metrics)
     write_json(folder / "settings.json", settings)
@@ -296,4 +210,4 @@ def _finish(
         f"teacher: val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f} "
         f"saved to {folder}"
     )
-    return TeacherArtifacts(model, spec, metrics, folder)
+    return Network(model, spec, folder, metrics)

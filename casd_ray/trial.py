@@ -21,6 +21,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,60 @@ import numpy as np
 import torch
 
 from casd_ray import distill, prune, space
-from casd_ray.config import ExperimentConfig
-from casd_ray.data import DataSplits, to_tensors, train_batches
+from casd_ray.batches import to_tensors, train_batches
+from casd_ray.config import DistillConfig, SearchConfig, SpaceConfig
+from casd_ray.data import DataSplits
 from casd_ray.distill import steps_per_epoch
+from casd_ray.export import numpy_to_state, state_to_numpy
 from casd_ray.models import WidthSpec, build_model, flops, params, spec_summary
-from casd_ray.teacher import numpy_to_state, state_to_numpy
 
 STATE_FILE = "state.pt"
 DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial needs besides its genome, data and teacher, as plain values.
+
+    Built once on the driver from the config sections; a trial never sees (or re-validates)
+    the experiment config.
+    """
+
+    rules: space.SpaceRules
+    seed: int
+    max_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    temperature: float
+    alpha: float
+    bn_recalibration_batches: int = 0
+    cpus: float = 1.0
+    gpus: float = 0.0
+    amp: bool = True
+
+
+def trial_plan(
+    space_cfg: SpaceConfig, distill_cfg: DistillConfig, search_cfg: SearchConfig, seed: int
+) -> TrialPlan:
+    """The plan every trial of a search shares."""
+    s = search_cfg
+    return TrialPlan(
+        rules=space.rules_of(space_cfg, s.algorithm),
+        seed=seed,
+        max_epochs=s.max_epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        momentum=s.momentum,
+        weight_decay=s.weight_decay,
+        temperature=distill_cfg.temperature,
+        alpha=distill_cfg.alpha,
+        bn_recalibration_batches=distill_cfg.bn_recalibration_batches,
+        cpus=s.cpus_per_trial,
+        gpus=s.gpus_per_trial,
+        amp=s.amp,
+    )
 
 
 def pack_data(data: DataSplits, train_subset: int | None = None, seed: int = 0) -> dict[str, Any]:
@@ -99,7 +146,7 @@ def distill_trial(
     data: dict[str, Any],
     teacher_state: dict[str, np.ndarray],
     teacher_spec_json: str,
-    exp: dict[str, Any],
+    plan: TrialPlan,
     report: Callable[..., None] | None = None,
     get_checkpoint: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
@@ -113,16 +160,15 @@ def distill_trial(
         logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     report = report or tune.report
     get_checkpoint = get_checkpoint or tune.get_checkpoint
-    cfg = ExperimentConfig.model_validate(exp)
-    s = cfg.search
+    s = plan
     # One intra-op thread per CPU the trial holds: concurrent trials must not oversubscribe.
-    torch.set_num_threads(max(1, int(s.cpus_per_trial)))
-    device = distill.pick_device(s.gpus_per_trial)
+    torch.set_num_threads(max(1, int(s.cpus)))
+    device = distill.pick_device(s.gpus)
     amp = bool(s.amp and device.type == "cuda")
 
     teacher_spec = WidthSpec.from_json(teacher_spec_json)
-    genome = genome_of(config, teacher_spec, cfg.space.granularity)
-    student_spec = space.candidate_spec(cfg, teacher_spec, genome)
+    genome = genome_of(config, teacher_spec, s.rules.granularity)
+    student_spec = space.candidate_spec(s.rules, teacher_spec, genome)
     t_flops, t_params = flops(teacher_spec), params(teacher_spec)
     static = {
         "flops": flops(student_spec),
@@ -148,7 +194,7 @@ def distill_trial(
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     if state is None:
-        student = prune.inherit(teacher, teacher_spec, student_spec, criterion=cfg.space.importance)
+        student = prune.inherit(teacher, teacher_spec, student_spec, criterion=s.rules.importance)
     else:
         student = build_model(student_spec)
     student = distill.prepare_model(student, device)
@@ -166,20 +212,20 @@ def distill_trial(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best = int(state["epoch"]), float(state["best_val_acc"])
-    elif cfg.distill.bn_recalibration_batches > 0:
+    elif s.bn_recalibration_batches > 0:
         # Adaptive BN (EagleEye): pruned channels shift the BN statistics; re-estimating them
         # makes early-rung scores rank candidates like their final accuracy.
         batches = train_batches(
             x_train,
             y_train,
             batch_size=s.batch_size,
-            seed=cfg.seed,
+            seed=s.seed,
             epoch=0,
             augment=augment,
             mean=mean,
             std=std,
         )
-        prune.recalibrate_bn(student, batches, cfg.distill.bn_recalibration_batches)
+        prune.recalibrate_bn(student, batches, s.bn_recalibration_batches)
 
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, s.max_epochs):
@@ -191,14 +237,14 @@ def distill_trial(
             optimizer=optimizer,
             scheduler=scheduler,
             batch_size=s.batch_size,
-            seed=cfg.seed,
+            seed=s.seed,
             epoch=epoch,
             augment=augment,
             mean=mean,
             std=std,
             teacher=teacher,
-            temperature=cfg.distill.temperature,
-            alpha=cfg.distill.alpha,
+            temperature=s.temperature,
+            alpha=s.alpha,
             amp=amp,
         )
         val = distill.evaluate(
@@ -224,11 +270,11 @@ def distill_trial(
     return metrics
 
 
-def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+def trial_resources(search_cfg: SearchConfig) -> dict[str, float]:
     """Resources of one trial, for ``tune.with_resources``."""
-    res = {"cpu": cfg.search.cpus_per_trial}
-    if cfg.search.gpus_per_trial > 0:
-        res["gpu"] = cfg.search.gpus_per_trial
+    res = {"cpu": search_cfg.cpus_per_trial}
+    if search_cfg.gpus_per_trial > 0:
+        res["gpu"] = search_cfg.gpus_per_trial
     return res
 
 
@@ -238,5 +284,7 @@ __all__ = [
     "pack_data",
     "pack_teacher",
     "steps_per_epoch",
+    "TrialPlan",
+    "trial_plan",
     "trial_resources",
 ]

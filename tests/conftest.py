@@ -100,6 +100,37 @@ def fake_fashion_mnist(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one thread is fastest, and other suites share the two cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_run_config(path: Path, output_dir: Path, data_root: Path, **sections) -> Path:
+    """A tiny Fashion-MNIST experiment YAML for command-line tests (``sections`` override)."""
+    import yaml
+
+    raw = {
+        "name": "r",
+        "output_dir": str(output_dir),
+        "data": {"dataset": "fashion_mnist", "root": str(data_root), "val_size": 40},
+        "model": {"arch": "resnet8", "width": 4},
+        "teacher": {"epochs": 1, "batch_size": 32},
+        "space": {"granularity": "stage", "budget": {"target": 0.5}},
+        "search": {"num_samples": 4, "max_epochs": 2, "batch_size": 32},
+        "finetune": {"epochs": 1, "batch_size": 32},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 # ---------------------------------------------------------------- a small run without Ray
 
 
@@ -132,15 +163,16 @@ def fake_trials(cfg, teacher_spec, accs=(0.5, 0.7, 0.6, 0.9)):
 
     from casd_ray import space
     from casd_ray.models import flops, params, spec_summary
-    from casd_ray.search import COLUMNS
+    from casd_ray.trials import COLUMNS
 
     rng = np.random.default_rng(0)
     names = space.gene_names(teacher_spec, cfg.space.granularity)
-    genomes = [space.control_genome(cfg, teacher_spec)]
+    rules = rules_of(cfg)
+    genomes = [space.control_genome(rules, teacher_spec)]
     genomes += [{n: float(rng.uniform(0.2, 1.0)) for n in names} for _ in accs[1:]]
     rows = []
     for i, (genome, acc) in enumerate(zip(genomes, accs, strict=True)):
-        spec = space.candidate_spec(cfg, teacher_spec, genome)
+        spec = space.candidate_spec(rules, teacher_spec, genome)
         done = i != 3
         rows.append(
             {
@@ -177,19 +209,61 @@ def finetuned_run(tmp_path_factory: pytest.TempPathFactory):
 
     Built once per session (a few seconds) and shared read-only by finetune/report tests.
     """
-    from casd_ray.config import save_config
-    from casd_ray.finetune import run_finetune
-    from casd_ray.teacher import ensure_teacher
-
     base = tmp_path_factory.mktemp("finetuned")
     data_root = write_fake_fashion_mnist(base / "data")
     cfg = tiny_config(base / "runs", data_root)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    teacher = ensure_teacher(cfg, log=lambda _: None)
+    teacher = ensure_teacher(cfg)
     fake_trials(cfg, teacher.spec).to_parquet(cfg.run_dir / "trials.parquet")
     logs: list[str] = []
-    summary = run_finetune(cfg, log=logs.append)
+    summary = finetune_stage(cfg, log=logs.append)
     return cfg, summary, logs
+
+
+def rules_of(cfg):
+    """The space rules of an experiment config (what trials and selection use)."""
+    from casd_ray import space
+
+    return space.rules_of(cfg.space, cfg.search.algorithm)
+
+
+def ensure_teacher(cfg, log=lambda _: None, num_threads: int = 1):
+    """The run's teacher through the pipeline's teacher stage (trained once, then reused)."""
+    import torch
+
+    from casd_ray.export import load_network
+    from casd_ray.pipeline import execute
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        execute(cfg, ["teacher"], log=log)
+    finally:
+        torch.set_num_threads(threads)
+    return load_network(cfg.run_dir / "teacher")
+
+
+def finetune_stage(cfg, log=lambda _: None, **kwargs):
+    """``run_finetune`` on the run folder's teacher and trials table, as the pipeline calls it."""
+    from casd_ray.data import load_dataset
+    from casd_ray.export import load_network
+    from casd_ray.finetune import run_finetune
+    from casd_ray.pipeline import fingerprints
+    from casd_ray.trials import read_trials
+
+    return run_finetune(
+        load_dataset(cfg.data, cfg.seed),
+        load_network(cfg.run_dir / "teacher"),
+        read_trials(cfg.run_dir / "trials.parquet"),
+        finetune_cfg=cfg.finetune,
+        distill_cfg=cfg.distill,
+        rules=rules_of(cfg),
+        seed=cfg.seed,
+        run_dir=cfg.run_dir,
+        settings=fingerprints(cfg)["finetune"],
+        amp=cfg.search.amp,
+        log=log,
+        **kwargs,
+    )
 
 
 def write_image_tree(root: Path, *, per_class: int = 60, test_per_class: int = 10) -> Path:

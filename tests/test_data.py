@@ -16,18 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from casd_ray.batches import PAD, eval_batches, to_tensors, train_batches
 from casd_ray.config import DataConfig
 from casd_ray.data import (
     FASHION_MNIST_SYSTEM_ROOT,
-    PAD,
     DataError,
     channel_stats,
-    eval_batches,
     load_dataset,
-    main,
-    to_tensors,
-    train_batches,
 )
+from casd_ray.download import main
 
 # ---------------------------------------------------------------- writers of the real formats
 

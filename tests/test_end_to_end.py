@@ -20,7 +20,7 @@ from PIL import Image
 from casd_ray import load_compressed
 from casd_ray.config import load_config
 from casd_ray.export import load_torchscript
-from casd_ray.search import COLUMNS
+from casd_ray.trials import COLUMNS
 
 CONFIG = Path(__file__).parent.parent / "experiments" / "fashion_mnist_resnet56.yaml"
 
@@ -94,8 +94,8 @@ def test_rerun_reuses_finished_stages_and_report_rebuilds(finished_run):
     stamp = (run / "winner" / "model.pt").stat().st_mtime_ns
     (run / "report.md").unlink()
     second = cli("run", str(CONFIG), *sets)
-    assert "teacher: reusing" in second.stdout
-    assert "finetune: reusing" in second.stdout
+    assert "stage 1/4 teacher: reusing" in second.stdout
+    assert "stage 3/4 finetune: reusing" in second.stdout
     assert (run / "winner" / "model.pt").stat().st_mtime_ns == stamp
     assert (run / "report.md").is_file()
     (run / "pareto.png").unlink()

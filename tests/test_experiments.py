@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import smoke_overrides
+from conftest import rules_of, smoke_overrides
 
 from casd_ray import space
 from casd_ray.cli import main
@@ -47,7 +47,7 @@ def test_config_validates_at_full_size(path):
     assert cfg.name == path.stem
     in_ch, classes, size = SHAPES[cfg.data.dataset]
     teacher = spec_for(cfg.model.arch, in_ch, classes, size, cfg.model.width)
-    space.check_budget(cfg, teacher)  # the budget is reachable for the real teacher
+    space.check_budget(rules_of(cfg), teacher)  # the budget is reachable for the real teacher
     assert space.gene_names(teacher, cfg.space.granularity)
 
 
@@ -77,3 +77,15 @@ def test_pipeline_runs_in_smoke_size(path, tmp_path, ray_session, capsys):
     assert report["search"]["searcher"] == cfg.search.algorithm
     for part in ("winner", "uniform"):
         assert (run_dir / part / "model.ts").is_file()
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    path = EXPERIMENTS[0]
+    overrides = smoke_overrides(path, tmp_path)
+    argv = ["run", str(path)]
+    for item in [*overrides, "search.num_samples=0"]:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("casd-ray: error: search.num_samples") and "\n" not in err
+    assert not (tmp_path / "runs").exists()

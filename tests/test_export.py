@@ -9,6 +9,7 @@ import torch
 
 import casd_ray
 from casd_ray.export import FILES, is_complete, load_compressed, load_torchscript, save_compressed
+from casd_ray.files import ArtifactError
 from casd_ray.models import build_model, spec_for, with_group_widths
 
 
@@ -71,6 +72,15 @@ def test_export_leaves_the_model_and_folder_clean(tmp_path, pruned_spec):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_missing_files_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="widths.json"):
+def test_missing_or_corrupt_files_name_the_path(tmp_path):
+    with pytest.raises(ArtifactError, match="widths.json: missing"):
+        load_compressed(tmp_path)
+    spec = spec_for("resnet8", width=4)
+    save_compressed(build_model(spec), spec, tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"torn")
+    with pytest.raises(ArtifactError, match="model.pt: not a readable state dict"):
+        load_compressed(tmp_path)
+    other = spec_for("resnet8", width=8)
+    torch.save(build_model(other).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ArtifactError, match="does not fit the architecture in widths.json"):
         load_compressed(tmp_path)

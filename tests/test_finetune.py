@@ -8,12 +8,14 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import finetune_stage, rules_of, tiny_config
 
 from casd_ray import space
 from casd_ray.export import FILES, load_compressed, load_torchscript
-from casd_ray.finetune import SelectionError, rank_of, run_finetune, select_winner, uniform_spec
+from casd_ray.files import ArtifactError
+from casd_ray.finetune import uniform_spec
 from casd_ray.models import WidthSpec, flops, spec_for
+from casd_ray.trials import SelectionError, rank_of, read_trials, select_winner
 
 
 def _table(**cols) -> pd.DataFrame:
@@ -59,10 +61,12 @@ def test_uniform_without_control_is_repaired_to_the_winners_cost(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path, space={"repair": False})
     teacher = spec_for("resnet8", in_channels=1, image_size=(28, 28), width=8)
     genome = {n: 0.3 + 0.1 * i for i, n in enumerate(space.gene_names(teacher, "stage"))}
-    winner_spec = space.candidate_spec(cfg, teacher, genome)
+    winner_spec = space.candidate_spec(rules_of(cfg), teacher, genome)
     ratio = flops(winner_spec) / flops(teacher)
     row = pd.Series({"flops_ratio": ratio, "widths": winner_spec.model_dump_json()})
-    spec, trial_id = uniform_spec(pd.DataFrame({"is_control": [False]}), cfg, teacher, row)
+    spec, trial_id = uniform_spec(
+        pd.DataFrame({"is_control": [False]}), rules_of(cfg), teacher, row
+    )
     assert trial_id is None
     assert flops(spec) <= flops(winner_spec)
     assert flops(spec) / flops(teacher) > ratio - 0.1  # within rounding of the same cost
@@ -102,9 +106,13 @@ def test_rerun_reuses_finished_outputs(finetuned_run):
     cfg, summary, _ = finetuned_run
     mtimes = {p: p.stat().st_mtime_ns for p in (cfg.run_dir / "winner").iterdir()}
     logs: list[str] = []
-    assert run_finetune(cfg, log=logs.append) == summary
+    again = finetune_stage(cfg, log=logs.append)
     assert any("reusing" in line for line in logs)
     assert {p: p.stat().st_mtime_ns for p in (cfg.run_dir / "winner").iterdir()} == mtimes
+    for name, m in summary["models"].items():  # the same networks (latency is re-measured)
+        assert {k: v for k, v in again["models"][name].items() if k != "latency"} == {
+            k: v for k, v in m.items() if k != "latency"
+        }
 
 
 def test_changed_recipe_redoes_the_finetune(finetuned_run, tmp_path):
@@ -116,15 +124,21 @@ def test_changed_recipe_redoes_the_finetune(finetuned_run, tmp_path):
             "finetune": cfg.finetune.model_copy(update={"lr": 0.01}),
         }
     )
+    teacher_stamp = (cfg2.run_dir / "teacher" / "model.pt").stat().st_mtime_ns
     logs: list[str] = []
-    run_finetune(cfg2, log=logs.append)
-    assert "teacher: reusing" in "\n".join(logs)  # the teacher is not retrained
+    finetune_stage(cfg2, log=logs.append)
+    assert (cfg2.run_dir / "teacher" / "model.pt").stat().st_mtime_ns == teacher_stamp
     assert not any(line.startswith("finetune: reusing") for line in logs)
     saved = json.loads((cfg2.run_dir / "winner" / "metrics.json").read_text())
     assert saved["settings"]["finetune"]["lr"] == 0.01
 
 
-def test_missing_trials_table_names_the_command(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path)
-    with pytest.raises(FileNotFoundError, match="casd-ray search"):
-        run_finetune(cfg)
+def test_missing_or_foreign_trials_table_is_one_line(tmp_path):
+    with pytest.raises(ArtifactError, match="run the search first"):
+        read_trials(tmp_path / "trials.parquet")
+    (tmp_path / "trials.parquet").write_bytes(b"PAR1 torn")
+    with pytest.raises(ArtifactError, match="not a readable parquet"):
+        read_trials(tmp_path / "trials.parquet")
+    pd.DataFrame({"trial_id": ["a"]}).to_parquet(tmp_path / "trials.parquet")
+    with pytest.raises(ArtifactError, match="missing columns"):
+        read_trials(tmp_path / "trials.parquet")

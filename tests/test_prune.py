@@ -9,14 +9,7 @@ from torch import nn
 from casd_ray import prune, space
 from casd_ray.models import build_model, group_widths, spec_for
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny networks: one thread is fastest and other suites share the two cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(arch: str, image: int = 16, seed: int = 0, width: int = 16):

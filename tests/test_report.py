@@ -8,6 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from casd_ray.files import ArtifactError
 from casd_ray.report import build_report
 
 
@@ -75,5 +76,18 @@ def test_partial_run_reports_what_exists(run_copy):
 
 
 def test_not_a_run_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.yaml"):
+    with pytest.raises(ArtifactError, match="config.yaml"):
         build_report(tmp_path)
+
+
+def test_corrupt_summary_is_an_error_not_a_lesser_report(run_copy):
+    run_dir, _, _ = run_copy
+    build_report(run_dir)
+    before = (run_dir / "report.md").read_text()
+    (run_dir / "finetune.json").write_text('{"models": {"teacher": ')  # torn write
+    with pytest.raises(ArtifactError, match="finetune.json: not valid JSON"):
+        build_report(run_dir)
+    (run_dir / "finetune.json").write_text('{"models": {}}')  # foreign content
+    with pytest.raises(ArtifactError, match="finetune.json: not a complete fine-tune summary"):
+        build_report(run_dir)
+    assert (run_dir / "report.md").read_text() == before  # the complete report is kept

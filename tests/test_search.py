@@ -17,21 +17,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-import torch
+from conftest import ensure_teacher, rules_of
 from ray.tune import ExperimentAnalysis
 
 from casd_ray.config import ConfigError, ExperimentConfig, save_config
+from casd_ray.export import read_spec
 from casd_ray.models import WidthSpec, flops
-from casd_ray.search import (
-    TRIALS_FILE,
-    best_completed,
-    dashboard_login_hint,
-    pareto_front,
-    run_search,
-    trials_table,
-)
+from casd_ray.pipeline import execute
+from casd_ray.search import dashboard_login_hint, trials_table
 from casd_ray.space import BudgetError
-from casd_ray.teacher import ensure_teacher
+from casd_ray.trials import TRIALS_FILE, best_completed, pareto_front
 
 MAX_EPOCHS = 4
 
@@ -47,10 +42,15 @@ def ray_local():
 def workdir(tmp_path_factory, image_tree) -> Path:
     """A module folder with one teacher (trained once, 3 epochs) that every test loads."""
     root = tmp_path_factory.mktemp("search")
-    threads = torch.get_num_threads()
-    ensure_teacher(make_cfg(root, image_tree, "teacher"), log=lambda _: None, num_threads=1)
-    torch.set_num_threads(threads)
+    ensure_teacher(make_cfg(root, image_tree, "teacher"), num_threads=1)
     return root
+
+
+def run_search(cfg: ExperimentConfig, log=print) -> Path:
+    """The search stage as `casd-ray search` runs it (after importing the module's teacher)."""
+    execute(cfg, ["teacher"], log=lambda _: None)
+    execute(cfg, ["search"], log=log)
+    return cfg.run_dir.absolute() / TRIALS_FILE
 
 
 def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
@@ -125,19 +125,19 @@ def test_diverging_trials_are_recorded_and_the_search_finishes(ray_local, workdi
     assert sum("failed: FloatingPointError: non-finite" in ln for ln in lines) == 2
 
 
-def test_unreachable_budget_is_refused_before_ray(ray_local, workdir, image_tree):
+def test_unreachable_budget_is_refused_before_anything_is_written(ray_local, workdir, image_tree):
     cfg = make_cfg(workdir, image_tree, "tight")
     cfg.space.budget.target = 1e-4
     with pytest.raises(BudgetError, match="space.budget.target"):
-        run_search(cfg, log=lambda _: None)
-    assert not (cfg.run_dir / "search").exists()
+        execute(cfg, ["teacher", "search"], log=lambda _: None)
+    assert not cfg.run_dir.exists()
 
 
 def test_trials_larger_than_the_local_instance_are_refused(ray_local, workdir, image_tree):
-    cfg = make_cfg(workdir, image_tree, "big", cpus_per_trial=3)  # the instance has 2 CPUs
-    with pytest.raises(ConfigError, match="search.cpus_per_trial: 3 per trial"):
-        run_search(cfg, log=lambda _: None)
-    assert not (cfg.run_dir / TRIALS_FILE).exists()
+    cfg = make_cfg(workdir, image_tree, "big", cpus_per_trial=999)
+    with pytest.raises(ConfigError, match="search.cpus_per_trial: 999 per trial"):
+        execute(cfg, ["teacher", "search"], log=lambda _: None)
+    assert not cfg.run_dir.exists()
 
 
 def _finished(exp: Path) -> dict[str, dict]:
@@ -159,9 +159,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, work
     # search with some trials finished and others still to run, even on an idle machine
     cfg = make_cfg(workdir, image_tree, "resume", scheduler="fifo", max_epochs=10)
     save_config(cfg, workdir / "resume.yaml")
+    execute(cfg, ["teacher"], log=lambda _: None)
     code = (
-        "from casd_ray.config import load_config; from casd_ray.search import run_search; "
-        f"run_search(load_config({str(workdir / 'resume.yaml')!r}), address={ray_local!r})"
+        "from casd_ray.cli import main; "
+        f"main(['search', {str(workdir / 'resume.yaml')!r}, '--address', {ray_local!r}])"
     )
     log = (workdir / "resume-driver.log").open("w")
     proc = subprocess.Popen(
@@ -189,8 +190,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, work
     assert not (cfg.run_dir / TRIALS_FILE).exists(), "the driver finished before it was killed"
     assert len(finished) < 6, "every trial had finished before the kill: nothing to resume"
 
-    lines: list[str] = []
-    df = pd.read_parquet(run_search(cfg, resume=True, log=lines.append)).set_index("trial_id")
+    lines: list[str] = []  # the same command again: resumes (Tune's files pass the signatures)
+    df = pd.read_parquet(run_search(cfg, log=lines.append)).set_index("trial_id")
     assert any(ln.startswith("search: resuming") for ln in lines)
     assert len(df) == 6 and df.index.is_unique
     assert (df["status"] == "TERMINATED").all() and df["completed"].all()
@@ -198,10 +199,12 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, work
     for trial_id, last in finished.items():  # kept, not rerun: same final report
         assert df.loc[trial_id, "end_time"] == pytest.approx(last["timestamp"])
         assert df.loc[trial_id, "last_val_acc"] == pytest.approx(last["val_acc"])
-    assert trials_table(cfg.run_dir / "search", cfg).shape[0] == 6
+    teacher_spec = read_spec(cfg.run_dir / "teacher" / "widths.json")
+    table = trials_table(cfg.run_dir / "search", rules_of(cfg), cfg.search.max_epochs, teacher_spec)
+    assert table.shape[0] == 6
     again: list[str] = []  # `casd-ray run` after a finished search: nothing is rerun
-    run_search(cfg, resume=True, log=again.append)
-    assert any("already finished" in ln for ln in again)
+    run_search(cfg, log=again.append)
+    assert any("search: reusing" in ln for ln in again)
     assert pd.read_parquet(cfg.run_dir / TRIALS_FILE).equals(df.reset_index())
 
 

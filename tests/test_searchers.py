@@ -6,15 +6,16 @@ on_trial_complete), the way Tune drives it, so no Ray cluster is needed.
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 
 import optuna
 import pytest
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from casd_ray.config import ExperimentConfig, SearchConfig
+from casd_ray.config import SearchConfig
 from casd_ray.evolution import RegularizedEvolution
 from casd_ray.searchers import (
     MULTI_METRIC,
@@ -39,8 +40,7 @@ def make(name: str, seed: int = 0, **search: typing.Any) -> ConcurrencyLimiter:
     """A searcher as the search module builds it, with its space passed the way Tune does
     (param_space through set_search_properties, TuneConfig without metric/mode)."""
     settings = {"algorithm": name, "num_samples": 16, "population": 4, "sample_size": 2}
-    cfg = ExperimentConfig(seed=seed, search={**settings, **search})
-    searcher = build_searcher(cfg, SPACE, POINTS)
+    searcher = build_searcher(SearchConfig(**{**settings, **search}), seed, SPACE, POINTS)
     assert searcher.set_search_properties(None, None, tune_search_space(SPACE))
     return searcher
 
@@ -71,6 +71,9 @@ def test_registry_covers_config_choices():
     assert [n for n in NAMES if is_multi_objective(n)] == ["optuna-nsga2"]
     assert objective("optuna-nsga2") == (MULTI_METRIC, MULTI_MODE)
     assert objective("evolution") == ("val_acc", "max")
+    for name, builder in SEARCHERS.items():  # builder(search_cfg, seed, space, points)
+        searcher = builder(SearchConfig(algorithm=name), 0, SPACE, POINTS)
+        assert isinstance(searcher, Searcher) and not isinstance(searcher, ConcurrencyLimiter)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,11 +109,14 @@ def test_save_restore_continues_identically(name, tmp_path):
     original = make(name, seed=7)
     drive(original, range(7))
     in_flight = original.suggest("t7")  # a running trial at checkpoint time
-    path = str(tmp_path / "searcher.pkl")
+    path = str(tmp_path / "searcher.state")
     original.save(path)
+    if name == "evolution":  # JSON, not pickle: a state file in a run folder never runs code
+        state = json.loads((tmp_path / "searcher.state").read_text())
+        assert len(state["population"]) == 4 and state["live"] == {"t7": in_flight}
 
     # Tune's restore: a fresh searcher, set_search_properties from param_space, the base
-    # searcher's pickle, and the wrappers' state (SearchGenerator.save_to_dir does the same).
+    # searcher's saved state, and the wrappers' state (SearchGenerator.save_to_dir does that).
     restored = make(name, seed=99)  # the seed must come from the checkpoint, not the new object
     restored.restore(path)
     restored.set_state(original.get_state())
@@ -147,7 +153,7 @@ def test_nsga2_study_stays_multi_objective():
     # A scalar metric from TuneConfig would override the list; ours refuses it loudly.
     with pytest.raises(ValueError, match="metric"):
         build_searcher(
-            ExperimentConfig(search={"algorithm": "optuna-nsga2"}), SPACE, POINTS
+            SearchConfig(algorithm="optuna-nsga2"), 0, SPACE, POINTS
         ).set_search_properties("val_acc", "max", tune_search_space(SPACE))
 
 
@@ -162,11 +168,11 @@ def test_stock_optuna_search_turns_single_objective_with_tune_metric():
 
 
 def test_bad_points_fail_early():
-    cfg = ExperimentConfig(search={"algorithm": "evolution"})
+    cfg = SearchConfig(algorithm="evolution")
     with pytest.raises(ValueError, match="missing"):
-        build_searcher(cfg, SPACE, [{"stage0": 1.0}])
+        build_searcher(cfg, 0, SPACE, [{"stage0": 1.0}])
     with pytest.raises(ValueError, match="stage3"):
-        build_searcher(cfg, SPACE, [{**CONTROL, "stage3": 0.9}])
+        build_searcher(cfg, 0, SPACE, [{**CONTROL, "stage3": 0.9}])
 
 
 # ---- evolution -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import math
 import random
 import statistics
 import time
+from dataclasses import FrozenInstanceError
 
 import pytest
 
@@ -212,43 +213,73 @@ def test_impossible_target_is_refused_with_one_line():
     assert set(group_widths(student).values()) == {1}
 
 
-def _cfg(**space_kw) -> ExperimentConfig:
+def _rules(algorithm: str = "optuna-tpe", **space_kw) -> space.SpaceRules:
     budget = space_kw.pop("budget", {})
-    return ExperimentConfig.model_validate({"space": {**space_kw, "budget": budget}})
+    cfg = ExperimentConfig.model_validate(
+        {"space": {**space_kw, "budget": budget}, "search": {"algorithm": algorithm}}
+    )
+    return space.rules_of(cfg.space, cfg.search.algorithm)
 
 
-def test_candidate_spec_repairs_or_not_per_config():
+def test_rules_are_plain_values_with_repair_resolved():
+    rules = _rules(granularity="block", min_channels=2, budget={"target": 0.4, "metric": "params"})
+    assert rules.granularity == "block" and rules.min_channels == 2
+    assert (rules.target, rules.metric) == (0.4, "params")
+    assert rules.repair
+    with pytest.raises(FrozenInstanceError):
+        rules.repair = False  # type: ignore[misc]
+    # repair is off when switched off, or for the multi-objective searcher (cost is an
+    # objective there), whatever the other settings
+    assert not _rules(repair=False).repair
+    assert not _rules("optuna-nsga2").repair
+    assert _rules("evolution").repair and _rules("random").repair
+
+
+def test_candidate_spec_repairs_or_not_per_rules():
     genome = {"stage0": 0.5, "stage1": 0.8, "stage2": 0.6}
-    repaired = space.candidate_spec(_cfg(budget={"target": 0.3}), R20, genome)
+    repaired = space.candidate_spec(_rules(budget={"target": 0.3}), R20, genome)
     assert space.cost_ratio(repaired, R20, "flops") <= 0.3
-    plain = space.candidate_spec(_cfg(repair=False), R20, genome)
+    plain = space.candidate_spec(_rules(repair=False), R20, genome)
     assert plain.stages == (8, 26, 38)
-    params_cfg = _cfg(budget={"target": 0.4, "metric": "params"}, divisible_by=2)
-    by_params = space.candidate_spec(params_cfg, R20, genome)
+    # NSGA-II: no repair even with space.repair on
+    assert space.candidate_spec(_rules("optuna-nsga2", budget={"target": 0.3}), R20, genome) == (
+        plain
+    )
+    params_rules = _rules(budget={"target": 0.4, "metric": "params"}, divisible_by=2)
+    by_params = space.candidate_spec(params_rules, R20, genome)
     assert space.cost_ratio(by_params, R20, "params") <= 0.4
     assert all(w % 2 == 0 for w in group_widths(by_params).values())
 
 
 @pytest.mark.parametrize("repair", [True, False])
 def test_control_genome_lands_on_budget_either_way(repair):
-    cfg = _cfg(repair=repair, granularity="block", budget={"target": 0.5})
-    genome = space.control_genome(cfg, R164)
+    rules = _rules(repair=repair, granularity="block", budget={"target": 0.5})
+    genome = space.control_genome(rules, R164)
     assert set(genome) == set(space.gene_names(R164, "block"))
     assert len(set(genome.values())) == 1
-    student = space.candidate_spec(cfg, R164, genome)
+    student = space.candidate_spec(rules, R164, genome)
     expected, _ = space.repair(R164, "block", genome, target=0.5)
     assert student == expected
 
 
+def test_search_bounds_are_the_genome_box():
+    rules = _rules(granularity="block", min_ratio=0.2, max_ratio=0.9)
+    bounds = space.search_bounds(rules, R164)
+    assert list(bounds) == space.gene_names(R164, "block")
+    assert set(bounds.values()) == {(0.2, 0.9)}
+
+
 def test_check_budget():
-    space.check_budget(_cfg(budget={"target": 0.05}), R20)
+    space.check_budget(_rules(budget={"target": 0.05}), R20)
     with pytest.raises(space.BudgetError, match="space.budget.target: 0.001 is below"):
-        space.check_budget(_cfg(budget={"target": 0.001}), R20)
+        space.check_budget(_rules(budget={"target": 0.001}), R20)
     # repair off: nothing in the space is cheaper than every gene at min_ratio
     with pytest.raises(space.BudgetError, match="space.min_ratio=0.5"):
-        space.check_budget(_cfg(repair=False, min_ratio=0.5, budget={"target": 0.2}), R20)
+        space.check_budget(_rules(repair=False, min_ratio=0.5, budget={"target": 0.2}), R20)
+    with pytest.raises(space.BudgetError, match="space.min_ratio=0.5"):
+        space.check_budget(_rules("optuna-nsga2", min_ratio=0.5, budget={"target": 0.2}), R20)
     with pytest.raises(space.BudgetError, match="min_channels=8"):
-        space.check_budget(_cfg(min_channels=8, budget={"target": 0.1}), R20)
+        space.check_budget(_rules(min_channels=8, budget={"target": 0.1}), R20)
 
 
 def test_fast_spec_builder_matches_with_group_widths():

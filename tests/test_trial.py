@@ -9,13 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import rules_of
 from ray import tune
 
 from casd_ray import distill, space
+from casd_ray.batches import to_tensors, train_batches
 from casd_ray.config import ExperimentConfig
-from casd_ray.data import load_dataset, to_tensors, train_batches
+from casd_ray.data import load_dataset
 from casd_ray.models import WidthSpec, build_model, flops, spec_for
-from casd_ray.trial import STATE_FILE, distill_trial, pack_data, pack_teacher, steps_per_epoch
+from casd_ray.trial import (
+    STATE_FILE,
+    distill_trial,
+    pack_data,
+    pack_teacher,
+    steps_per_epoch,
+    trial_plan,
+    trial_resources,
+)
 
 METRICS = {"val_acc", "val_loss", "flops", "params", "flops_ratio", "params_ratio", "epoch"}
 
@@ -97,7 +107,7 @@ def _run(setup, cfg=None, genome=None, **kw):
         data=data,
         teacher_state=teacher_state,
         teacher_spec_json=spec.to_json(),
-        exp=cfg.model_dump(),
+        plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
         **kw,
     )
 
@@ -113,7 +123,7 @@ def test_reports_every_epoch_with_metrics_and_checkpoint(setup, tmp_path):
         assert 0.0 <= m["val_acc"] <= 1.0 and np.isfinite(m["val_loss"])
     last = rec.metrics[-1]
     student = WidthSpec.from_json(last["genome_widths"])
-    assert student == space.candidate_spec(cfg, spec, genome)
+    assert student == space.candidate_spec(rules_of(cfg), spec, genome)
     assert last["flops"] == flops(student)
     assert last["flops_ratio"] <= cfg.space.budget.target + 1e-9  # repaired onto the budget
     assert last["best_val_acc"] == max(m["val_acc"] for m in rec.metrics)
@@ -193,3 +203,21 @@ def test_search_train_subset_is_a_seeded_subset_of_train(setup):
     assert all(r.tobytes() in rows for r in a["x_train"])
     assert np.array_equal(a["x_val"], full["x_val"])  # validation is never subsampled
     assert len(pack_data(data, 10**9)["y_train"]) == len(full["y_train"])
+
+
+def test_trial_plan_holds_the_config_as_plain_values(setup):
+    cfg = setup[0]
+    plan = trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed)
+    assert plan.rules == rules_of(cfg) and plan.rules.repair
+    assert (plan.seed, plan.max_epochs, plan.batch_size, plan.lr) == (cfg.seed, 3, 32, 0.05)
+    assert (plan.temperature, plan.alpha) == (cfg.distill.temperature, cfg.distill.alpha)
+    assert plan.cpus == cfg.search.cpus_per_trial and plan.gpus == cfg.search.gpus_per_trial
+    nsga2 = cfg.search.model_copy(update={"algorithm": "optuna-nsga2"})
+    assert not trial_plan(cfg.space, cfg.distill, nsga2, cfg.seed).rules.repair
+
+
+def test_trial_resources_from_the_search_section(setup):
+    search = setup[0].search
+    assert trial_resources(search) == {"cpu": 1}
+    gpu = search.model_copy(update={"cpus_per_trial": 2, "gpus_per_trial": 0.5})
+    assert trial_resources(gpu) == {"cpu": 2, "gpu": 0.5}

@@ -1,0 +1,367 @@
+"""The pipeline: stage order, what each stage needs, and the one place that decides reuse.
+
+Stages (teacher -> search -> finetune -> report) are functions of the previous stage's
+artefacts and their own config section; this module calls them in order. Each stage has a
+*fingerprint*: the settings that determine its result (plus the fingerprint of the stage
+before it). ``stages.json`` in the run folder records, per stage, the fingerprint it was
+started with and whether it finished. On a rerun a stage is
+
+* reused when it finished with the same fingerprint,
+* resumed when it was interrupted with the same fingerprint,
+* refused when the fingerprint differs: one line names the differing keys and says what to
+  do (a new ``name``, or ``--fresh STAGE`` to redo that stage and every later one; the old
+  outputs are moved under ``previous/``, never deleted).
+
+Settings that do not change a result (``search.max_concurrent``, ``search.max_failures``,
+``search.cpus_per_trial``) are not part of any fingerprint. Nothing is written before the
+whole command is checked: schema, output folder, fingerprints, resources, data and budget;
+only then ``config.yaml`` and the stage records are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from casd_ray.config import ConfigError, ExperimentConfig, save_config
+from casd_ray.files import ArtifactError, read_json, write_json
+
+STAGES = ("teacher", "search", "finetune", "report")
+RECORD = "stages.json"
+OUTPUTS = {
+    "teacher": ("teacher",),
+    "search": ("search", "trials.parquet"),
+    "finetune": ("winner", "uniform", "finetune.json"),
+    "report": (),
+}
+# Keys that change how a stage runs, not what it produces.
+VOLATILE = {"search": ("max_concurrent", "max_failures", "cpus_per_trial")}
+
+Log = Callable[[str], None]
+
+
+class StageMismatch(ConfigError):
+    """A stage already in the run folder was made with other settings (one line)."""
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
+    """Stage -> the settings that determine its result (JSON-able, compared as is)."""
+    dump = cfg.model_dump(mode="json")
+    teacher = {k: dump[k] for k in ("seed", "data", "model", "teacher")}
+    search_section = {k: v for k, v in dump["search"].items() if k not in VOLATILE["search"]}
+    search = {
+        "after": _digest(teacher),
+        "space": dump["space"],
+        "distill": dump["distill"],
+        "search": search_section,
+    }
+    finetune = {"after": _digest(search), "finetune": dump["finetune"]}
+    return {"teacher": teacher, "search": search, "finetune": finetune}
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every differing leaf (``after``: an earlier stage changed)."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    out = []
+    for k in keys:
+        if k == "after":
+            out.append("an earlier stage's settings")
+        else:
+            out.append(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- records
+
+
+def read_record(run_dir: Path) -> dict[str, dict]:
+    path = run_dir / RECORD
+    if not path.exists():
+        return {}
+    record = read_json(path, hint="rerun with --fresh teacher to start this run over")
+    for stage, entry in record.items():
+        if stage not in STAGES or not isinstance(entry, dict) or "fingerprint" not in entry:
+            raise ArtifactError(
+                f"{path}: entry {stage!r} is not a stage record; use --fresh teacher"
+            )
+    return record
+
+
+def _mark(run_dir: Path, stage: str, fingerprint: dict, status: str) -> None:
+    record = read_record(run_dir)
+    record[stage] = {"status": status, "fingerprint": fingerprint, "time": time.time()}
+    write_json(run_dir / RECORD, record)
+
+
+def _set_aside(run_dir: Path, stages: list[str], log: Log) -> None:
+    """Move the outputs of ``stages`` under ``previous/<time>/`` and forget their records."""
+    moved = [run_dir / name for s in stages for name in OUTPUTS[s] if (run_dir / name).exists()]
+    if moved:
+        dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in moved:
+            path.rename(dest / path.name)
+        log(f"moved {', '.join(p.name for p in moved)} to {dest}")
+    record = read_record(run_dir)
+    if any(s in record for s in stages):
+        write_json(run_dir / RECORD, {k: v for k, v in record.items() if k not in stages})
+
+
+@dataclass
+class Plan:
+    """What a command will do per stage: ``reuse``, ``resume`` or ``new``."""
+
+    actions: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, dict] = field(default_factory=dict)
+    discard: list[str] = field(default_factory=list)  # outputs to set aside before running
+
+    def runs(self, stage: str) -> bool:
+        return self.actions.get(stage) in ("resume", "new")
+
+
+def plan(cfg: ExperimentConfig, stages: list[str], fresh: str | None = None) -> Plan:
+    """Decide reuse for ``stages`` (in order) from ``stages.json``; writes nothing.
+
+    Earlier stages a command does not run must be finished with matching settings.
+    """
+    run_dir = cfg.run_dir
+    fps = fingerprints(cfg)
+    record = read_record(run_dir)
+    redo = set(STAGES[STAGES.index(fresh) :]) if fresh else set()
+    out = Plan(fingerprints=fps)
+    cascade = False
+    for stage in STAGES[:3]:
+        rec = record.get(stage)
+        wanted = stage in stages
+        if stage in redo or cascade:
+            # a stage redone makes every later one stale, whether this command runs it or not
+            out.discard.append(stage)
+            if wanted:
+                out.actions[stage] = "new"
+            cascade = True
+            continue
+        if rec is not None and rec["fingerprint"] != fps[stage]:
+            diff = differences(rec["fingerprint"], fps[stage])
+            raise StageMismatch(
+                f"{stage}: {run_dir} holds a {stage} made with other settings "
+                f"({'; '.join(diff[:4])}{'; …' if len(diff) > 4 else ''}); use a new `name`, "
+                f"or --fresh {stage} to redo {stage} and every later stage"
+            )
+        done = rec is not None and rec.get("status") == "done"
+        if wanted:
+            out.actions[stage] = "reuse" if done else ("resume" if rec else "new")
+            if out.actions[stage] == "new":
+                out.discard.append(stage)  # outputs without a record: an older or torn run
+                cascade = True
+        elif stages and STAGES.index(stage) < STAGES.index(stages[0]):
+            if not done:
+                raise ConfigError(
+                    f"{stages[0]}: needs a finished {stage} in {run_dir}; run "
+                    f"`casd-ray {stage} CONFIG` (or `casd-ray run CONFIG`) first"
+                )
+            out.actions[stage] = "reuse"
+    return out
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_output(cfg: ExperimentConfig) -> None:
+    """The run folder can be created and written (nothing is created here)."""
+    out, run = Path(cfg.output_dir), cfg.run_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a folder")
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"name: {run} exists and is not a folder")
+    probe = next(p for p in (run, out, *out.absolute().parents) if p.exists())
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {probe} is not writable")
+
+
+# --------------------------------------------------------------------------- execute
+
+
+def execute(
+    cfg: ExperimentConfig,
+    stages: list[str],
+    *,
+    fresh: str | None = None,
+    address: str | None = None,
+    dashboard: bool = False,
+    trust_folder: bool = False,
+    log: Log = print,
+) -> Path:
+    """Check everything, then run ``stages`` in order; returns the run folder."""
+    from casd_ray import space
+    from casd_ray.trial import trial_plan
+
+    check_output(cfg)
+    p = plan(cfg, [s for s in stages if s != "report"], fresh)
+    run_dir = cfg.run_dir
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    if p.runs("search") and address is None:
+        from casd_ray.search import check_resources
+
+        check_resources(cfg.search)
+    data = _load_data(cfg) if any(p.runs(s) for s in STAGES[:3]) else None
+    teacher = _teacher_for_checks(cfg, p, data)
+    if p.runs("search") or p.runs("finetune"):
+        space.check_budget(rules, teacher)
+    # Everything is checked: from here on the run folder is written.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    _set_aside(run_dir, p.discard, log)
+
+    total = len(stages)
+    for i, stage in enumerate(stages, 1):
+        action = p.actions.get(stage, "new")
+        head = f"stage {i}/{total} {stage}"
+        if stage == "report":
+            from casd_ray.report import build_report
+
+            log(f"{head}: report written: {build_report(run_dir)}")
+            continue
+        if action == "reuse" and _output_ok(stage, cfg, rules, trust_folder, log):
+            log(f"{head}: reusing {run_dir} (same settings)")
+            continue
+        log(f"{head}: {'resuming' if action == 'resume' else 'running'}")
+        _mark(run_dir, stage, p.fingerprints[stage], "running")
+        _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log, trial_plan)
+        _mark(run_dir, stage, p.fingerprints[stage], "done")
+    return run_dir
+
+
+def _load_data(cfg: ExperimentConfig):
+    from casd_ray.data import load_dataset
+
+    return load_dataset(cfg.data, cfg.seed)
+
+
+def _teacher_for_checks(cfg: ExperimentConfig, p: Plan, data):
+    """The teacher's width spec, to check the budget before anything is written."""
+    from casd_ray.export import load_network, read_spec
+    from casd_ray.teacher import load_checkpoint, teacher_spec
+
+    folder = cfg.run_dir / "teacher"
+    if p.actions.get("teacher") == "reuse":
+        if p.runs("search") or p.runs("finetune"):
+            return _teacher_files(lambda: load_network(folder)).spec  # checks model.pt now
+        return _teacher_files(lambda: read_spec(folder / "widths.json"))
+    if cfg.teacher.checkpoint:
+        return load_checkpoint(cfg.teacher.checkpoint, cfg.model, data, lambda _: None)[1]
+    return teacher_spec(cfg.model, data)
+
+
+def _teacher_files(read):
+    """Read the finished teacher; a missing or corrupt file says how to start over."""
+    try:
+        return read()
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}; rerun with --fresh teacher to train it again") from None
+
+
+def _output_ok(stage: str, cfg: ExperimentConfig, rules, trust_folder: bool, log: Log) -> bool:
+    """Whether a finished stage's outputs can be reused as they are.
+
+    Derived files are rebuilt here (a lost or torn trials table from the search's results);
+    a corrupt fine-tune summary reruns the fine-tune, which reuses its finished parts.
+    """
+    from casd_ray.export import SUMMARY, read_spec, read_summary
+    from casd_ray.trials import TRIALS_FILE, read_trials
+
+    run_dir = cfg.run_dir
+    if stage == "teacher":
+        from casd_ray.export import load_network
+
+        _teacher_files(lambda: load_network(run_dir / "teacher"))
+    if stage == "search":
+        try:
+            read_trials(run_dir / TRIALS_FILE)
+        except ArtifactError as err:
+            from casd_ray.search import rebuild_table
+
+            log(f"search: {err}; rebuilding it from {run_dir / 'search'}")
+            spec = read_spec(run_dir / "teacher" / "widths.json")
+            rebuild_table(run_dir, rules, cfg.search.max_epochs, spec, trust_folder)
+    if stage == "finetune":
+        try:
+            read_summary(run_dir / SUMMARY)
+        except ArtifactError as err:
+            log(f"finetune: {err}")
+            return False
+    return True
+
+
+def _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log, trial_plan):
+    from casd_ray.export import load_network
+
+    run_dir = cfg.run_dir
+    amp = cfg.search.amp
+    if stage == "teacher":
+        from casd_ray.teacher import make_teacher
+
+        make_teacher(
+            data,
+            cfg.model,
+            cfg.teacher,
+            cfg.seed,
+            run_dir / "teacher",
+            settings=p.fingerprints["teacher"],
+            amp=amp,
+            log=log,
+        )
+    elif stage == "search":
+        from casd_ray.search import run_search
+
+        run_search(
+            data,
+            load_network(run_dir / "teacher"),
+            search_cfg=cfg.search,
+            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
+            run_dir=run_dir,
+            resume=p.actions["search"] == "resume",
+            trust_folder=trust_folder,
+            address=address,
+            dashboard=dashboard,
+            log=log,
+        )
+    elif stage == "finetune":
+        from casd_ray.finetune import run_finetune
+        from casd_ray.trials import TRIALS_FILE, read_trials
+
+        run_finetune(
+            data if data is not None else _load_data(cfg),
+            load_network(run_dir / "teacher"),
+            read_trials(run_dir / TRIALS_FILE),
+            finetune_cfg=cfg.finetune,
+            distill_cfg=cfg.distill,
+            rules=rules,
+            seed=cfg.seed,
+            run_dir=run_dir,
+            settings=p.fingerprints["finetune"],
+            amp=amp,
+            log=log,
+        )

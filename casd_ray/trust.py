@@ -1,0 +1,119 @@
+"""Signatures on Ray Tune's state files, so a run folder from elsewhere never runs code here.
+
+``Tuner.restore`` and ``ExperimentAnalysis`` unpickle files of the search folder
+(``tuner.pkl``, ``searcher-state-*.pkl``, and cloudpickled parts of
+``experiment_state-*.json``): a crafted file would run its author's code. casd-ray therefore
+signs every such file it lets Tune write with HMAC-SHA256 under a key private to this user
+(``~/.config/casd-ray/signing.key``, mode 0600, made on first use; ``CASD_RAY_KEY_FILE``
+points elsewhere), and reads Tune's state only after checking every file against those
+signatures. A folder made by another user or machine, or changed since, is refused unless
+the user says they trust it (``--trust-run-folder``); the message says which file failed.
+
+Tune writes its state into a staging folder and copies it to the search folder in the
+background; :class:`SigningCallback` signs the staging folder at the one moment the files
+are complete and the copy has not begun (Tune asks callbacks for their state right after
+writing its own), so the signatures travel with the files they sign.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+from ray import tune
+
+KEY_ENV = "CASD_RAY_KEY_FILE"
+STATE_SIGNATURES = "casd-signatures.json"  # the staged state files (synced by Tune)
+TUNER_SIGNATURES = "casd-tuner-signature.json"  # tuner.pkl, written by Tune outside staging
+SIGNATURE_FILES = (STATE_SIGNATURES, TUNER_SIGNATURES)
+
+
+class UntrustedRunError(RuntimeError):
+    """A search folder whose Tune state this user's key did not sign (one line)."""
+
+
+def key_path() -> Path:
+    return Path(os.environ.get(KEY_ENV) or Path.home() / ".config" / "casd-ray" / "signing.key")
+
+
+def _key() -> bytes:
+    """This user's signing key, created (0600) on first use."""
+    path = key_path()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def _mac(key: bytes, name: str, data: bytes) -> str:
+    return hmac.new(key, name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
+
+
+def state_files(folder: Path) -> list[Path]:
+    """The files at the top of a Tune experiment folder that Tune may load on restore."""
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in SIGNATURE_FILES
+    )
+
+
+def sign(folder: Path, files: list[Path] | None = None, out: str = STATE_SIGNATURES) -> None:
+    """Write ``out`` in ``folder``: an HMAC of every state file (or of ``files``)."""
+    key = _key()
+    macs = {p.name: _mac(key, p.name, p.read_bytes()) for p in (files or state_files(folder))}
+    tmp = Path(folder) / f".{out}.tmp"
+    tmp.write_text(json.dumps(macs, indent=1, sort_keys=True))
+    os.replace(tmp, Path(folder) / out)
+
+
+def verify(folder: Path) -> None:
+    """Raise :class:`UntrustedRunError` unless every state file carries a valid signature."""
+    key = _key()
+    macs: dict[str, str] = {}
+    for name in SIGNATURE_FILES:
+        try:
+            macs.update(json.loads((Path(folder) / name).read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+    for p in state_files(folder):
+        want = macs.get(p.name)
+        if not (
+            isinstance(want, str) and hmac.compare_digest(want, _mac(key, p.name, p.read_bytes()))
+        ):
+            raise UntrustedRunError(
+                f"{p}: not signed by this user's casd-ray key ({key_path()}); Tune's state "
+                "files are pickles that can run code when loaded. If this folder is yours "
+                "(e.g. the driver was killed while saving) or you trust who made it, rerun "
+                "with --trust-run-folder"
+            )
+
+
+class SigningCallback(tune.Callback):
+    """Signs Tune's staged experiment state right after Tune writes it (see module doc)."""
+
+    def __init__(self) -> None:
+        self.staging: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {"staging": None}
+
+    def on_trial_add(self, iteration, trials, trial, **info) -> None:
+        self.staging = trial.storage.experiment_driver_staging_path
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.staging is None and trials:
+            self.staging = trials[0].storage.experiment_driver_staging_path
+
+    def get_state(self) -> None:
+        # Tune calls this inside its save, after writing the experiment and searcher state
+        # and before copying the staging folder to storage. Returning None writes no file.
+        if self.staging and Path(self.staging).is_dir():
+            sign(Path(self.staging))
+        return None
