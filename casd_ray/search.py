@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from ray import tune
@@ -113,7 +114,7 @@ class ProgressCallback(tune.Callback):
             f"{self._counts(trials, trial, 'TERMINATED')} | {best}"
         )
 
-    def ontrial_error(self, iteration, trials, trial, **info) -> None:
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
         reason = error_reason(trial_error(trial))
         self._emit(
             f"trial {trial.trial_id} failed: {reason} | {self._counts(trials, trial, 'ERROR')}"
@@ -238,6 +239,7 @@ def run_search(
     address: str | None = None,
     dashboard: bool = False,
     log: Log = print,
+    trainable: Callable[..., Any] = distill_trial,
 ) -> Path:
     """Run (or resume) the search; writes ``run_dir/trials.parquet`` and returns its path.
 
@@ -251,6 +253,7 @@ def run_search(
     ``address`` joins a running cluster (``auto`` on a cluster node, or ``ray://head:10001``);
     only a Ray instance started here is shut down. ``dashboard`` starts the local instance
     with the dashboard on 127.0.0.1 and keeps Ray 2.60's token authentication on.
+    ``trainable`` is what each trial runs (tests wrap :func:`distill_trial` to inject faults).
     """
     from casd_ray.searchers import build_searcher, tune_search_space
 
@@ -282,7 +285,7 @@ def run_search(
             log(f"warning: {err} (or let the cluster scale up)")
         trainable = tune.with_resources(
             tune.with_parameters(
-                distill_trial,
+                trainable,
                 data=pack_data(data, s.train_subset, plan.seed),
                 teacher_state=pack_teacher(teacher.model),
                 teacher_spec_json=teacher.spec.to_json(),

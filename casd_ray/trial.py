@@ -127,7 +127,9 @@ def _node_id() -> str:
     return "local"
 
 
-def _save_state(path: Path, model, optimizer, scheduler, epoch: int, best: float) -> None:
+def _save_state(
+    path: Path, model, optimizer, scheduler, epoch: int, best: float, metrics: dict
+) -> None:
     torch.save(
         {
             "model": model.state_dict(),
@@ -135,6 +137,7 @@ def _save_state(path: Path, model, optimizer, scheduler, epoch: int, best: float
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "best_val_acc": best,
+            "metrics": metrics,  # re-sent if the worker dies before Tune records them
         },
         path / STATE_FILE,
     )
@@ -228,6 +231,11 @@ def distill_trial(
         prune.recalibrate_bn(student, batches, s.bn_recalibration_batches)
 
     metrics: dict[str, Any] = {}
+    if state is not None and start_epoch >= s.max_epochs and state.get("metrics"):
+        # The worker died after saving its last checkpoint but before Tune recorded that
+        # epoch's result: report it again, or the trial would look unfinished.
+        metrics = dict(state["metrics"])
+        report(metrics)
     for epoch in range(start_epoch, s.max_epochs):
         t0 = time.perf_counter()
         train = distill.train_one_epoch(
@@ -264,7 +272,7 @@ def distill_trial(
             **static,
         }
         with tempfile.TemporaryDirectory(prefix="casd-ckpt-") as tmp:
-            _save_state(Path(tmp), student, optimizer, scheduler, epoch + 1, best)
+            _save_state(Path(tmp), student, optimizer, scheduler, epoch + 1, best, metrics)
             # Tune copies the directory into its storage inside report().
             report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
     return metrics

@@ -107,6 +107,7 @@ def trials_table(
             else None
         )
         epochs = int(df["epoch"].max()) if df is not None else 0
+        best_col = "best_val_acc" if df is not None and "best_val_acc" in df else "val_acc"
         start = trial.run_metadata.start_time
         if df is not None:
             first = df.iloc[0]
@@ -127,7 +128,9 @@ def trials_table(
                 "params": p,
                 "flops_ratio": ratio["flops"],
                 "params_ratio": ratio["params"],
-                "best_val_acc": float(df["val_acc"].max()) if df is not None else None,
+                # the trial's running best (kept in its checkpoint), so a result lost with a
+                # dead worker does not lower it
+                "best_val_acc": float(df[best_col].max()) if df is not None else None,
                 "last_val_acc": float(df["val_acc"].iloc[-1]) if df is not None else None,
                 "last_val_loss": float(df["val_loss"].iloc[-1]) if df is not None else None,
                 "epochs": epochs,
