@@ -1,0 +1,160 @@
+"""Bad input through the real command line: one line on stderr naming the field or file,
+exit code 2, no traceback, and nothing written.
+
+``python tests/test_bad_inputs.py`` prints the same cases as a Markdown table (input, exit
+code, the line a user sees).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import write_fake_fashion_mnist  # noqa: E402
+
+from casd_ray.cli import main  # noqa: E402
+
+# (what, command, extra config keys as dotted YAML overrides or raw text, needle)
+# {data}/{tmp} are filled in per test; "text:" replaces the config file's content.
+CASES: list[tuple[str, list[str], str]] = [
+    ("config file missing", ["run", "{tmp}/missing.yaml"], "config file not found"),
+    ("config not YAML", ["run", "text:a: [1\n"], "not valid YAML"),
+    ("config empty", ["run", "text:"], "the config file is empty"),
+    ("config is a list", ["run", "text:- 1\n"], "expected a mapping"),
+    ("config not text", ["run", "bytes:"], "cannot read the config"),
+    ("unknown top-level key", ["run", "--set", "epochs=3"], "epochs: unknown key"),
+    ("typo in a key", ["run", "--set", "search.max_epoch=3"], "search.max_epoch: unknown key"),
+    ("name with a path", ["run", "--set", "name=../../x"], "name: must be a plain folder"),
+    ("name '.'", ["run", "--set", "name=."], "name: must be a plain folder"),
+    ("name empty", ["run", "--set", "name="], "name:"),
+    ("seed not a number", ["run", "--set", "seed=abc"], "seed:"),
+    ("unknown dataset", ["run", "--set", "data.dataset=mnist"], "data.dataset:"),
+    ("val_size 0", ["run", "--set", "data.val_size=0"], "data.val_size:"),
+    ("negative train_subset", ["run", "--set", "data.train_subset=-5"], "data.train_subset:"),
+    ("unknown architecture", ["run", "--set", "model.arch=resnet7"], "model.arch: unknown"),
+    ("width 0", ["run", "--set", "model.width=0"], "model.width:"),
+    ("negative epochs", ["teacher", "--set", "teacher.epochs=-1"], "teacher.epochs:"),
+    ("learning rate 0", ["teacher", "--set", "teacher.lr=0"], "teacher.lr:"),
+    ("momentum 1.5", ["teacher", "--set", "teacher.momentum=1.5"], "teacher.momentum:"),
+    ("unknown granularity", ["run", "--set", "space.granularity=channel"], "space.granularity:"),
+    (
+        "min_ratio above max_ratio",
+        ["run", "--set", "space.min_ratio=0.9", "--set", "space.max_ratio=0.5"],
+        "min_ratio must be <= max_ratio",
+    ),
+    ("budget above 1", ["run", "--set", "space.budget.target=1.5"], "space.budget.target:"),
+    ("budget 0", ["run", "--set", "space.budget.target=0"], "space.budget.target:"),
+    ("unknown budget metric", ["run", "--set", "space.budget.metric=latency"], "budget.metric:"),
+    ("unknown importance", ["run", "--set", "space.importance=random"], "space.importance:"),
+    ("temperature 0", ["run", "--set", "distill.temperature=0"], "distill.temperature:"),
+    ("alpha 2", ["run", "--set", "distill.alpha=2"], "distill.alpha:"),
+    ("unknown searcher", ["run", "--set", "search.algorithm=bayes"], "search.algorithm:"),
+    ("no trials", ["run", "--set", "search.num_samples=0"], "search.num_samples:"),
+    ("reduction factor 1", ["run", "--set", "search.reduction_factor=1"], "reduction_factor:"),
+    ("unknown scheduler", ["run", "--set", "search.scheduler=pbt"], "search.scheduler:"),
+    ("negative GPUs", ["run", "--set", "search.gpus_per_trial=-1"], "search.gpus_per_trial:"),
+    ("no fine-tune epochs", ["run", "--set", "finetune.epochs=0"], "finetune.epochs:"),
+    ("--set without '='", ["run", "--set", "search.max_epochs"], "expected key=value"),
+    ("--set value not YAML", ["run", "--set", "search.num_samples=[1"], "--set search.num"),
+    ("--set into a value", ["run", "--set", "name.x=1"], "name.x: name is not a section"),
+    ("more CPUs than here", ["run", "--set", "search.cpus_per_trial=999"], "cpus_per_trial"),
+    (
+        "unreachable budget",
+        ["run", "--set", "space.budget.target=0.0001"],
+        "space.budget.target: 0.0001 is below the smallest reachable",
+    ),
+    ("data folder missing", ["run", "--set", "data.root={tmp}/nowhere"], "nowhere"),
+    ("data root is a file", ["run", "--set", "data.root={tmp}/c.yaml"], "c.yaml"),
+    ("output_dir is a file", ["run", "--set", "output_dir={tmp}/c.yaml"], "output_dir:"),
+    (
+        "teacher checkpoint missing",
+        ["run", "--set", "teacher.checkpoint={tmp}/none.pt"],
+        "teacher.checkpoint:",
+    ),
+    (
+        "teacher checkpoint garbage",
+        ["run", "--set", "teacher.checkpoint={tmp}/garbage.pt"],
+        "teacher.checkpoint:",
+    ),
+    ("--fresh of a stage not run", ["teacher", "--fresh", "search"], "--fresh search"),
+    ("search before a teacher", ["search"], "needs a finished teacher"),
+    ("fine-tune before a search", ["finetune"], "needs a finished teacher"),
+    ("report of no folder", ["report", "{tmp}/nowhere"], "run folder not found"),
+    ("report of a non-run folder", ["report", "{data}"], "config.yaml: not found"),
+]
+
+
+def _config(tmp: Path, data: Path) -> Path:
+    raw = {
+        "name": "bad",
+        "output_dir": str(tmp / "runs"),
+        "data": {"dataset": "fashion_mnist", "root": str(data), "val_size": 20},
+        "model": {"arch": "resnet8", "width": 4},
+        "teacher": {"epochs": 1},
+        "search": {"num_samples": 2, "max_epochs": 1},
+    }
+    path = tmp / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    (tmp / "garbage.pt").write_bytes(b"not a checkpoint")
+    return path
+
+
+def _argv(args: list[str], tmp: Path, data: Path) -> list[str]:
+    config = _config(tmp, data)
+    out = [a.format(tmp=tmp, data=data) for a in args]
+    if out[0] == "report":
+        return out
+    if len(out) > 1 and out[1].startswith(("text:", "bytes:")):
+        if out[1].startswith("text:"):
+            config.write_text(out[1][5:])
+        else:
+            config.write_bytes(b"\xff\xfe\x00binary")
+        return [out[0], str(config)]
+    if len(out) > 1 and out[1].endswith(".yaml"):
+        return out
+    return [out[0], str(config), *out[1:]]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("bad") / "data", n=60, n_test=20)
+
+
+@pytest.mark.parametrize("what, args, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path, data, capsys, what, args, needle
+):
+    code = main(_argv(args, tmp_path, data))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("casd-ray: error: ") and "\n" not in err, err
+    assert needle.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def table() -> str:
+    """The cases as a Markdown table of what a user sees (run outside pytest)."""
+    import contextlib
+    import io
+    import tempfile
+
+    rows = ["| # | bad input | exit | stderr |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as d:
+        data = write_fake_fashion_mnist(Path(d) / "data", n=60, n_test=20)
+        for i, (what, args, _) in enumerate(CASES, 1):
+            tmp = Path(d) / f"case{i}"
+            tmp.mkdir()
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = main(_argv(args, tmp, data))
+            line = err.getvalue().strip().replace(d, "$TMP").replace("|", "\\|")
+            rows.append(f"| {i} | {what} | {code} | `{line}` |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
