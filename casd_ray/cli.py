@@ -65,13 +65,9 @@ def cmd_stages(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from casd_ray.files import ArtifactError
-    from casd_ray.report import build_report
+    from casd_ray.pipeline import report
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise ArtifactError(f"{run_dir}: run folder not found")
-    _log(f"report written: {build_report(run_dir)}")
+    _log(f"report written: {report(Path(args.run_dir))}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,10 @@ recipe, seed and distillation, so the only difference between them is where the 
 are: the comparison measures the search, not the training. The test split is touched here
 and nowhere else — once, for the final numbers.
 
+The stage takes the teacher and the trials table as artefacts (never the search's code).
 Each of ``winner/`` and ``uniform/`` stores the settings it was trained with inside
-``metrics.json`` (written last); a rerun whose trials table and config give the same
-settings reuses the folder, and an interrupted fine-tune resumes from ``last.pt``.
+``metrics.json`` (written last); a part whose settings are unchanged is reused, and an
+interrupted fine-tune resumes from ``last.pt``.
 """
 
 from __future__ import annotations

@@ -117,8 +117,14 @@ def _mark(run_dir: Path, stage: str, fingerprint: dict, status: str) -> None:
 
 
 def _set_aside(run_dir: Path, stages: list[str], log: Log) -> None:
-    """Move the outputs of ``stages`` under ``previous/<time>/`` and forget their records."""
-    moved = [run_dir / name for s in stages for name in OUTPUTS[s] if (run_dir / name).exists()]
+    """Move the outputs of ``stages`` under ``previous/<time>/`` and forget their records.
+
+    Redoing the teacher redoes everything: the record itself moves too (even a corrupt one).
+    """
+    names = [name for s in stages for name in OUTPUTS[s]]
+    if "teacher" in stages:
+        names.append(RECORD)
+    moved = [run_dir / name for name in names if (run_dir / name).exists()]
     if moved:
         dest = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
         dest.mkdir(parents=True, exist_ok=True)
@@ -149,7 +155,12 @@ def plan(cfg: ExperimentConfig, stages: list[str], fresh: str | None = None) -> 
     """
     run_dir = cfg.run_dir
     fps = fingerprints(cfg)
-    record = read_record(run_dir)
+    try:
+        record = read_record(run_dir)
+    except ArtifactError:
+        if fresh != "teacher":
+            raise
+        record = {}  # everything is redone, and the torn record is set aside with the rest
     redo = set(STAGES[STAGES.index(fresh) :]) if fresh else set()
     out = Plan(fingerprints=fps)
     cascade = False
@@ -240,9 +251,7 @@ def execute(
         action = p.actions.get(stage, "new")
         head = f"stage {i}/{total} {stage}"
         if stage == "report":
-            from casd_ray.report import build_report
-
-            log(f"{head}: report written: {build_report(run_dir)}")
+            log(f"{head}: report written: {report(run_dir)}")
             continue
         if action == "reuse" and _output_ok(stage, cfg, rules, trust_folder, log):
             log(f"{head}: reusing {run_dir} (same settings)")
@@ -252,6 +261,15 @@ def execute(
         _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log, trial_plan)
         _mark(run_dir, stage, p.fingerprints[stage], "done")
     return run_dir
+
+
+def report(run_dir: Path) -> Path:
+    """The report stage: rebuilt from the run folder's files alone (``casd-ray report``)."""
+    from casd_ray.report import build_report
+
+    if not Path(run_dir).is_dir():
+        raise ArtifactError(f"{run_dir}: run folder not found")
+    return build_report(run_dir)
 
 
 def _load_data(cfg: ExperimentConfig):

@@ -1,9 +1,11 @@
 """The width search on Ray Tune: one trial per genome, results as ``trials.parquet``.
 
-``run_search`` loads data and teacher once, puts them into the object store once (through
-``tune.with_parameters``), and lets a searcher (``casd_ray.searchers``) propose genomes while
-ASHA (or FIFO) decides how long each candidate trains. The uniform-width control is always
-the first trial, so every search has a baseline at the same budget.
+``run_search`` takes the stage's inputs (the data splits, the finished teacher, the search
+section and a :class:`~casd_ray.trial.TrialPlan`), puts data and teacher into the object store
+once (through ``tune.with_parameters``), and lets a searcher (``casd_ray.searchers``) propose
+genomes while ASHA (or FIFO) decides how long each candidate trains. The uniform-width control
+is always the first trial, so every search has a baseline at the same budget. Whether a search
+is reused, resumed or refused is decided by :mod:`casd_ray.pipeline`, not here.
 
 Ray 2.60 behaviours this module is built around:
 

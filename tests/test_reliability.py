@@ -215,3 +215,14 @@ def test_unexpected_errors_are_one_line_without_debug(run_copy, capsys):
     code = cli("run", str(config))
     err = capsys.readouterr().err.strip()
     assert code in (1, 2) and "\n" not in err and "Traceback" not in err
+
+
+def test_fresh_teacher_recovers_from_a_torn_record(run_copy, capsys):
+    config, run = run_copy
+    (run / "stages.json").write_text("{ torn")
+    assert cli("run", str(config)) == 2
+    assert "stages.json: not valid JSON" in capsys.readouterr().err
+    assert cli("run", str(config), "--fresh", "teacher") == 0
+    (aside,) = (run / "previous").iterdir()
+    assert (aside / "stages.json").read_text() == "{ torn"  # kept, not deleted
+    assert json.loads((run / "stages.json").read_text())["finetune"]["status"] == "done"
