@@ -107,6 +107,7 @@ class SearchConfig(_Strict):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
+    keep_control: bool = True  # ASHA never stops the uniform control (the yardstick)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     max_concurrent: int = Field(2, ge=1)

@@ -36,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from casd_ray import space as space_mod
 from casd_ray import trust
@@ -179,12 +180,36 @@ class SearchInterrupted(KeyboardInterrupt):
     """The search ended before every trial finished (Ctrl-C, SIGTERM): never fine-tune it."""
 
 
-def _scheduler(s: SearchConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+class KeepControlASHA(ASHAScheduler):
+    """ASHA that never stops the uniform control trial.
+
+    The control is the yardstick of every search (the report compares the winner with it,
+    and ranks it among the trials): stopped at the first rung, its score says little. Its
+    results still enter the rungs, so it sets the bar for the other trials as before.
+    """
+
+    def __init__(self, control: dict[str, float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.control = dict(control)
+
+    def _is_control(self, config: dict) -> bool:
+        return all(abs(float(config.get(k, math.nan)) - v) < 1e-9 for k, v in self.control.items())
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        unfinished = result.get(self._time_attr, 0) < self._max_t
+        if decision == self.STOP and unfinished and self._is_control(trial.config):
+            self._num_stopped -= 1
+            return self.CONTINUE
+        return decision
+
+
+def _scheduler(s: SearchConfig, control: dict[str, float]):
+    from ray.tune.schedulers import FIFOScheduler
 
     if s.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    kwargs = dict(
         metric="val_acc",
         mode="max",
         time_attr="epoch",
@@ -192,6 +217,7 @@ def _scheduler(s: SearchConfig):
         grace_period=min(s.grace_period, s.max_epochs),
         reduction_factor=s.reduction_factor,
     )
+    return KeepControlASHA(control, **kwargs) if s.keep_control else ASHAScheduler(**kwargs)
 
 
 def check_resources(s: SearchConfig, have: dict[str, float] | None = None) -> None:
@@ -312,7 +338,7 @@ def run_search(
                 param_space=tune_search_space(bounds),
                 tune_config=tune.TuneConfig(
                     search_alg=build_searcher(s, plan.seed, bounds, points),
-                    scheduler=_scheduler(s),
+                    scheduler=_scheduler(s, points[0]),
                     num_samples=s.num_samples,
                     # a finished trial's worker (torch imported, data mapped) runs the next
                     reuse_actors=True,

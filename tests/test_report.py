@@ -41,7 +41,9 @@ def test_report_files_and_fields(run_copy):
     assert s["searcher"] == cfg.search.algorithm and s["scheduler"] == cfg.search.scheduler
     assert s["budget"] == {"metric": "flops", "target": 0.5}
     assert report["missing"] == []
-    for png in ("pareto.png", "progress.png"):
+    assert set(report["width_profile"]) == {"teacher", "uniform", "winner"}
+    assert "Where the channels went" in (run_dir / "report.md").read_text()
+    for png in ("pareto.png", "progress.png", "widths.png"):
         with Image.open(run_dir / png) as img:
             assert img.format == "PNG" and img.size[0] > 300
 

@@ -96,6 +96,7 @@ def test_searcher_runs_under_asha(ray_local, workdir, image_tree, algorithm):
     assert (df.loc[df["completed"], "epochs"] == MAX_EPOCHS).all()
     assert (df.loc[df["stopped_early"], "epochs"] < MAX_EPOCHS).all()
     assert df["is_control"].sum() == 1  # the uniform-width control was enqueued
+    assert df.loc[df["is_control"], "completed"].all()  # and ASHA let it finish
     for _, row in df.iterrows():  # widths/costs recorded per trial, consistent with each other
         assert flops(WidthSpec.from_json(row["widths"])) == row["flops"]
         assert set(json.loads(row["genome"])) == {"stage0", "stage1", "stage2"}
@@ -214,3 +215,29 @@ def test_dashboard_hint_names_the_token(monkeypatch):
     assert "/secrets/ray-token" in dashboard_login_hint()
     monkeypatch.setenv("RAY_AUTH_TOKEN", "x")
     assert "$RAY_AUTH_TOKEN" in dashboard_login_hint()
+
+
+def test_asha_never_stops_the_control_but_counts_its_results():
+    from types import SimpleNamespace
+
+    from casd_ray.search import KeepControlASHA
+
+    control = {"stage0": 0.5, "stage1": 0.5}
+    sched = KeepControlASHA(
+        control, metric="val_acc", mode="max", time_attr="epoch", max_t=4, grace_period=1,
+        reduction_factor=2,
+    )  # fmt: skip
+    trials = [
+        SimpleNamespace(trial_id=f"t{i}", config={"stage0": 0.1 * i, "stage1": 0.3})
+        for i in range(4)
+    ]
+    ctrl = SimpleNamespace(trial_id="ctrl", config=dict(control))
+    for t in [*trials, ctrl]:
+        sched.on_trial_add(None, t)
+    for i, t in enumerate(trials):  # good scores first, so later bad ones fall below the cut
+        sched.on_trial_result(None, t, {"epoch": 1, "val_acc": 0.9 - 0.01 * i})
+    weak = SimpleNamespace(trial_id="weak", config={"stage0": 0.9, "stage1": 0.9})
+    sched.on_trial_add(None, weak)
+    assert sched.on_trial_result(None, weak, {"epoch": 1, "val_acc": 0.1}) == sched.STOP
+    assert sched.on_trial_result(None, ctrl, {"epoch": 1, "val_acc": 0.05}) == sched.CONTINUE
+    assert sched.on_trial_result(None, ctrl, {"epoch": 4, "val_acc": 0.05}) == sched.STOP  # done
