@@ -64,6 +64,17 @@ def cmd_stages(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from casd_ray.compare import compare
+
+    if args.fresh:
+        raise ConfigError("--fresh: not for compare; it reuses (or runs) each seed's run")
+    cfg = load_config(args.config, args.set)
+    path = compare(cfg, args.seeds, log=_log)
+    _log(f"comparison written: {path}")
+    print(path.read_text(), end="")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from casd_ray.pipeline import report
 
@@ -120,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("finetune", "prune and fine-tune the winner and uniform baseline")
     run = with_config("run", "teacher -> search -> finetune -> report")
     with_cluster(run)
+    compare = with_config(
+        "compare", "winner vs uniform, random search and global ranking over seeds"
+    )
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
+    compare.set_defaults(func=cmd_compare)
     report = sub.add_parser("report", help="rebuild report.md/json and plots from a run folder")
     report.add_argument("run_dir")
     report.add_argument(

@@ -180,6 +180,60 @@ def _cost_entry(model: nn.Module, spec: WidthSpec, teacher_spec: WidthSpec) -> d
     }
 
 
+def train_export(
+    data: DataSplits,
+    teacher: Network,
+    spec: WidthSpec,
+    folder: Path,
+    *,
+    finetune_cfg: FinetuneConfig,
+    distill_cfg: DistillConfig,
+    importance: str,
+    seed: int,
+    amp: bool,
+    settings: dict,
+    device: torch.device,
+    log=print,
+    label: str = "student",
+    extra: dict | None = None,
+) -> dict:
+    """Prune ``spec`` from the teacher, fine-tune it with the recipe, evaluate, export.
+
+    One recipe for every network compared (winner, uniform, and the baselines of
+    :mod:`casd_ray.compare`): only the widths differ. Returns the metrics it writes into
+    ``folder/metrics.json`` (with ``settings``, so equal settings mean a reusable folder).
+    """
+    model, history = finetune_student(
+        finetune_cfg,
+        distill_cfg,
+        importance,
+        seed,
+        amp,
+        data,
+        teacher.model,
+        teacher.spec,
+        spec,
+        folder,
+        settings,
+        device,
+        log,
+        label,
+    )
+    metrics = {
+        **distill.evaluate_splits(model, data, device, batch_size=EVAL_BATCH, amp=amp),
+        **_cost_entry(model, spec, teacher.spec),
+        "epochs": finetune_cfg.epochs,
+        "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
+        **(extra or {}),
+        "history": history,
+        "settings": settings,
+    }
+    save_compressed(model, spec, folder, metrics)
+    (folder / "last.pt").unlink(missing_ok=True)
+    log(f"finetune: {label} val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f}")
+    return metrics
+
+
 def run_finetune(
     data: DataSplits,
     teacher: Network,
@@ -232,34 +286,22 @@ def run_finetune(
             f"finetune: {name} ({flops(spec) / flops(teacher_spec):.3f} of the teacher's FLOPs, "
             f"trial {trial_ids[name]}) for {f.epochs} epochs on {dev}"
         )
-        model, history = finetune_student(
-            f,
-            distill_cfg,
-            rules.importance,
-            seed,
-            amp,
+        train_export(
             data,
-            teacher.model,
-            teacher_spec,
+            teacher,
             spec,
             folder,
-            part[name],
-            dev,
-            log,
-            name,
+            finetune_cfg=f,
+            distill_cfg=distill_cfg,
+            importance=rules.importance,
+            seed=seed,
+            amp=amp,
+            settings=part[name],
+            device=dev,
+            log=log,
+            label=name,
+            extra={"trial_id": trial_ids[name]},
         )
-        metrics = {
-            **distill.evaluate_splits(model, data, dev, batch_size=EVAL_BATCH, amp=amp),
-            **_cost_entry(model, spec, teacher_spec),
-            "epochs": f.epochs,
-            "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
-            "trial_id": trial_ids[name],
-            "history": history,
-            "settings": part[name],
-        }
-        save_compressed(model, spec, folder, metrics)
-        (folder / "last.pt").unlink(missing_ok=True)
-        log(f"finetune: {name} val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f}")
 
     summary = _summarize(run_dir, data, teacher, trials, trial_ids, part, dev, amp, log)
     write_json(run_dir / SUMMARY, summary)

@@ -1,0 +1,47 @@
+"""The method comparison end to end on tiny data: four arms per seed, one recipe, stats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_fake_fashion_mnist, write_run_config
+
+from casd_ray.cli import main
+from casd_ray.compare import ARMS, summarize
+
+
+def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
+    data = write_fake_fashion_mnist(tmp_path / "data", n=160, n_test=40)
+    config = write_run_config(tmp_path / "c.yaml", tmp_path / "runs", data, name="cmp")
+    assert main(["compare", str(config), "--seeds", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| winner − | mean (points) | 95% CI |" in out
+    result = json.loads((tmp_path / "runs" / "cmp-compare.json").read_text())
+    assert (tmp_path / "runs" / "cmp-compare.md").is_file()
+    for seed in ("0", "1"):
+        arms = result["per_seed"][seed]
+        assert set(arms) == set(ARMS)
+        settings = [{k: v for k, v in arms[a]["settings"].items() if k != "widths"} for a in ARMS]
+        assert all(s == settings[0] for s in settings)  # identical recipe, seed, teacher
+        for a in ARMS:
+            assert 0 <= arms[a]["test_acc"] <= 1
+            assert arms[a]["flops_ratio"] <= 0.5 + 1e-9
+    assert result["summary"]["winner_minus"]["uniform"]["ci95"] is not None
+    # a second call reuses every run and arm
+    assert main(["compare", str(config), "--seeds", "0", "1"]) == 0
+    assert "compare: reusing" in capsys.readouterr().out
+
+
+def test_summary_statistics():
+    per_seed = {
+        s: {a: {"test_acc": acc} for a, acc in zip(ARMS, accs, strict=True)}
+        for s, accs in {0: (0.91, 0.90, 0.89, 0.88), 1: (0.93, 0.90, 0.92, 0.90)}.items()
+    }
+    summary = summarize(per_seed)
+    assert summary["arms"]["winner"]["mean"] == pytest.approx(0.92)
+    assert summary["arms"]["winner"]["std"] == pytest.approx(0.0141421, rel=1e-4)
+    d = summary["winner_minus"]["uniform"]
+    assert d["mean"] == pytest.approx(0.02)
+    half = 12.7062 * 0.0141421 / 2**0.5  # t(0.975, 1 dof) * sd / sqrt(n)
+    assert d["ci95"] == pytest.approx([0.02 - half, 0.02 + half], rel=1e-4)
