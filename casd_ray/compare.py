@@ -106,7 +106,16 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
         divisible_by=rules.divisible_by,
     )
     arms["global"] = _arm(cfg, spec, "global", log)
-    return {a: {k: arms[a].get(k) for k in KEEP} for a in ARMS}
+    out = {a: {k: arms[a].get(k) for k in KEEP} for a in ARMS}
+    trial_s = float(read_trials(run / TRIALS_FILE)["wall_time_s"].fillna(0).sum())
+    out["search_cost"] = {  # what a user weighs the gain against
+        "trial_seconds": round(trial_s, 1),
+        "finetune_seconds": arms["winner"].get("seconds"),
+        "multiple": round(trial_s / arms["winner"]["seconds"], 2)
+        if arms["winner"].get("seconds")
+        else None,
+    }
+    return out
 
 
 def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
@@ -153,6 +162,12 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
     for a, e in summary["winner_minus"].items():
         ci = "–" if e["ci95"] is None else f"[{pct(e['ci95'][0])}, {pct(e['ci95'][1])}]"
         lines.append(f"| {a} | {pct(e['mean'])} | {ci} |")
+    cost = [per_seed[s]["search_cost"]["multiple"] for s in seeds]
+    lines += [
+        "",
+        "Search cost (sum of trial seconds / the winner's fine-tune seconds), per seed: "
+        + ", ".join("–" if c is None else f"{c:.1f}×" for c in cost),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -21,12 +21,13 @@ def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
     assert (tmp_path / "runs" / "cmp-compare.md").is_file()
     for seed in ("0", "1"):
         arms = result["per_seed"][seed]
-        assert set(arms) == set(ARMS)
+        assert set(arms) == {*ARMS, "search_cost"}
         settings = [{k: v for k, v in arms[a]["settings"].items() if k != "widths"} for a in ARMS]
         assert all(s == settings[0] for s in settings)  # identical recipe, seed, teacher
         for a in ARMS:
             assert 0 <= arms[a]["test_acc"] <= 1
             assert arms[a]["flops_ratio"] <= 0.5 + 1e-9
+        assert arms["search_cost"]["multiple"] > 0
     assert result["summary"]["winner_minus"]["uniform"]["ci95"] is not None
     # a second call reuses every run and arm
     assert main(["compare", str(config), "--seeds", "0", "1"]) == 0
