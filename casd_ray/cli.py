@@ -40,6 +40,7 @@ COMMAND_STAGES = {
     "teacher": ["teacher"],
     "search": ["search"],
     "finetune": ["finetune"],
+    "audit": ["audit"],
     "run": list(STAGES),
 }
 
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--fresh",
-            choices=STAGES[:3],
+            choices=STAGES[:-1],
             default=None,
             help="redo this stage and every later one (old outputs move to previous/)",
         )
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_cluster(search)
     search.add_argument("--resume", action="store_true", help="(default; kept for old scripts)")
     with_config("finetune", "prune and fine-tune the winner and uniform baseline")
-    run = with_config("run", "teacher -> search -> finetune -> report")
+    with_config("audit", "fine-tune the top trials to check the search's ranking")
+    run = with_config("run", "teacher -> search -> finetune -> audit -> report")
     with_cluster(run)
     compare = with_config(
         "compare", "winner vs uniform, random search and global ranking over seeds"

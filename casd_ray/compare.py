@@ -30,9 +30,9 @@ from casd_ray.baselines import global_ranking_spec
 from casd_ray.config import ExperimentConfig
 from casd_ray.export import PARTS, is_complete, load_network
 from casd_ray.files import read_json_or_none, write_json, write_text
-from casd_ray.finetune import part_settings, train_export
 from casd_ray.models import WidthSpec
 from casd_ray.pipeline import execute, fingerprints
+from casd_ray.students import part_settings, train_export
 from casd_ray.trials import TRIALS_FILE, read_trials, select_winner
 
 ARMS = ("winner", "uniform", "random", "global")

@@ -130,6 +130,13 @@ class FinetuneConfig(_Strict):
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+class AuditConfig(_Strict):
+    # Proxy-fidelity audit: fine-tune the top_k completed trials (plus winner and control,
+    # already fine-tuned) with the final recipe, and rank-correlate search score with final
+    # validation accuracy. 0 switches it off (each audited trial costs one fine-tune).
+    top_k: int = Field(5, ge=0)
+
+
 class ExperimentConfig(_Strict):
     name: str = "quick"
     seed: int = 0
@@ -141,6 +148,7 @@ class ExperimentConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     search: SearchConfig = SearchConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("name")
     @classmethod

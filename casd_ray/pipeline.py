@@ -32,12 +32,14 @@ from typing import Any
 from casd_ray.config import ConfigError, ExperimentConfig, save_config
 from casd_ray.files import ArtifactError, read_json, write_json
 
-STAGES = ("teacher", "search", "finetune", "report")
+STAGES = ("teacher", "search", "finetune", "audit", "report")
+TRAINED = STAGES[:-1]  # stages with a fingerprint (the report is always rebuilt)
 RECORD = "stages.json"
 OUTPUTS = {
     "teacher": ("teacher",),
     "search": ("search", "trials.parquet"),
     "finetune": ("winner", "uniform", "finetune.json"),
+    "audit": ("audit", "audit.json"),
     "report": (),
 }
 # Keys that change how a stage runs, not what it produces.
@@ -69,7 +71,8 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
         "search": search_section,
     }
     finetune = {"after": _digest(search), "finetune": dump["finetune"]}
-    return {"teacher": teacher, "search": search, "finetune": finetune}
+    audit = {"after": _digest(finetune), "audit": dump["audit"]}
+    return {"teacher": teacher, "search": search, "finetune": finetune, "audit": audit}
 
 
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -164,7 +167,7 @@ def plan(cfg: ExperimentConfig, stages: list[str], fresh: str | None = None) -> 
     redo = set(STAGES[STAGES.index(fresh) :]) if fresh else set()
     out = Plan(fingerprints=fps)
     cascade = False
-    for stage in STAGES[:3]:
+    for stage in TRAINED:
         rec = record.get(stage)
         wanted = stage in stages
         if stage in redo or cascade:
@@ -237,7 +240,7 @@ def execute(
         from casd_ray.search import check_resources
 
         check_resources(cfg.search)
-    data = _load_data(cfg) if any(p.runs(s) for s in STAGES[:3]) else None
+    data = _load_data(cfg) if any(p.runs(s) for s in TRAINED) else None
     teacher = _teacher_for_checks(cfg, p, data)
     if p.runs("search") or p.runs("finetune"):
         space.check_budget(rules, teacher)
@@ -374,6 +377,24 @@ def _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log
             data if data is not None else _load_data(cfg),
             load_network(run_dir / "teacher"),
             read_trials(run_dir / TRIALS_FILE),
+            finetune_cfg=cfg.finetune,
+            distill_cfg=cfg.distill,
+            rules=rules,
+            seed=cfg.seed,
+            run_dir=run_dir,
+            settings=p.fingerprints["finetune"],
+            amp=amp,
+            log=log,
+        )
+    elif stage == "audit":
+        from casd_ray.audit import run_audit
+        from casd_ray.trials import TRIALS_FILE, read_trials
+
+        run_audit(
+            data if data is not None else _load_data(cfg),
+            load_network(run_dir / "teacher"),
+            read_trials(run_dir / TRIALS_FILE),
+            top_k=cfg.audit.top_k,
             finetune_cfg=cfg.finetune,
             distill_cfg=cfg.distill,
             rules=rules,

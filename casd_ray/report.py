@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from casd_ray.export import PARTS, SUMMARY, read_summary
-from casd_ray.files import ArtifactError, atomic_write, write_json
+from casd_ray.files import ArtifactError, atomic_write, read_json, write_json
 from casd_ray.plots import NAMES, plot_pareto, plot_progress, plot_widths
 from casd_ray.trials import TRIALS_FILE, eligible, read_trials
 
@@ -101,6 +101,9 @@ def build_report_json(run_dir: Path) -> dict:
         if teacher is not None:
             report["models"] = {"teacher": teacher}
         report["missing"].append(f"{SUMMARY} (run `casd-ray finetune`)")
+    audit = run_dir / "audit.json"
+    if audit.exists():
+        report["audit"] = read_json(audit, hint="rerun the same command to rebuild it")
     trials = _load_trials(run_dir)
     if trials is not None:
         report["search"] = search_summary(trials, config)
@@ -124,6 +127,41 @@ def _rank(s: dict | None) -> str:
     if s.get("rank_all") is not None:
         return f"{s['rank_all']} of {s['of_all']} (stopped early)"
     return "not scored"
+
+
+def _audit_lines(audit: dict | None) -> list[str]:
+    if audit is None:
+        return []
+    lines = ["## How far to trust the search ranking", ""]
+    if not audit.get("top_k"):
+        return lines + [
+            "The proxy-fidelity audit is off (`audit.top_k: 0`). Run it with `casd-ray run "
+            "CONFIG --set audit.top_k=5`: it fine-tunes the 5 best completed trials (and the "
+            "uniform control) with the final recipe, one fine-tune each, and reports how well "
+            "the search's score predicts their final validation accuracy.",
+            "",
+        ]
+
+    def num(x: float | None) -> str:
+        return "undefined" if x is None else f"{x:.2f}"
+
+    rows = audit["trials"]
+    lines += [
+        f"Rank correlation between the search's score and the final validation accuracy "
+        f"after the full fine-tune recipe, over {len(rows)} trials: **Kendall τ = "
+        f"{num(audit['kendall_tau'])}**, Spearman ρ = {num(audit['spearman_rho'])} (1: the "
+        "search ranks as the final training would; 0: no better than chance).",
+        "",
+        "| trial | search val acc | final val acc | FLOPs ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = f"{r['trial_id']} (uniform control)" if r["is_control"] else r["trial_id"]
+        lines.append(
+            f"| {name} | {_pct(r['search_val_acc'])} | {_pct(r['final_val_acc'])} | "
+            f"{r['flops_ratio']:.3f} |"
+        )
+    return [*lines, ""]
 
 
 def render_markdown(report: dict) -> str:
@@ -190,6 +228,7 @@ def render_markdown(report: dict) -> str:
         ]
         lines += [f"| {k} | {v} |" for k, v in rows]
         lines += ["", "![pareto](pareto.png)", "", "![progress](progress.png)", ""]
+    lines += _audit_lines(report.get("audit"))
     if report.get("width_profile"):
         lines += [
             "## Where the channels went",

@@ -335,5 +335,6 @@ def smoke_overrides(config_path: Path, base: Path) -> list[str]:
         "finetune.epochs": 1,
         "finetune.batch_size": 32,
         "finetune.warmup_epochs": 0,
+        "audit.top_k": 2,
     }
     return [f"{k}={v}" for k, v in items.items()]

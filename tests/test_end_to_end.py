@@ -49,7 +49,7 @@ def finished_run(tmp_path_factory):
 def test_every_output_file(finished_run):
     cfg, _, first = finished_run
     run = cfg.run_dir
-    assert "stage 4/4 report" in first.stdout
+    assert "stage 5/5 report" in first.stdout
     assert load_config(run / "config.yaml") == cfg  # the resolved config reproduces the run
     trials = pd.read_parquet(run / "trials.parquet")
     assert list(trials.columns) == COLUMNS and len(trials) == cfg.search.num_samples
@@ -94,8 +94,8 @@ def test_rerun_reuses_finished_stages_and_report_rebuilds(finished_run):
     stamp = (run / "winner" / "model.pt").stat().st_mtime_ns
     (run / "report.md").unlink()
     second = cli("run", str(CONFIG), *sets)
-    assert "stage 1/4 teacher: reusing" in second.stdout
-    assert "stage 3/4 finetune: reusing" in second.stdout
+    assert "stage 1/5 teacher: reusing" in second.stdout
+    assert "stage 3/5 finetune: reusing" in second.stdout
     assert (run / "winner" / "model.pt").stat().st_mtime_ns == stamp
     assert (run / "report.md").is_file()
     (run / "pareto.png").unlink()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "casd_ray"
-STAGES = {"teacher", "search", "finetune", "report"}
+STAGES = {"teacher", "search", "finetune", "audit", "report"}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
@@ -41,7 +41,7 @@ def test_training_loop_does_not_import_export():
 
 def test_the_check_sees_imports():  # the checker itself must find a known import
     assert "trials" in imported(PACKAGE / "report.py")
-    assert {"teacher", "search", "finetune", "report"} <= imported(PACKAGE / "pipeline.py")
+    assert {"teacher", "search", "finetune", "audit", "report"} <= imported(PACKAGE / "pipeline.py")
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[p.name for p in MODULES])

@@ -1,0 +1,187 @@
+"""One student, start to finish: pruned from the teacher, fine-tuned with the recipe, exported.
+
+Every network a run compares goes through :func:`train_export` with the same recipe, seed and
+distillation: the winner and the uniform baseline (:mod:`casd_ray.finetune`), the audited
+trials (:mod:`casd_ray.audit`) and the no-search baselines (:mod:`casd_ray.compare`). Only the
+widths differ, and each export folder records the settings it was trained with, so a folder
+with equal settings is reused and an interrupted one resumes from its ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from casd_ray import distill, prune
+from casd_ray.batches import to_tensors, train_batches
+from casd_ray.config import DistillConfig, FinetuneConfig
+from casd_ray.cost import measure_flops
+from casd_ray.data import DataSplits
+from casd_ray.export import Network, is_complete, save_compressed
+from casd_ray.files import read_json_or_none
+from casd_ray.models import WidthSpec, flops, params, spec_summary
+
+EVAL_BATCH = 1024
+
+
+def part_settings(stage: dict, spec: WidthSpec) -> dict:
+    """Everything that changes one fine-tuned student: the stage's fingerprint + its widths.
+
+    Equal settings mean the part's folder (or its ``last.pt``) can be reused.
+    """
+    return {**stage, "widths": json.loads(spec.to_json())}
+
+
+def reusable(folder: Path, settings: dict) -> bool:
+    if not is_complete(folder):
+        return False
+    saved = read_json_or_none(folder / "metrics.json")
+    return isinstance(saved, dict) and saved.get("settings") == json.loads(json.dumps(settings))
+
+
+def finetune_student(
+    f: FinetuneConfig,
+    d: DistillConfig,
+    importance: str,
+    seed: int,
+    amp: bool,
+    data: DataSplits,
+    teacher: nn.Module,
+    teacher_spec: WidthSpec,
+    spec: WidthSpec,
+    folder: Path,
+    settings: dict,
+    device: torch.device,
+    log=print,
+    label: str = "student",
+) -> tuple[nn.Module, list[dict]]:
+    """Prune ``spec`` from the teacher and distill it for ``f.epochs``.
+
+    Resumes from ``folder/last.pt`` (written atomically after each epoch) when it carries
+    the same settings, so a long paper-scale fine-tune survives an interruption.
+    """
+    teacher = distill.prepare_model(teacher, device).eval()
+    student = prune.inherit(teacher, teacher_spec, spec, criterion=importance)
+    student = distill.prepare_model(student, device)
+    x, y = to_tensors(data.x_train, data.y_train, device)
+    xv, yv = to_tensors(data.x_val, data.y_val, device)
+    opt = distill.make_optimizer(student, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+    sched = distill.make_scheduler(
+        opt,
+        epochs=f.epochs,
+        steps_per_epoch=max(1, distill.steps_per_epoch(len(x), f.batch_size)),
+        warmup_epochs=f.warmup_epochs,
+    )
+    amp = bool(amp and device.type == "cuda")
+    last = folder / "last.pt"
+    history = distill.resume(last, settings, student, opt, sched, log=log, label=label)
+    if not history and d.bn_recalibration_batches > 0:
+        batches = train_batches(
+            x,
+            y,
+            batch_size=f.batch_size,
+            seed=seed,
+            epoch=0,
+            augment=data.augment,
+            mean=data.mean,
+            std=data.std,
+        )
+        prune.recalibrate_bn(student, batches, d.bn_recalibration_batches)
+    history = distill.fit(
+        student,
+        x,
+        y,
+        xv,
+        yv,
+        optimizer=opt,
+        scheduler=sched,
+        epochs=f.epochs,
+        checkpoint=last,
+        settings=settings,
+        history=history,
+        log=log,
+        label=label,
+        eval_batch_size=EVAL_BATCH,
+        batch_size=f.batch_size,
+        seed=seed,
+        augment=data.augment,
+        mean=data.mean,
+        std=data.std,
+        teacher=teacher,
+        temperature=d.temperature,
+        alpha=d.alpha,
+        amp=amp,
+    )
+    return student.eval(), history
+
+
+def cost_entry(model: nn.Module, spec: WidthSpec, teacher_spec: WidthSpec) -> dict:
+    """Analytic and measured cost; the two FLOPs must agree (a check on the analytic model)."""
+    shape = (spec.in_channels, *spec.image_size)
+    measured = measure_flops(model.cpu(), shape)
+    return {
+        "flops": flops(spec),
+        "flops_measured": measured,
+        "params": params(spec),
+        "params_measured": sum(p.numel() for p in model.parameters()),
+        "flops_ratio": flops(spec) / flops(teacher_spec),
+        "params_ratio": params(spec) / params(teacher_spec),
+        "width_summary": spec_summary(spec),
+    }
+
+
+def train_export(
+    data: DataSplits,
+    teacher: Network,
+    spec: WidthSpec,
+    folder: Path,
+    *,
+    finetune_cfg: FinetuneConfig,
+    distill_cfg: DistillConfig,
+    importance: str,
+    seed: int,
+    amp: bool,
+    settings: dict,
+    device: torch.device,
+    log=print,
+    label: str = "student",
+    extra: dict | None = None,
+) -> dict:
+    """Prune ``spec`` from the teacher, fine-tune it with the recipe, evaluate, export.
+
+    One recipe for every network compared (winner, uniform, and the baselines of
+    :mod:`casd_ray.compare`): only the widths differ. Returns the metrics it writes into
+    ``folder/metrics.json`` (with ``settings``, so equal settings mean a reusable folder).
+    """
+    model, history = finetune_student(
+        finetune_cfg,
+        distill_cfg,
+        importance,
+        seed,
+        amp,
+        data,
+        teacher.model,
+        teacher.spec,
+        spec,
+        folder,
+        settings,
+        device,
+        log,
+        label,
+    )
+    metrics = {
+        **distill.evaluate_splits(model, data, device, batch_size=EVAL_BATCH, amp=amp),
+        **cost_entry(model, spec, teacher.spec),
+        "epochs": finetune_cfg.epochs,
+        "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
+        **(extra or {}),
+        "history": history,
+        "settings": settings,
+    }
+    save_compressed(model, spec, folder, metrics)
+    (folder / "last.pt").unlink(missing_ok=True)
+    log(f"finetune: {label} val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f}")
+    return metrics
