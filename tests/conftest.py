@@ -126,7 +126,8 @@ def write_run_config(path: Path, output_dir: Path, data_root: Path, **sections) 
         "finetune": {"epochs": 1, "batch_size": 32},
     }
     for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
+        base = raw.get(key)
+        raw[key] = {**base, **value} if isinstance(base, dict) else value
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 

@@ -41,6 +41,7 @@ def setup(tmp_path_factory):
             "train_subset": 600,
         },
         finetune={"epochs": 6, "batch_size": 64},
+        audit={"top_k": 0},
     )
     reference = _run(config, "name=ref")
     assert reference.returncode == 0, reference.stderr[-2000:]
