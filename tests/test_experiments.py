@@ -25,6 +25,7 @@ SHAPES = {  # (in_channels, classes, image size) of each dataset, without loadin
     "fashion_mnist": (1, 10, (28, 28)),
     "cifar10": (3, 10, (32, 32)),
     "cifar100": (3, 100, (32, 32)),
+    "imagefolder": (3, 10, (32, 32)),  # the CIFAR-10 JPEG folder of the dev machines
 }
 
 
@@ -33,6 +34,16 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
+
+
+def test_cifar10_resnet20_is_the_method_evidence_setting():
+    cfg = load_config(EXPERIMENTS[0].parent / "cifar10_resnet20.yaml")
+    assert (cfg.data.dataset, cfg.model.arch, cfg.space.granularity) == (
+        "imagefolder",
+        "resnet20",
+        "layer",
+    )
+    assert cfg.space.budget.target == 0.5 and cfg.search.keep_control
 
 
 def test_experiments_exist():
@@ -52,7 +63,7 @@ def test_config_validates_at_full_size(path):
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in EXPERIMENTS if p.stem.startswith("cifar")], ids=lambda p: p.stem
+    "path", [p for p in EXPERIMENTS if p.stem.endswith("resnet164")], ids=lambda p: p.stem
 )
 def test_paper_configs_follow_the_paper_setting(path):
     cfg = load_config(path)
