@@ -369,32 +369,18 @@ def _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log
             dashboard=dashboard,
             log=log,
         )
-    elif stage == "finetune":
+    else:  # finetune and audit: students of the teacher, from the trials table
+        from casd_ray.audit import run_audit
         from casd_ray.finetune import run_finetune
         from casd_ray.trials import TRIALS_FILE, read_trials
 
-        run_finetune(
-            data if data is not None else _load_data(cfg),
-            load_network(run_dir / "teacher"),
-            read_trials(run_dir / TRIALS_FILE),
-            finetune_cfg=cfg.finetune,
-            distill_cfg=cfg.distill,
-            rules=rules,
-            seed=cfg.seed,
-            run_dir=run_dir,
-            settings=p.fingerprints["finetune"],
-            amp=amp,
-            log=log,
+        run, extra = (
+            (run_finetune, {}) if stage == "finetune" else (run_audit, {"top_k": cfg.audit.top_k})
         )
-    elif stage == "audit":
-        from casd_ray.audit import run_audit
-        from casd_ray.trials import TRIALS_FILE, read_trials
-
-        run_audit(
+        run(
             data if data is not None else _load_data(cfg),
             load_network(run_dir / "teacher"),
             read_trials(run_dir / TRIALS_FILE),
-            top_k=cfg.audit.top_k,
             finetune_cfg=cfg.finetune,
             distill_cfg=cfg.distill,
             rules=rules,
@@ -403,4 +389,5 @@ def _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log
             settings=p.fingerprints["finetune"],
             amp=amp,
             log=log,
+            **extra,
         )
