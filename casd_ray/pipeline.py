@@ -20,6 +20,7 @@ only then ``config.yaml`` and the stage records are written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -230,7 +231,7 @@ def execute(
 ) -> Path:
     """Check everything, then run ``stages`` in order; returns the run folder."""
     from casd_ray import space
-    from casd_ray.trial import trial_plan
+    from casd_ray.export import load_network
 
     check_output(cfg)
     p = plan(cfg, [s for s in stages if s != "report"], fresh)
@@ -240,10 +241,20 @@ def execute(
         from casd_ray.search import check_resources
 
         check_resources(cfg.search)
-    data = _load_data(cfg) if any(p.runs(s) for s in TRAINED) else None
-    teacher = _teacher_for_checks(cfg, p, data)
-    if p.runs("search") or p.runs("finetune"):
-        space.check_budget(rules, teacher)
+    # Data and the finished teacher are read from disk at most once per command.
+    dataset = functools.cache(functools.partial(_load_data, cfg))
+    loaded: dict = {}
+
+    def teacher():
+        if "net" not in loaded:
+            loaded["net"] = _teacher_files(lambda: load_network(run_dir / "teacher"))
+        return loaded["net"]
+
+    if any(p.runs(s) for s in TRAINED):  # data, teacher files and budget: refused before
+        dataset()  # the run folder is written
+        spec = _teacher_spec_for_checks(cfg, p, dataset, teacher)
+        if p.runs("search") or p.runs("finetune"):
+            space.check_budget(rules, spec)
     # Everything is checked: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -256,12 +267,16 @@ def execute(
         if stage == "report":
             log(f"{head}: report written: {report(run_dir)}")
             continue
-        if action == "reuse" and _output_ok(stage, cfg, rules, trust_folder, log):
+        if action == "reuse" and _output_ok(stage, cfg, rules, teacher, trust_folder, log):
             log(f"{head}: reusing {run_dir} (same settings)")
             continue
         log(f"{head}: {'resuming' if action == 'resume' else 'running'}")
         _mark(run_dir, stage, p.fingerprints[stage], "running")
-        _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log, trial_plan)
+        made = _run_stage(
+            stage, cfg, dataset, rules, p, teacher, address, dashboard, trust_folder, log
+        )
+        if stage == "teacher":
+            loaded["net"] = made
         _mark(run_dir, stage, p.fingerprints[stage], "done")
     return run_dir
 
@@ -281,19 +296,19 @@ def _load_data(cfg: ExperimentConfig):
     return load_dataset(cfg.data, cfg.seed)
 
 
-def _teacher_for_checks(cfg: ExperimentConfig, p: Plan, data):
-    """The teacher's width spec, to check the budget before anything is written."""
-    from casd_ray.export import load_network, read_spec
+def _teacher_spec_for_checks(cfg: ExperimentConfig, p: Plan, dataset, teacher):
+    """The teacher's width spec, to check the budget before anything is written.
+
+    A finished teacher is loaded whole (``teacher()``, kept for the later stages), so a
+    corrupt ``model.pt`` is refused now rather than after the run folder was touched.
+    """
     from casd_ray.teacher import load_checkpoint, teacher_spec
 
-    folder = cfg.run_dir / "teacher"
     if p.actions.get("teacher") == "reuse":
-        if p.runs("search") or p.runs("finetune"):
-            return _teacher_files(lambda: load_network(folder)).spec  # checks model.pt now
-        return _teacher_files(lambda: read_spec(folder / "widths.json"))
+        return teacher().spec
     if cfg.teacher.checkpoint:
-        return load_checkpoint(cfg.teacher.checkpoint, cfg.model, data, lambda _: None)[1]
-    return teacher_spec(cfg.model, data)
+        return load_checkpoint(cfg.teacher.checkpoint, cfg.model, dataset(), lambda _: None)[1]
+    return teacher_spec(cfg.model, dataset())
 
 
 def _teacher_files(read):
@@ -304,20 +319,20 @@ def _teacher_files(read):
         raise ArtifactError(f"{err}; rerun with --fresh teacher to train it again") from None
 
 
-def _output_ok(stage: str, cfg: ExperimentConfig, rules, trust_folder: bool, log: Log) -> bool:
+def _output_ok(
+    stage: str, cfg: ExperimentConfig, rules, teacher, trust_folder: bool, log: Log
+) -> bool:
     """Whether a finished stage's outputs can be reused as they are.
 
     Derived files are rebuilt here (a lost or torn trials table from the search's results);
     a corrupt fine-tune summary reruns the fine-tune, which reuses its finished parts.
     """
-    from casd_ray.export import SUMMARY, read_spec, read_summary
+    from casd_ray.export import SUMMARY, read_summary
     from casd_ray.trials import TRIALS_FILE, read_trials
 
     run_dir = cfg.run_dir
     if stage == "teacher":
-        from casd_ray.export import load_network
-
-        _teacher_files(lambda: load_network(run_dir / "teacher"))
+        teacher()  # checks every teacher file (and keeps the network for the next stages)
     if stage == "search":
         try:
             read_trials(run_dir / TRIALS_FILE)
@@ -325,8 +340,7 @@ def _output_ok(stage: str, cfg: ExperimentConfig, rules, trust_folder: bool, log
             from casd_ray.search import rebuild_table
 
             log(f"search: {err}; rebuilding it from {run_dir / 'search'}")
-            spec = read_spec(run_dir / "teacher" / "widths.json")
-            rebuild_table(run_dir, rules, cfg.search.max_epochs, spec, trust_folder)
+            rebuild_table(run_dir, rules, cfg.search.max_epochs, teacher().spec, trust_folder)
     if stage == "finetune":
         try:
             read_summary(run_dir / SUMMARY)
@@ -336,16 +350,15 @@ def _output_ok(stage: str, cfg: ExperimentConfig, rules, trust_folder: bool, log
     return True
 
 
-def _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log, trial_plan):
-    from casd_ray.export import load_network
-
+def _run_stage(stage, cfg, dataset, rules, p, teacher, address, dashboard, trust_folder, log):
+    """Run one stage on its inputs; returns the teacher network for the teacher stage."""
     run_dir = cfg.run_dir
     amp = cfg.search.amp
     if stage == "teacher":
         from casd_ray.teacher import make_teacher
 
-        make_teacher(
-            data,
+        return make_teacher(
+            dataset(),
             cfg.model,
             cfg.teacher,
             cfg.seed,
@@ -354,12 +367,13 @@ def _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log
             amp=amp,
             log=log,
         )
-    elif stage == "search":
+    if stage == "search":
         from casd_ray.search import run_search
+        from casd_ray.trial import trial_plan
 
-        run_search(
-            data,
-            load_network(run_dir / "teacher"),
+        return run_search(
+            dataset(),
+            teacher(),
             search_cfg=cfg.search,
             plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
             run_dir=run_dir,
@@ -369,25 +383,25 @@ def _run_stage(stage, cfg, data, rules, p, address, dashboard, trust_folder, log
             dashboard=dashboard,
             log=log,
         )
-    else:  # finetune and audit: students of the teacher, from the trials table
-        from casd_ray.audit import run_audit
-        from casd_ray.finetune import run_finetune
-        from casd_ray.trials import TRIALS_FILE, read_trials
+    # finetune and audit: students of the teacher, from the trials table
+    from casd_ray.audit import run_audit
+    from casd_ray.finetune import run_finetune
+    from casd_ray.trials import TRIALS_FILE, read_trials
 
-        run, extra = (
-            (run_finetune, {}) if stage == "finetune" else (run_audit, {"top_k": cfg.audit.top_k})
-        )
-        run(
-            data if data is not None else _load_data(cfg),
-            load_network(run_dir / "teacher"),
-            read_trials(run_dir / TRIALS_FILE),
-            finetune_cfg=cfg.finetune,
-            distill_cfg=cfg.distill,
-            rules=rules,
-            seed=cfg.seed,
-            run_dir=run_dir,
-            settings=p.fingerprints["finetune"],
-            amp=amp,
-            log=log,
-            **extra,
-        )
+    run, extra = (
+        (run_finetune, {}) if stage == "finetune" else (run_audit, {"top_k": cfg.audit.top_k})
+    )
+    return run(
+        dataset(),
+        teacher(),
+        read_trials(run_dir / TRIALS_FILE),
+        finetune_cfg=cfg.finetune,
+        distill_cfg=cfg.distill,
+        rules=rules,
+        seed=cfg.seed,
+        run_dir=run_dir,
+        settings=p.fingerprints["finetune"],
+        amp=amp,
+        log=log,
+        **extra,
+    )
