@@ -111,6 +111,13 @@ class SearchConfig(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     max_concurrent: int = Field(2, ge=1)
+    # Trials per generation: proposals and ASHA's stops see only earlier generations, so the
+    # same seed gives the same search on any machine, busy or idle (casd_ray.rungs). null:
+    # asynchronous (Tune's default; what was seen depends on timing). Fingerprinted.
+    generation_size: int | None = Field(None, ge=1)
+    # The teacher's logits for every search batch computed once and shared by all trials
+    # (batches are seeded by (seed, epoch), so they are the same in every trial).
+    shared_logits: bool = True
     max_failures: int = Field(0, ge=0)  # retries of a failed trial; the search goes on anyway
     population: int = Field(8, ge=2)  # evolution
     sample_size: int = Field(3, ge=1)  # evolution tournament

@@ -136,7 +136,7 @@ def prepare_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     return model
 
 
-def _autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA (no loss scaler needed); a no-op on CPU, where it is slower."""
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -161,6 +161,7 @@ def train_one_epoch(
     mean,
     std,
     teacher: nn.Module | None = None,
+    teacher_logits: Tensor | None = None,
     temperature: float = 4.0,
     alpha: float = 0.9,
     label_smoothing: float = 0.0,
@@ -168,6 +169,8 @@ def train_one_epoch(
 ) -> dict:
     """One pass over ``(x, y)``: plain CE, or distillation when a ``teacher`` is given.
 
+    ``teacher_logits``: this epoch's teacher logits in batch order (computed once per search
+    by :func:`casd_ray.trial.pack_logits`), used instead of running ``teacher`` per batch.
     Returns ``{"loss", "acc", "images_per_s", "seconds"}`` (loss and accuracy are means over
     the epoch's training batches). Raises ``FloatingPointError`` on a non-finite loss, so a
     diverged candidate fails loudly instead of reporting a NaN score.
@@ -176,6 +179,8 @@ def train_one_epoch(
     model.train()
     if teacher is not None:
         teacher.eval()
+    distilled = teacher is not None or teacher_logits is not None
+    offset = 0  # rows of ``teacher_logits`` consumed so far
     check_every = 1 if device.type == "cpu" else _GPU_CHECK_EVERY
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -186,11 +191,14 @@ def train_one_epoch(
         x, y, batch_size=batch_size, seed=seed, epoch=epoch, augment=augment, mean=mean, std=std
     )
     for step, (xb, yb) in enumerate(batches, start=1):
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(xb)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(xb)
+            if distilled:
+                if teacher_logits is not None:
+                    t_logits = teacher_logits[offset : offset + len(yb)]
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(xb)
                 loss = distillation_loss(logits, t_logits, yb, temperature, alpha, label_smoothing)
             else:
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
@@ -204,6 +212,7 @@ def train_one_epoch(
             scheduler.step()
         correct += (logits.detach().argmax(1) == yb).sum()
         seen += len(yb)
+        offset += len(yb)
     if seen and not torch.isfinite(loss_sum):
         raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}")
     seconds = time.perf_counter() - start
@@ -239,7 +248,7 @@ def evaluate(
     seen = 0
     try:
         for xb, yb in eval_batches(x, y, batch_size=batch_size, mean=mean, std=std):
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = model(xb)
             loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
             correct += (logits.argmax(1) == yb).sum()

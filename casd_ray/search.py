@@ -34,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
 from casd_ray import space as space_mod
 from casd_ray import trust
@@ -44,8 +44,16 @@ from casd_ray.config import ConfigError, SearchConfig
 from casd_ray.data import DataSplits
 from casd_ray.export import Network
 from casd_ray.models import WidthSpec
+from casd_ray.rungs import make_scheduler
 from casd_ray.space import SpaceRules
-from casd_ray.trial import TrialPlan, distill_trial, pack_data, pack_teacher, trial_resources
+from casd_ray.trial import (
+    TrialPlan,
+    distill_trial,
+    pack_data,
+    pack_logits,
+    pack_teacher,
+    trial_resources,
+)
 from casd_ray.trials import (
     BUDGET_SLACK,
     TRIALS_FILE,
@@ -180,46 +188,6 @@ class SearchInterrupted(KeyboardInterrupt):
     """The search ended before every trial finished (Ctrl-C, SIGTERM): never fine-tune it."""
 
 
-class KeepControlASHA(ASHAScheduler):
-    """ASHA that never stops the uniform control trial.
-
-    The control is the yardstick of every search (the report compares the winner with it,
-    and ranks it among the trials): stopped at the first rung, its score says little. Its
-    results still enter the rungs, so it sets the bar for the other trials as before.
-    """
-
-    def __init__(self, control: dict[str, float], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.control = dict(control)
-
-    def _is_control(self, config: dict) -> bool:
-        return all(abs(float(config.get(k, math.nan)) - v) < 1e-9 for k, v in self.control.items())
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
-        unfinished = result.get(self._time_attr, 0) < self._max_t
-        if decision == self.STOP and unfinished and self._is_control(trial.config):
-            self._num_stopped -= 1
-            return self.CONTINUE
-        return decision
-
-
-def _scheduler(s: SearchConfig, control: dict[str, float]):
-    from ray.tune.schedulers import FIFOScheduler
-
-    if s.scheduler == "fifo":
-        return FIFOScheduler()
-    kwargs = dict(
-        metric="val_acc",
-        mode="max",
-        time_attr="epoch",
-        max_t=s.max_epochs,
-        grace_period=min(s.grace_period, s.max_epochs),
-        reduction_factor=s.reduction_factor,
-    )
-    return KeepControlASHA(control, **kwargs) if s.keep_control else ASHAScheduler(**kwargs)
-
-
 def check_resources(s: SearchConfig, have: dict[str, float] | None = None) -> None:
     """Refuse a trial size the Ray instance can never hold (Tune would wait forever).
 
@@ -248,6 +216,38 @@ def _set_aside(path: Path, log: Log) -> None:
         aside.parent.mkdir(parents=True, exist_ok=True)
         path.rename(aside)
         log(f"search: previous search folder moved to {aside}")
+
+
+# Above this the logits stay per trial: ImageNet-sized proxies need top-k or fp16 storage.
+SHARED_LOGITS_MAX_BYTES = 2 << 30
+
+
+def _shared_logits(
+    packed: dict, teacher: Network, s: SearchConfig, plan: TrialPlan, log: Log
+) -> np.ndarray | None:
+    """The teacher's logits for every search epoch, once (``search.shared_logits``)."""
+    if not s.shared_logits:
+        return None
+    n, classes = len(packed["y_train"]), teacher.spec.num_classes
+    size = s.max_epochs * n * classes * 4
+    if size > SHARED_LOGITS_MAX_BYTES:
+        log(
+            f"search: shared teacher logits would take {size / 2**30:.1f} GiB "
+            f"({s.max_epochs} epochs x {n} images x {classes} classes); the teacher runs in "
+            "every trial instead (lower search.train_subset to share them)"
+        )
+        return None
+    import torch
+
+    t0 = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = pack_logits(packed, teacher.model, plan, device)
+    log(
+        f"search: teacher logits for {s.max_epochs} epochs x {n} images computed once "
+        f"({logits.nbytes / 2**20:.1f} MiB, {time.time() - t0:.1f}s on {device}), shared by "
+        "every trial"
+    )
+    return logits
 
 
 def _finished(results) -> int:
@@ -311,13 +311,15 @@ def run_search(
             if address is None:
                 raise
             log(f"warning: {err} (or let the cluster scale up)")
+        packed = pack_data(data, s.train_subset, plan.seed)
         trainable = tune.with_resources(
             tune.with_parameters(
                 trainable,
-                data=pack_data(data, s.train_subset, plan.seed),
+                data=packed,
                 teacher_state=pack_teacher(teacher.model),
                 teacher_spec_json=teacher.spec.to_json(),
                 plan=plan,
+                teacher_logits=_shared_logits(packed, teacher, s, plan, log),
             ),
             trial_resources(s),
         )
@@ -338,7 +340,7 @@ def run_search(
                 param_space=tune_search_space(bounds),
                 tune_config=tune.TuneConfig(
                     search_alg=build_searcher(s, plan.seed, bounds, points),
-                    scheduler=_scheduler(s, points[0]),
+                    scheduler=make_scheduler(s, points[0]),
                     num_samples=s.num_samples,
                     # a finished trial's worker (torch imported, data mapped) runs the next
                     reuse_actors=True,

@@ -133,10 +133,60 @@ def _evolution(
     )
 
 
+class GenerationLimiter(ConcurrencyLimiter):
+    """Proposals in generations, so that what the searcher has seen never depends on timing.
+
+    At most ``max_concurrent`` trials run at once, and at most ``generation_size`` are
+    proposed per generation; the searcher is told a generation's results (every reported
+    epoch, then the final result) only once all of its trials have finished, in the order it
+    proposed them. Each proposal is then a function of the seed and of earlier generations'
+    results alone, whichever trial finished first. The price: at a generation's end, slots
+    wait for its slowest trial. ``casd_ray.rungs`` makes ASHA's stops follow the same
+    generations. State (for ``Tuner.restore``) is the base class's: this object's ``__dict__``.
+    """
+
+    def __init__(self, searcher: Searcher, max_concurrent: int, generation_size: int) -> None:
+        super().__init__(searcher, max_concurrent=max_concurrent, batch=False)
+        self.generation_size = generation_size
+        self.proposed: list[str] = []  # this generation's trials, in proposal order
+        self.reports: dict[str, list[dict]] = {}  # held back until the generation ends
+        self.finished: dict[str, tuple[dict | None, bool]] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        running = len(self.proposed) - len(self.finished)
+        if len(self.proposed) >= self.generation_size or running >= self.max_concurrent:
+            return None
+        suggestion = self.searcher.suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.proposed.append(trial_id)
+            self.reports[trial_id] = []
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.reports:
+            self.reports[trial_id].append(result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if trial_id not in self.reports or trial_id in self.finished:
+            return
+        self.finished[trial_id] = (result, error)
+        if len(self.finished) < self.generation_size:
+            return
+        for t in self.proposed:
+            for report in self.reports[t]:
+                self.searcher.on_trial_result(t, report)
+            result, error = self.finished[t]
+            self.searcher.on_trial_complete(t, result=result, error=error)
+        self.proposed, self.reports, self.finished = [], {}, {}
+
+
 def build_searcher(
     s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float]]
 ) -> ConcurrencyLimiter:
-    """The searcher ``s.algorithm`` names (seeded), limited to ``s.max_concurrent``.
+    """The searcher ``s.algorithm`` names (seeded), limited to ``s.max_concurrent``; with
+    ``s.generation_size``, proposing in generations (:class:`GenerationLimiter`).
 
     ``space``: ``{gene: (low, high)}``; ``points``: genomes tried first (the uniform control
     first). Points are checked against the space here, before any cluster starts.
@@ -146,4 +196,6 @@ def build_searcher(
         raise ValueError(f"search.algorithm: unknown searcher {name!r} (have {sorted(SEARCHERS)})")
     validate_points(space, points)
     searcher = SEARCHERS[name](s, seed, space, points)
+    if s.generation_size:
+        return GenerationLimiter(searcher, s.max_concurrent, s.generation_size)
     return ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)

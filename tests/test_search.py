@@ -6,6 +6,7 @@ killed driver is resumed; a diverging config errors trial by trial without endin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,14 +19,18 @@ import pandas as pd
 import pytest
 import ray
 from conftest import ensure_teacher, rules_of
+from ray import cloudpickle
 from ray.tune import ExperimentAnalysis
 
+from casd_ray import search as search_stage
 from casd_ray.config import ConfigError, ExperimentConfig, save_config
-from casd_ray.export import read_spec
+from casd_ray.data import load_dataset
+from casd_ray.export import load_network, read_spec
 from casd_ray.models import WidthSpec, flops
 from casd_ray.pipeline import execute
 from casd_ray.search import dashboard_login_hint, trials_table
 from casd_ray.space import BudgetError
+from casd_ray.trial import distill_trial, trial_plan
 from casd_ray.trials import TRIALS_FILE, best_completed, pareto_front
 
 MAX_EPOCHS = 4
@@ -113,6 +118,7 @@ def test_searcher_runs_under_asha(ray_local, workdir, image_tree, algorithm):
         assert df["meets_budget"].all()
     assert any("finished" in ln for ln in lines) and any("stopped early" in ln for ln in lines)
     assert any(ln.startswith("search done: 6 trials") for ln in lines)
+    assert any("teacher logits for 4 epochs" in ln and "shared" in ln for ln in lines)
 
 
 def test_diverging_trials_are_recorded_and_the_search_finishes(ray_local, workdir, image_tree):
@@ -217,27 +223,48 @@ def test_dashboard_hint_names_the_token(monkeypatch):
     assert "$RAY_AUTH_TOKEN" in dashboard_login_hint()
 
 
-def test_asha_never_stops_the_control_but_counts_its_results():
-    from types import SimpleNamespace
+def delayed(phase: int):
+    """:func:`distill_trial` slowed down per epoch by an amount drawn from the genome and
+    ``phase``: each phase makes a different trial of a generation finish first."""
 
-    from casd_ray.search import KeepControlASHA
+    def delayed_trial(config, **kwargs):
+        import time as time_mod
 
-    control = {"stage0": 0.5, "stage1": 0.5}
-    sched = KeepControlASHA(
-        control, metric="val_acc", mode="max", time_attr="epoch", max_t=4, grace_period=1,
-        reduction_factor=2,
-    )  # fmt: skip
-    trials = [
-        SimpleNamespace(trial_id=f"t{i}", config={"stage0": 0.1 * i, "stage1": 0.3})
-        for i in range(4)
-    ]
-    ctrl = SimpleNamespace(trial_id="ctrl", config=dict(control))
-    for t in [*trials, ctrl]:
-        sched.on_trial_add(None, t)
-    for i, t in enumerate(trials):  # good scores first, so later bad ones fall below the cut
-        sched.on_trial_result(None, t, {"epoch": 1, "val_acc": 0.9 - 0.01 * i})
-    weak = SimpleNamespace(trial_id="weak", config={"stage0": 0.9, "stage1": 0.9})
-    sched.on_trial_add(None, weak)
-    assert sched.on_trial_result(None, weak, {"epoch": 1, "val_acc": 0.1}) == sched.STOP
-    assert sched.on_trial_result(None, ctrl, {"epoch": 1, "val_acc": 0.05}) == sched.CONTINUE
-    assert sched.on_trial_result(None, ctrl, {"epoch": 4, "val_acc": 0.05}) == sched.STOP  # done
+        from ray import tune
+
+        key = json.dumps({k: round(float(v), 6) for k, v in sorted(config.items())})
+        delay = 1.0 * ((int(hashlib.sha256(key.encode()).hexdigest(), 16) + phase) % 2)
+
+        def report(metrics, checkpoint=None):
+            time_mod.sleep(delay)
+            tune.report(metrics, checkpoint=checkpoint)
+
+        return distill_trial(config, report=report, **kwargs)
+
+    return delayed_trial
+
+
+def test_generations_make_the_search_independent_of_timing(ray_local, workdir, image_tree):
+    """Same seed, different trial timing: with ``generation_size`` the same trials, stops and
+    scores (the proposals and ASHA's stops see only finished generations)."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
+    outcomes = []
+    for phase in (0, 1):
+        cfg = make_cfg(workdir, image_tree, f"gen-{phase}", generation_size=2, num_samples=6)
+        execute(cfg, ["teacher"], log=lambda _: None)
+        path = search_stage.run_search(
+            load_dataset(cfg.data, cfg.seed),
+            load_network(cfg.run_dir / "teacher"),
+            search_cfg=cfg.search,
+            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
+            run_dir=cfg.run_dir,
+            resume=False,
+            log=lambda _: None,
+            trainable=delayed(phase),
+        )
+        df = pd.read_parquet(path)
+        outcomes.append(
+            sorted(zip(df["genome"], df["epochs"], df["best_val_acc"].round(6), strict=True))
+        )
+        assert len(df) == 6 and df["stopped_early"].any() and df["is_control"].sum() == 1
+    assert outcomes[0] == outcomes[1]

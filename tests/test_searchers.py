@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import typing
 
 import optuna
@@ -259,3 +260,43 @@ def test_evolution_warm_start_from_evaluated_points():
     assert searcher.population == [(CONTROL, 0.5), (POINTS[1], 0.4)]
     # a space given at construction is kept: Tune's param_space is refused, as Ray's do
     assert not searcher.set_search_properties(None, None, tune_search_space(SPACE))
+
+
+def run_generations(name: str, order_seed: int, total: int = 12) -> list[dict[str, float]]:
+    """Generations of 3 trials, 2 at a time; running trials finish in a seeded random order."""
+    searcher = make(name, generation_size=3, max_concurrent=2)
+    rng, running, proposed = random.Random(order_seed), {}, []
+    while len(proposed) < total or running:
+        genome = searcher.suggest(f"t{len(proposed)}") if len(proposed) < total else None
+        if genome is not None:
+            running[f"t{len(proposed)}"] = genome
+            proposed.append(genome)
+            assert len(running) <= 2
+            continue
+        assert running, "the limiter proposed nothing while no trial was running"
+        done = rng.choice(sorted(running))
+        result = score(running.pop(done))
+        searcher.on_trial_result(done, result)
+        searcher.on_trial_complete(done, result)
+    return proposed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generations_make_proposals_independent_of_finishing_order(name):
+    runs = [run_generations(name, order_seed) for order_seed in range(3)]
+    assert len(runs[0]) == 12
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0] == CONTROL  # the control is still the first trial
+
+
+def test_generation_limiter_holds_results_until_the_generation_ends():
+    searcher = make("evolution", generation_size=2, max_concurrent=2)
+    inner = searcher.searcher
+    a, b = searcher.suggest("a"), searcher.suggest("b")
+    assert searcher.suggest("c") is None  # generation full
+    searcher.on_trial_result("b", score(b))
+    searcher.on_trial_complete("b", score(b))
+    assert inner.population == [] and searcher.suggest("c") is None
+    searcher.on_trial_complete("a", score(a))
+    assert [g for g, _ in inner.population] == [a, b]  # told in proposal order
+    assert searcher.suggest("c") is not None

@@ -16,11 +16,13 @@ from casd_ray import distill, space
 from casd_ray.batches import to_tensors, train_batches
 from casd_ray.config import ExperimentConfig
 from casd_ray.data import load_dataset
+from casd_ray.export import numpy_to_state
 from casd_ray.models import WidthSpec, build_model, flops, spec_for
 from casd_ray.trial import (
     STATE_FILE,
     distill_trial,
     pack_data,
+    pack_logits,
     pack_teacher,
     steps_per_epoch,
     trial_plan,
@@ -221,3 +223,43 @@ def test_trial_resources_from_the_search_section(setup):
     assert trial_resources(search) == {"cpu": 1}
     gpu = search.model_copy(update={"cpus_per_trial": 2, "gpus_per_trial": 0.5})
     assert trial_resources(gpu) == {"cpu": 2, "gpu": 0.5}
+
+
+def test_shared_teacher_logits_give_the_trial_its_own_numbers(setup, tmp_path):
+    """Logits computed once (``search.shared_logits``) = the trial's own teacher forwards."""
+    cfg, data, teacher_state, spec = setup
+    teacher = build_model(spec)
+    teacher.load_state_dict(numpy_to_state(teacher_state))
+    plan = trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed)
+    logits = pack_logits(data, teacher, plan)
+    n_batched = sum(len(yb) for _, yb in _epoch_batches(data, plan))
+    assert logits.shape == (plan.max_epochs, n_batched, spec.num_classes)
+    assert not np.allclose(logits[0], logits[1])  # each epoch has its own augmentation
+    genome = {"stage0": 0.3, "stage1": 1.0, "stage2": 0.6}
+    runs = {}
+    for shared in (False, True):
+        rec = Recorder(tmp_path / str(shared))
+        _run(
+            setup,
+            genome=genome,
+            report=rec,
+            get_checkpoint=lambda: None,
+            teacher_logits=logits if shared else None,
+        )
+        runs[shared] = rec.metrics
+    for own, cached in zip(runs[False], runs[True], strict=True):
+        for key in ("val_loss", "train_loss"):
+            assert cached[key] == pytest.approx(own[key], rel=1e-4, abs=1e-5), key
+        assert abs(cached["val_acc"] - own["val_acc"]) <= 1 / len(data["y_val"])
+    wrong = np.zeros_like(logits)  # and they are really used: other logits, other training
+    rec = Recorder(tmp_path / "wrong")
+    _run(setup, genome=genome, report=rec, get_checkpoint=lambda: None, teacher_logits=wrong)
+    assert rec.metrics[-1]["train_loss"] != pytest.approx(runs[True][-1]["train_loss"], rel=1e-3)
+
+
+def _epoch_batches(data, plan):
+    x, y = to_tensors(data["x_train"], data["y_train"], "cpu")
+    return train_batches(
+        x, y, batch_size=plan.batch_size, seed=plan.seed, epoch=0, augment=data["augment"],
+        mean=data["mean"], std=data["std"],
+    )  # fmt: skip

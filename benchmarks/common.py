@@ -1,0 +1,44 @@
+"""What the search benchmarks share: a teacher trained once in a temporary folder, the data,
+and a quiet local Ray instance sized to the search section."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import ray
+
+from casd_ray.config import ExperimentConfig, load_config
+from casd_ray.data import DataSplits, load_dataset
+from casd_ray.export import Network, load_network
+from casd_ray.pipeline import execute
+
+SMOKE = [
+    "teacher.epochs=1",
+    "data.train_subset=2000",
+    "search.train_subset=1000",
+    "search.num_samples=6",
+    "search.max_epochs=2",
+]
+
+
+def prepare(
+    config: str, overrides: list[str], prefix: str
+) -> tuple[ExperimentConfig, DataSplits, Network, Path]:
+    """(config, data, teacher, output folder): the config's teacher trained in a temp folder."""
+    out = Path(tempfile.mkdtemp(prefix=prefix))
+    cfg = load_config(config, [*overrides, f"output_dir={out}", "name=teacher"])
+    execute(cfg, ["teacher"], log=print)
+    data = load_dataset(cfg.data, cfg.seed)
+    print(f"data: {len(data.y_train)} train images; runs in {out}")
+    return cfg, data, load_network(cfg.run_dir / "teacher"), out
+
+
+def start_ray(cfg: ExperimentConfig) -> None:
+    """A local instance with exactly the CPUs the search's concurrent trials use."""
+    ray.init(
+        num_cpus=int(cfg.search.max_concurrent * cfg.search.cpus_per_trial),
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )

@@ -1,0 +1,130 @@
+"""ASHA's casd-ray rules (``casd_ray.rungs``), driven by hand the way Tune drives a scheduler.
+
+The reference is Ray's own ``ASHAScheduler``: with generations of one trial each, fed one trial
+at a time, every decision must equal its decision; with larger generations, a decision must not
+depend on the order in which the trials of one generation report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from casd_ray.config import SearchConfig
+from casd_ray.rungs import SearchASHA, make_scheduler
+
+ASHA = dict(metric="val_acc", mode="max", time_attr="epoch", max_t=9, grace_period=1)
+CONTROL = {"stage0": 0.5, "stage1": 0.5}
+
+
+def trial(i: int, config: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=f"t{i:03d}", config=config or {"stage0": 0.01 * i})
+
+
+def curve(i: int, epoch: int) -> float:
+    """A score per (trial, epoch): seeded noise around a trial-specific level."""
+    rng = random.Random(i * 1000 + epoch)
+    return 0.3 + 0.05 * (i % 7) + 0.02 * epoch + rng.uniform(-0.04, 0.04)
+
+
+def run_sequential(sched, n: int) -> list[tuple[str, int, str]]:
+    """Trials one after another; every (trial, epoch, decision) until each stops."""
+    log = []
+    for i in range(n):
+        t = trial(i)
+        sched.on_trial_add(None, t)
+        for epoch in range(1, ASHA["max_t"] + 1):
+            decision = sched.on_trial_result(None, t, {"epoch": epoch, "val_acc": curve(i, epoch)})
+            log.append((t.trial_id, epoch, decision))
+            if decision == sched.STOP:
+                break
+        sched.on_trial_complete(None, t, {"epoch": epoch, "val_acc": curve(i, epoch)})
+    return log
+
+
+@pytest.mark.parametrize("rf", [2, 3])
+def test_generations_of_one_decide_like_rays_asha(rf):
+    ours = run_sequential(SearchASHA(None, 1, reduction_factor=rf, **ASHA), 30)
+    rays = run_sequential(ASHAScheduler(reduction_factor=rf, **ASHA), 30)
+    assert ours == rays
+    assert any(d == "STOP" for *_, d in rays) and any(e == 9 for _, e, _ in rays)
+
+
+def run_generation(sched, trials: list, order: list[int]) -> dict[str, int]:
+    """One generation epoch by epoch, its trials reporting in ``order``; epochs run per trial."""
+    epochs = {}
+    live = list(trials)
+    for epoch in range(1, ASHA["max_t"] + 1):
+        for k in order:
+            t = trials[k]
+            if t not in live:
+                continue
+            i = int(t.trial_id[1:])
+            result = {"epoch": epoch, "val_acc": curve(i, epoch)}
+            if sched.on_trial_result(None, t, result) == sched.STOP:
+                live.remove(t)
+                epochs[t.trial_id] = epoch
+    return epochs
+
+
+def test_decisions_do_not_depend_on_the_order_within_a_generation():
+    outcomes, asha_outcomes = set(), set()
+    for seed in range(6):
+        order = random.Random(seed).sample(range(4), 4)
+        for cls, out in ((SearchASHA, outcomes), (None, asha_outcomes)):
+            if cls is None:
+                sched = ASHAScheduler(reduction_factor=2, **ASHA)
+            else:
+                sched = SearchASHA(None, 4, reduction_factor=2, **ASHA)
+            gens = [[trial(4 * g + k) for k in range(4)] for g in range(3)]
+            for t in itertools.chain(*gens):
+                sched.on_trial_add(None, t)
+            epochs = {}
+            for gen in gens:
+                epochs |= run_generation(sched, gen, order)
+            out.add(tuple(sorted(epochs.items())))
+    assert len(outcomes) == 1  # one result whatever the order
+    assert len(asha_outcomes) > 1  # plain ASHA: the order changes who is stopped
+    (stops,) = outcomes
+    assert any(e < 9 for _, e in stops)  # later generations are still cut
+
+
+def test_first_generation_is_never_stopped():
+    sched = SearchASHA(None, 4, reduction_factor=2, **ASHA)
+    gen = [trial(i) for i in range(4)]
+    for t in gen:
+        sched.on_trial_add(None, t)
+    assert set(run_generation(sched, gen, [3, 2, 1, 0]).values()) == {9}
+
+
+def test_control_is_never_stopped_but_counts():
+    sched = SearchASHA(CONTROL, None, reduction_factor=2, **{**ASHA, "max_t": 4})
+    good = [trial(i) for i in range(4)]
+    ctrl = trial(99, dict(CONTROL))
+    for t in [*good, ctrl]:
+        sched.on_trial_add(None, t)
+    for i, t in enumerate(good):  # good scores first, so later bad ones fall below the cut
+        sched.on_trial_result(None, t, {"epoch": 1, "val_acc": 0.9 - 0.01 * i})
+    weak = trial(50, {"stage0": 0.9, "stage1": 0.9})
+    sched.on_trial_add(None, weak)
+    assert sched.on_trial_result(None, weak, {"epoch": 1, "val_acc": 0.1}) == sched.STOP
+    assert sched.on_trial_result(None, ctrl, {"epoch": 1, "val_acc": 0.05}) == sched.CONTINUE
+    assert sched.on_trial_result(None, ctrl, {"epoch": 4, "val_acc": 0.05}) == sched.STOP  # done
+    plain = SearchASHA(None, None, reduction_factor=2, **{**ASHA, "max_t": 4})
+    for t in [*good, ctrl]:
+        plain.on_trial_add(None, t)
+    for i, t in enumerate(good):
+        plain.on_trial_result(None, t, {"epoch": 1, "val_acc": 0.9 - 0.01 * i})
+    assert plain.on_trial_result(None, ctrl, {"epoch": 1, "val_acc": 0.05}) == plain.STOP
+
+
+def test_make_scheduler_follows_the_search_section():
+    assert isinstance(make_scheduler(SearchConfig(scheduler="fifo"), CONTROL), FIFOScheduler)
+    s = make_scheduler(SearchConfig(generation_size=4, max_epochs=3, grace_period=5), CONTROL)
+    assert isinstance(s, SearchASHA) and s.generation_size == 4 and s.control == CONTROL
+    assert s._max_t == 3  # grace period clipped to max_epochs inside
+    assert make_scheduler(SearchConfig(keep_control=False), CONTROL).control is None
