@@ -9,10 +9,12 @@ from pathlib import Path
 
 import ray
 
-from casd_ray.config import ExperimentConfig, load_config
+from casd_ray.config import ExperimentConfig, SearchConfig, load_config
 from casd_ray.data import DataSplits, load_dataset
 from casd_ray.export import Network, load_network
 from casd_ray.pipeline import execute
+from casd_ray.search import run_search
+from casd_ray.trial import trial_plan
 
 SMOKE = [
     "teacher.epochs=1",
@@ -41,4 +43,19 @@ def start_ray(cfg: ExperimentConfig) -> None:
         num_cpus=int(cfg.search.max_concurrent * cfg.search.cpus_per_trial),
         log_to_driver=False,
         logging_level=logging.WARNING,
+    )
+
+
+def search(
+    cfg: ExperimentConfig, data: DataSplits, teacher: Network, s: SearchConfig, run_dir: Path, **kw
+) -> Path:
+    """One fresh search with search section ``s`` into ``run_dir`` (``kw``: log, trainable)."""
+    return run_search(
+        data,
+        teacher,
+        search_cfg=s,
+        plan=trial_plan(cfg.space, cfg.distill, s, cfg.seed),
+        run_dir=run_dir,
+        resume=False,
+        **{"log": lambda _: None, **kw},
     )

@@ -23,10 +23,9 @@ import time
 
 import pandas as pd
 import ray
-from common import SMOKE, prepare, start_ray
+from common import SMOKE, prepare, search, start_ray
 
-from casd_ray.search import run_search
-from casd_ray.trial import distill_trial, trial_plan
+from casd_ray.trial import distill_trial
 
 
 def busy(delay_s: float):
@@ -71,16 +70,10 @@ def main() -> None:
                 s = cfg.search.model_copy(update={"generation_size": size})
                 name = f"{'async' if size is None else f'gen{size}'}-{machine}"
                 t0 = time.time()
-                path = run_search(
-                    data,
-                    teacher,
-                    search_cfg=s,
-                    plan=trial_plan(cfg.space, cfg.distill, s, cfg.seed),
-                    run_dir=out / name,
-                    resume=False,
-                    log=lambda _: None,
+                path = search(
+                    cfg, data, teacher, s, out / name,
                     trainable=busy(delay) if delay else distill_trial,
-                )
+                )  # fmt: skip
                 runs[machine] = (pd.read_parquet(path), time.time() - t0)
             (idle, wall), (busy_df, _) = runs["idle"], runs["busy"]
             best = idle.loc[idle["completed"]].sort_values("best_val_acc").iloc[-1]

@@ -20,11 +20,10 @@ import time
 
 import pandas as pd
 import ray
-from common import SMOKE, prepare, start_ray
+from common import SMOKE, prepare, search, start_ray
 from ray.tune import ExperimentAnalysis
 
-from casd_ray.search import SEARCH_DIR, run_search
-from casd_ray.trial import trial_plan
+from casd_ray.search import SEARCH_DIR
 
 
 def epoch_seconds(run_dir) -> pd.Series:
@@ -54,15 +53,7 @@ def main() -> None:
             s = cfg.search.model_copy(update={"shared_logits": shared})
             run_dir = out / ("shared" if shared else "per-trial")
             t0 = time.time()
-            path = run_search(
-                data,
-                teacher,
-                search_cfg=s,
-                plan=trial_plan(cfg.space, cfg.distill, s, cfg.seed),
-                run_dir=run_dir,
-                resume=False,
-                log=print,
-            )
+            path = search(cfg, data, teacher, s, run_dir, log=print)
             runs[shared] = (pd.read_parquet(path), time.time() - t0, epoch_seconds(run_dir))
     finally:
         ray.shutdown()

@@ -243,6 +243,26 @@ def ensure_teacher(cfg, log=lambda _: None, num_threads: int = 1):
     return load_network(cfg.run_dir / "teacher")
 
 
+def search_with(cfg, trainable):
+    """The search stage on the run's teacher, each trial running ``trainable`` (tests wrap
+    :func:`casd_ray.trial.distill_trial` to inject faults or delays); a fresh search."""
+    from casd_ray.data import load_dataset
+    from casd_ray.export import load_network
+    from casd_ray.search import run_search
+    from casd_ray.trial import trial_plan
+
+    return run_search(
+        load_dataset(cfg.data, cfg.seed),
+        load_network(cfg.run_dir / "teacher"),
+        search_cfg=cfg.search,
+        plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
+        run_dir=cfg.run_dir,
+        resume=False,
+        log=lambda _: None,
+        trainable=trainable,
+    )
+
+
 def finetune_stage(cfg, log=lambda _: None, **kwargs):
     """``run_finetune`` on the run folder's teacher and trials table, as the pipeline calls it."""
     from casd_ray.data import load_dataset

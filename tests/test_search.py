@@ -18,19 +18,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from conftest import ensure_teacher, rules_of
+from conftest import ensure_teacher, rules_of, search_with
 from ray import cloudpickle
 from ray.tune import ExperimentAnalysis
 
-from casd_ray import search as search_stage
 from casd_ray.config import ConfigError, ExperimentConfig, save_config
-from casd_ray.data import load_dataset
-from casd_ray.export import load_network, read_spec
+from casd_ray.export import read_spec
 from casd_ray.models import WidthSpec, flops
 from casd_ray.pipeline import execute
 from casd_ray.search import dashboard_login_hint, trials_table
 from casd_ray.space import BudgetError
-from casd_ray.trial import distill_trial, trial_plan
+from casd_ray.trial import distill_trial
 from casd_ray.trials import TRIALS_FILE, best_completed, pareto_front
 
 MAX_EPOCHS = 4
@@ -252,16 +250,7 @@ def test_generations_make_the_search_independent_of_timing(ray_local, workdir, i
     for phase in (0, 1):
         cfg = make_cfg(workdir, image_tree, f"gen-{phase}", generation_size=2, num_samples=6)
         execute(cfg, ["teacher"], log=lambda _: None)
-        path = search_stage.run_search(
-            load_dataset(cfg.data, cfg.seed),
-            load_network(cfg.run_dir / "teacher"),
-            search_cfg=cfg.search,
-            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
-            run_dir=cfg.run_dir,
-            resume=False,
-            log=lambda _: None,
-            trainable=delayed(phase),
-        )
+        path = search_with(cfg, delayed(phase))
         df = pd.read_parquet(path)
         outcomes.append(
             sorted(zip(df["genome"], df["epochs"], df["best_val_acc"].round(6), strict=True))

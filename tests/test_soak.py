@@ -19,14 +19,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from conftest import ensure_teacher
+from conftest import ensure_teacher, search_with
 from ray import cloudpickle
 
 from casd_ray.config import ExperimentConfig
-from casd_ray.data import load_dataset
-from casd_ray.export import load_network
-from casd_ray.search import run_search
-from casd_ray.trial import distill_trial, trial_plan
+from casd_ray.trial import distill_trial
 
 pytestmark = pytest.mark.soak
 TRIALS, EPOCHS = 30, 3
@@ -89,16 +86,7 @@ def test_search_survives_injected_failures(tmp_path, image_tree, monkeypatch):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        path = run_search(
-            load_dataset(cfg.data, cfg.seed),
-            load_network(cfg.run_dir / "teacher"),
-            search_cfg=cfg.search,
-            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
-            run_dir=cfg.run_dir,
-            resume=False,
-            log=lambda _: None,
-            trainable=faulty_trial,
-        )
+        path = search_with(cfg, faulty_trial)
     finally:
         ray.shutdown()
     df = pd.read_parquet(path)
