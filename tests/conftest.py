@@ -243,9 +243,10 @@ def ensure_teacher(cfg, log=lambda _: None, num_threads: int = 1):
     return load_network(cfg.run_dir / "teacher")
 
 
-def search_with(cfg, trainable):
+def search_with(cfg, trainable, **kwargs):
     """The search stage on the run's teacher, each trial running ``trainable`` (tests wrap
-    :func:`casd_ray.trial.distill_trial` to inject faults or delays); a fresh search."""
+    :func:`casd_ray.trial.distill_trial` to inject faults or delays); a fresh search.
+    ``kwargs`` go to ``run_search`` (e.g. ``address`` of a test cluster)."""
     from casd_ray.data import load_dataset
     from casd_ray.export import load_network
     from casd_ray.search import run_search
@@ -258,8 +259,8 @@ def search_with(cfg, trainable):
         plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
         run_dir=cfg.run_dir,
         resume=False,
-        log=lambda _: None,
         trainable=trainable,
+        **{"log": lambda _: None, **kwargs},
     )
 
 

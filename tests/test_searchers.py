@@ -105,20 +105,24 @@ def test_reproducible_with_seed(name):
     assert all(x != y for x, y in zip(a[2:], c[2:], strict=True))
 
 
+@pytest.mark.parametrize("generation", [None, 2])
 @pytest.mark.parametrize("name", NAMES)
-def test_save_restore_continues_identically(name, tmp_path):
-    original = make(name, seed=7)
+def test_save_restore_continues_identically(name, generation, tmp_path):
+    original = make(name, seed=7, generation_size=generation)
     drive(original, range(7))
     in_flight = original.suggest("t7")  # a running trial at checkpoint time
     path = str(tmp_path / "searcher.state")
     original.save(path)
     if name == "evolution":  # JSON, not pickle: a state file in a run folder never runs code
         state = json.loads((tmp_path / "searcher.state").read_text())
-        assert len(state["population"]) == 4 and state["live"] == {"t7": in_flight}
+        assert len(state["population"]) == 4 and state["live"]["t7"] == in_flight
+        # with generations, t6's result waits in the limiter until t7 finishes
+        assert set(state["live"]) == ({"t6", "t7"} if generation else {"t7"})
 
     # Tune's restore: a fresh searcher, set_search_properties from param_space, the base
     # searcher's saved state, and the wrappers' state (SearchGenerator.save_to_dir does that).
-    restored = make(name, seed=99)  # the seed must come from the checkpoint, not the new object
+    # the seed must come from the checkpoint, not the new object
+    restored = make(name, seed=99, generation_size=generation)
     restored.restore(path)
     restored.set_state(original.get_state())
 

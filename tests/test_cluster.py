@@ -1,0 +1,131 @@
+"""The search on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and two
+worker nodes on this machine, one CPU each), and a worker node lost while trials run on it.
+
+Data and teacher reach every node through the object store; trial checkpoints go to the run
+folder, which every node of this test cluster shares (on a real cluster: ``storage_path`` on
+NFS or a bucket). A lost node's trials are retried (``search.max_failures``) on another node
+from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ensure_teacher, search_with
+from ray import cloudpickle
+from ray.cluster_utils import Cluster
+
+from casd_ray.config import ExperimentConfig
+from casd_ray.trial import distill_trial
+
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [c.add_node(num_cpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, workers
+    c.shutdown()
+
+
+def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "output_dir": str(root),
+            "model": {"arch": "resnet8", "width": 4},
+            "data": {"dataset": "imagefolder", "root": str(images), "val_size": 40},
+            "teacher": {"epochs": 1, "batch_size": 32},
+            "space": {"budget": {"target": 0.5}},
+            "search": {
+                "num_samples": 4,
+                "max_epochs": EPOCHS,
+                "batch_size": 32,
+                "max_concurrent": 3,
+                "scheduler": "fifo",
+                "algorithm": "random",
+            }
+            | search,
+        }
+    )
+
+
+def slow_trial(config, **kwargs):
+    """:func:`distill_trial`, one second slower per epoch: time to lose a node mid-trial."""
+    from ray import tune
+
+    def report(metrics, checkpoint=None):
+        time.sleep(1.0)
+        tune.report(metrics, checkpoint=checkpoint)
+
+    return distill_trial(config, report=report, **kwargs)
+
+
+def reported(exp: Path) -> dict[str, list[dict]]:
+    """Trial folder -> every result row it has written so far (Tune's result.json)."""
+    out = {}
+    for f in exp.glob("*/result.json"):
+        rows = []
+        for line in f.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line being written
+        out[f.parent.name] = rows
+    return out
+
+
+def test_search_spreads_over_nodes(cluster, tmp_path, image_tree):
+    c, _ = cluster
+    cfg = make_cfg(tmp_path, image_tree, "spread")
+    ensure_teacher(cfg)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
+    df = pd.read_parquet(search_with(cfg, slow_trial, address=c.address))
+    assert len(df) == 4 and df["trial_id"].is_unique
+    assert (df["status"] == "TERMINATED").all() and (df["epochs"] == EPOCHS).all()
+    assert df["node_id"].notna().all() and (df["node_id"] != "local").all()
+    assert df["node_id"].nunique() >= 2, df["node_id"].tolist()
+
+
+def test_lost_node_trials_resume_from_their_checkpoints(cluster, tmp_path, image_tree):
+    c, workers = cluster
+    cfg = make_cfg(tmp_path, image_tree, "lost", max_failures=2)
+    ensure_teacher(cfg)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    exp = cfg.run_dir / "search"
+    victim = {w.node_id: w for w in workers}
+    lost: dict = {}
+
+    def kill_a_worker_mid_trial() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline and not lost:
+            for trial, rows in reported(exp).items():
+                last = rows[-1] if rows else {}
+                node = last.get("node_id")
+                if node in victim and 2 <= last.get("epoch", 0) < EPOCHS:
+                    c.remove_node(victim[node])  # its raylet and workers die, trial included
+                    lost.update(trial=trial, node=node, epoch=last["epoch"])
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_mid_trial, daemon=True)
+    killer.start()
+    df = pd.read_parquet(search_with(cfg, slow_trial, address=c.address))
+    killer.join()
+    assert lost, "no trial reached epoch 2 on a worker node"
+    assert len(df) == 4 and df["trial_id"].is_unique  # every trial exactly once
+    assert (df["status"] == "TERMINATED").all() and (df["epochs"] == EPOCHS).all()
+    epochs = [r["epoch"] for r in reported(exp)[lost["trial"]]]
+    # resumed from its checkpoint on another node: epochs go on, never back to 1
+    assert epochs[: lost["epoch"]] == list(range(1, lost["epoch"] + 1))
+    assert 1 not in epochs[lost["epoch"] :] and epochs[-1] == EPOCHS, epochs
+    (row,) = [r for _, r in df.iterrows() if r["trial_id"] in lost["trial"]]
+    assert row["node_id"] != lost["node"]  # it finished on another node
