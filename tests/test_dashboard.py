@@ -1,0 +1,132 @@
+"""Following a search in the Ray dashboard, with Ray 2.60's token authentication kept on.
+
+A local Ray instance with its dashboard (127.0.0.1) and a known Prometheus export port runs a
+small search. Without the token the dashboard's API refuses; with it, it lists the trial
+actors (their ``repr`` is the trainable's name); each trial's gauges (``casd_trial_*``) appear
+on Ray's metrics endpoint tagged with the trial id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+from conftest import ensure_teacher, search_with
+from ray import cloudpickle
+
+from casd_ray.config import ExperimentConfig
+from casd_ray.trial import EXPORTED, distill_trial
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_dashboard():
+    port = free_port()
+    ctx = ray.init(
+        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=port
+    )
+    yield f"http://{ctx.dashboard_url}", f"http://127.0.0.1:{port}/metrics"
+    ray.shutdown()
+
+
+def token() -> str:
+    """Where Ray 2.60 keeps the token: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return Path(path).read_text().strip()
+
+
+def get(url: str, auth: bool) -> tuple[int, str]:
+    req = urllib.request.Request(
+        url, headers={"Authorization": f"Bearer {token()}"} if auth else {}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+
+
+def slow_trial(config, **kwargs):
+    """:func:`distill_trial`, two seconds slower per epoch: time to look at it running."""
+    from ray import tune
+
+    def report(metrics, checkpoint=None):
+        time.sleep(2.0)
+        tune.report(metrics, checkpoint=checkpoint)
+
+    return distill_trial(config, report=report, **kwargs)
+
+
+def test_dashboard_needs_the_token(ray_dashboard):
+    dashboard, _ = ray_dashboard
+    assert get(f"{dashboard}/api/v0/actors", auth=False)[0] == 401
+    status, body = get(f"{dashboard}/api/v0/actors", auth=True)
+    assert status == 200 and json.loads(body)["result"]
+
+
+def test_trials_show_as_actors_and_export_their_metrics(ray_dashboard, tmp_path, image_tree):
+    dashboard, metrics_url = ray_dashboard
+    cfg = ExperimentConfig.model_validate(
+        {
+            "name": "watched",
+            "output_dir": str(tmp_path),
+            "model": {"arch": "resnet8", "width": 4},
+            "data": {"dataset": "imagefolder", "root": str(image_tree), "val_size": 40},
+            "teacher": {"epochs": 1, "batch_size": 32},
+            "space": {"budget": {"target": 0.5}},
+            "search": {"num_samples": 2, "max_epochs": 8, "batch_size": 32},
+        }
+    )
+    ensure_teacher(cfg)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
+    seen: dict[str, object] = {}
+
+    def watch() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ("actors" in seen and "metrics" in seen):
+            status, body = get(f"{dashboard}/api/v0/actors?detail=1&limit=1000", auth=True)
+            if status == 200:
+                alive = [
+                    a
+                    for a in json.loads(body)["data"]["result"]["result"]
+                    if a.get("state") == "ALIVE" and a.get("repr_name") == "slow_trial"
+                ]
+                if alive:
+                    seen["actors"] = alive
+            try:
+                with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                text = ""
+            found = re.findall(r'^ray_casd_trial_val_acc\{[^}]*trial_id="([0-9a-f_]+)"', text, re.M)
+            if found:
+                seen["metrics"], seen["text"] = set(found), text
+            time.sleep(1.0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    df = pd.read_parquet(search_with(cfg, slow_trial))
+    watcher.join()
+    assert seen.get("actors"), "no trial actor was listed while the search ran"
+    assert seen.get("metrics"), "no trial gauge reached Ray's metrics endpoint"
+    assert seen["metrics"] <= set(df["trial_id"])  # tagged with the trials' own ids
+    for key in EXPORTED:
+        assert f"ray_casd_trial_{key}" in seen["text"]
