@@ -52,6 +52,9 @@ format:
 bench: $(STAMP)
 	$(PY) benchmarks/trial_overhead.py
 	$(PY) benchmarks/trial_memory.py
+	$(PY) benchmarks/shared_logits.py
+	$(PY) benchmarks/search_efficiency.py
+	$(PY) benchmarks/search_reproducibility.py
 
 clean:
 	rm -rf $(VENV) runs
