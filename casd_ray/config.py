@@ -118,6 +118,9 @@ class SearchConfig(_Strict):
     # The teacher's logits for every search batch computed once and shared by all trials
     # (batches are seeded by (seed, epoch), so they are the same in every trial).
     shared_logits: bool = True
+    # Where trial checkpoints and Tune's state go (casd_ray.storage): null = the run folder;
+    # a shared folder (NFS) or a bucket URI (s3://bucket/prefix) for multi-node searches.
+    storage_path: str | None = None
     max_failures: int = Field(0, ge=0)  # retries of a failed trial; the search goes on anyway
     population: int = Field(8, ge=2)  # evolution
     sample_size: int = Field(3, ge=1)  # evolution tournament

@@ -44,7 +44,7 @@ OUTPUTS = {
     "report": (),
 }
 # Keys that change how a stage runs, not what it produces.
-VOLATILE = {"search": ("max_concurrent", "max_failures", "cpus_per_trial")}
+VOLATILE = {"search": ("max_concurrent", "max_failures", "cpus_per_trial", "storage_path")}
 
 Log = Callable[[str], None]
 
@@ -340,7 +340,10 @@ def _output_ok(
             from casd_ray.search import rebuild_table
 
             log(f"search: {err}; rebuilding it from {run_dir / 'search'}")
-            rebuild_table(run_dir, rules, cfg.search.max_epochs, teacher().spec, trust_folder)
+            s = cfg.search
+            rebuild_table(
+                run_dir, rules, s.max_epochs, teacher().spec, trust_folder, s.storage_path
+            )
     if stage == "finetune":
         try:
             read_summary(run_dir / SUMMARY)

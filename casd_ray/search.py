@@ -46,6 +46,7 @@ from casd_ray.export import Network
 from casd_ray.models import WidthSpec
 from casd_ray.rungs import make_scheduler
 from casd_ray.space import SpaceRules
+from casd_ray.storage import SearchStorage
 from casd_ray.trial import (
     TrialPlan,
     distill_trial,
@@ -64,7 +65,6 @@ from casd_ray.trials import (
     write_table,
 )
 
-SEARCH_DIR = "search"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 
@@ -209,15 +209,6 @@ def check_resources(s: SearchConfig, have: dict[str, float] | None = None) -> No
             )
 
 
-def _set_aside(path: Path, log: Log) -> None:
-    """Move an old search folder under ``previous/`` (never delete what a user may need)."""
-    if path.exists():
-        aside = path.parent / "previous" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(aside)
-        log(f"search: previous search folder moved to {aside}")
-
-
 # Above this the logits stay per trial: ImageNet-sized proxies need top-k or fp16 storage.
 SHARED_LOGITS_MAX_BYTES = 2 << 30
 
@@ -287,15 +278,15 @@ def run_search(
 
     s, rules = search_cfg, plan.rules
     run_dir = Path(run_dir).absolute()
-    exp_path = run_dir / SEARCH_DIR
+    store = SearchStorage.of(run_dir, s.storage_path)
     space_mod.check_budget(rules, teacher.spec)
     bounds = space_mod.search_bounds(rules, teacher.spec)
     points = [space_mod.control_genome(rules, teacher.spec)]
     if not rules.repair:
         log("search: no budget repair (multi-objective or space.repair off): cost varies")
-    restore = resume and tune.Tuner.can_restore(str(exp_path))
+    restore = resume and tune.Tuner.can_restore(store.uri)
     if restore and not trust_folder:
-        trust.verify(exp_path)  # before Tune unpickles anything
+        store.verify()  # before Tune unpickles anything
     _LOG[0] = log
     # Tune warns whenever per-epoch checkpoints force frequent experiment snapshots; with
     # tiny trials that is every few seconds, by design.
@@ -324,9 +315,9 @@ def run_search(
             trial_resources(s),
         )
         if restore:
-            log(f"search: resuming {exp_path} (finished trials are kept)")
+            log(f"search: resuming {store.uri} (finished trials are kept)")
             tuner = tune.Tuner.restore(
-                str(exp_path),
+                store.uri,
                 trainable=trainable,
                 param_space=tune_search_space(bounds),
                 resume_unfinished=True,
@@ -334,7 +325,7 @@ def run_search(
                 restart_errored=False,
             )
         else:  # a fresh search never mixes with an old (or unrestorable) folder
-            _set_aside(exp_path, log)
+            store.set_aside(log)
             tuner = tune.Tuner(
                 trainable,
                 param_space=tune_search_space(bounds),
@@ -346,18 +337,22 @@ def run_search(
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name=SEARCH_DIR,
-                    storage_path=str(run_dir),
+                    name=store.name,
+                    storage_path=store.root,
                     verbose=0,
                     callbacks=[ProgressCallback(s, rules, log), trust.SigningCallback()],
                     failure_config=tune.FailureConfig(max_failures=s.max_failures, fail_fast=False),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    # In a bucket Tune's state lags the trials by seconds: a restored trial
+                    # may point at a checkpoint already rotated out, so keep them all there.
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=None if store.remote else 2
+                    ),
                 ),
             )
-            trust.sign(exp_path, [exp_path / "tuner.pkl"], out=trust.TUNER_SIGNATURES)
+            store.sign_tuner()
         log(
             f"search: {s.algorithm}, {s.num_samples} trials, {s.scheduler}, "
-            f"<= {s.max_epochs} epochs, {s.max_concurrent} concurrent; storage {exp_path}"
+            f"<= {s.max_epochs} epochs, {s.max_concurrent} concurrent; storage {store.uri}"
         )
         results = tuner.fit()
     finally:
@@ -369,7 +364,7 @@ def run_search(
     if done < s.num_samples:
         raise SearchInterrupted(
             f"search interrupted: {done} of {s.num_samples} trials finished; the state is "
-            f"saved in {exp_path}"
+            f"saved in {store.uri}"
         )
     table = trials_table(results, rules, s.max_epochs, teacher.spec)
     out = write_table(table, run_dir / TRIALS_FILE)
@@ -378,14 +373,19 @@ def run_search(
 
 
 def rebuild_table(
-    run_dir: Path, rules: SpaceRules, max_epochs: int, teacher_spec: WidthSpec, trust_folder: bool
+    run_dir: Path,
+    rules: SpaceRules,
+    max_epochs: int,
+    teacher_spec: WidthSpec,
+    trust_folder: bool,
+    storage_path: str | None = None,
 ) -> Path:
     """Rewrite ``trials.parquet`` from the finished search's own results (a corrupt or lost
     table is derived data: it is rebuilt, not trusted or refused)."""
-    exp_path = Path(run_dir) / SEARCH_DIR
+    store = SearchStorage.of(run_dir, storage_path)
     if not trust_folder:
-        trust.verify(exp_path)
-    table = trials_table(str(exp_path), rules, max_epochs, teacher_spec)
+        store.verify()
+    table = trials_table(store.uri, rules, max_epochs, teacher_spec)
     return write_table(table, Path(run_dir) / TRIALS_FILE)
 
 

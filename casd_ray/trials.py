@@ -90,8 +90,10 @@ def trials_table(
     """
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    path = source.experiment_path if isinstance(source, ResultGrid) else str(source)
-    analysis = ExperimentAnalysis(path)
+    if isinstance(source, ResultGrid):  # its path has no scheme: pass its filesystem
+        analysis = ExperimentAnalysis(source.experiment_path, storage_filesystem=source.filesystem)
+    else:
+        analysis = ExperimentAnalysis(str(source))
     names = space_mod.gene_names(teacher_spec, rules.granularity)
     control = space_mod.control_genome(rules, teacher_spec)
     t_flops, t_params = flops(teacher_spec), params(teacher_spec)

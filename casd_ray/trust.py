@@ -64,10 +64,33 @@ def state_files(folder: Path) -> list[Path]:
     )
 
 
+# Signatures of a file's last few versions are kept: Tune copies its state to storage file by
+# file in the background, and a driver killed mid-copy (seconds, in a bucket) can leave a
+# state file one snapshot behind the signatures uploaded with it.
+KEEP_VERSIONS = 4
+
+
+def _macs(path: Path) -> dict[str, list[str]]:
+    """Name -> signatures (newest first) in a signature file; {} when missing or torn."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: [v] if isinstance(v, str) else [m for m in v if isinstance(m, str)]
+            for k, v in raw.items() if isinstance(v, str | list)}  # fmt: skip
+
+
 def sign(folder: Path, files: list[Path] | None = None, out: str = STATE_SIGNATURES) -> None:
-    """Write ``out`` in ``folder``: an HMAC of every state file (or of ``files``)."""
+    """Write ``out`` in ``folder``: an HMAC of every state file (or of ``files``), beside the
+    signatures of their previous few versions."""
     key = _key()
-    macs = {p.name: _mac(key, p.name, p.read_bytes()) for p in (files or state_files(folder))}
+    old = _macs(Path(folder) / out)
+    macs = {}
+    for p in files or state_files(folder):
+        mac = _mac(key, p.name, p.read_bytes())
+        macs[p.name] = [mac, *[m for m in old.get(p.name, []) if m != mac]][:KEEP_VERSIONS]
     tmp = Path(folder) / f".{out}.tmp"
     tmp.write_text(json.dumps(macs, indent=1, sort_keys=True))
     os.replace(tmp, Path(folder) / out)
@@ -76,17 +99,12 @@ def sign(folder: Path, files: list[Path] | None = None, out: str = STATE_SIGNATU
 def verify(folder: Path) -> None:
     """Raise :class:`UntrustedRunError` unless every state file carries a valid signature."""
     key = _key()
-    macs: dict[str, str] = {}
+    macs: dict[str, list[str]] = {}
     for name in SIGNATURE_FILES:
-        try:
-            macs.update(json.loads((Path(folder) / name).read_text()))
-        except (OSError, ValueError, TypeError):
-            continue
+        macs.update(_macs(Path(folder) / name))
     for p in state_files(folder):
-        want = macs.get(p.name)
-        if not (
-            isinstance(want, str) and hmac.compare_digest(want, _mac(key, p.name, p.read_bytes()))
-        ):
+        have = _mac(key, p.name, p.read_bytes())
+        if not any(hmac.compare_digest(want, have) for want in macs.get(p.name, [])):
             raise UntrustedRunError(
                 f"{p}: not signed by this user's casd-ray key ({key_path()}); Tune's state "
                 "files are pickles that can run code when loaded. If this folder is yours "

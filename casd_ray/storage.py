@@ -1,0 +1,104 @@
+"""Where a search's Tune experiment lives: the run folder, or ``search.storage_path``.
+
+Ray >= 2.7 writes trial checkpoints and Tune's state straight to ``RunConfig.storage_path``,
+so a search whose trials run on other nodes needs storage every node can write: a shared
+folder (NFS) or a bucket (``s3://bucket/prefix``, ``gs://…``; any URI ``pyarrow.fs``
+resolves, with its usual credentials and endpoint settings, e.g. ``AWS_ENDPOINT_URL`` for
+S3-compatible storage). The experiment goes to ``<storage_path>/<run name>/search``; the run
+folder on the driver keeps its layout (``trials.parquet``, fine-tune, report) either way.
+
+The trust rules hold for remote experiments too: Tune's state files are checked against this
+user's signatures (copied down first) before Tune loads anything, and ``tuner.pkl``'s
+signature is written beside it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from casd_ray import trust
+
+SEARCH_DIR = "search"
+
+
+@dataclass(frozen=True)
+class SearchStorage:
+    """Tune's ``storage_path`` and experiment ``name`` for one run, and what to do with them."""
+
+    root: str
+    name: str = SEARCH_DIR
+
+    @classmethod
+    def of(cls, run_dir: Path, storage_path: str | None) -> SearchStorage:
+        if not storage_path:
+            return cls(str(Path(run_dir).absolute()))
+        root = storage_path if "://" in storage_path else str(Path(storage_path).absolute())
+        return cls(f"{root.rstrip('/')}/{Path(run_dir).name}")
+
+    @property
+    def uri(self) -> str:
+        return f"{self.root}/{self.name}"
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.root
+
+    def _fs(self) -> tuple[pafs.FileSystem, str]:
+        return pafs.FileSystem.from_uri(self.uri)
+
+    def exists(self) -> bool:
+        fs, path = self._fs()
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def set_aside(self, log: Callable[[str], None]) -> None:
+        """Move an old experiment under ``previous/`` beside it (never delete a user's work)."""
+        if not self.exists():
+            return
+        fs, path = self._fs()
+        parent, name = path.rsplit("/", 1)
+        aside = f"{parent}/previous/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.create_dir(aside.rsplit("/", 1)[0], recursive=True)
+        if self.remote:  # buckets have no rename: copy, then remove
+            pafs.copy_files(path, aside, source_filesystem=fs, destination_filesystem=fs)
+            fs.delete_dir(path)
+        else:
+            fs.move(path, aside)
+        log(f"search: previous search folder moved to {aside}")
+
+    def verify(self) -> None:
+        """:func:`casd_ray.trust.verify` on the experiment's state files, wherever they are."""
+        if not self.remote:
+            trust.verify(Path(self.uri))
+            return
+        with tempfile.TemporaryDirectory(prefix="casd-verify-") as tmp:
+            fs, path = self._fs()
+            for info in fs.get_file_info(pafs.FileSelector(path)):
+                if info.type == pafs.FileType.File:
+                    pafs.copy_files(
+                        info.path, f"{tmp}/{info.base_name}", source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem(),
+                    )  # fmt: skip
+            try:
+                trust.verify(Path(tmp))
+            except trust.UntrustedRunError as err:
+                raise trust.UntrustedRunError(str(err).replace(tmp, self.uri)) from None
+
+    def sign_tuner(self) -> None:
+        """Sign ``tuner.pkl``, which Tune writes to storage outside its staged state."""
+        if not self.remote:
+            folder = Path(self.uri)
+            trust.sign(folder, [folder / "tuner.pkl"], out=trust.TUNER_SIGNATURES)
+            return
+        fs, path = self._fs()
+        local = pafs.LocalFileSystem()
+        with tempfile.TemporaryDirectory(prefix="casd-sign-") as tmp:
+            pafs.copy_files(f"{path}/tuner.pkl", f"{tmp}/tuner.pkl", fs, local)
+            trust.sign(Path(tmp), [Path(tmp) / "tuner.pkl"], out=trust.TUNER_SIGNATURES)
+            name = trust.TUNER_SIGNATURES
+            pafs.copy_files(f"{tmp}/{name}", f"{path}/{name}", local, fs)

@@ -1,0 +1,199 @@
+"""A search whose checkpoints and Tune state live in a bucket (``search.storage_path``), against
+a local S3-compatible server (moto in server mode on 127.0.0.1, started and stopped here by
+its pid); the driver is killed mid-search and the rerun resumes from the bucket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pytest
+import ray
+from conftest import ensure_teacher
+from ray.tune import ExperimentAnalysis
+
+from casd_ray.config import ExperimentConfig, save_config
+from casd_ray.pipeline import execute
+from casd_ray.storage import SearchStorage
+from casd_ray.trials import TRIALS_FILE
+from casd_ray.trust import UntrustedRunError
+
+BUCKET = "casd-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on a free loopback port; AWS_* pointed at it for us and Ray's workers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3")
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                time.sleep(0.1)
+        ray.init(num_cpus=2, include_dashboard=False)  # after the env: workers inherit it
+        yield client, ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "output_dir": str(root),
+            "model": {"arch": "resnet8", "width": 4},
+            "data": {"dataset": "imagefolder", "root": str(images), "val_size": 40},
+            "teacher": {"epochs": 1, "batch_size": 32},
+            "space": {"budget": {"target": 0.5}},
+            "search": {
+                "num_samples": 6,
+                "max_epochs": 6,
+                "batch_size": 32,
+                "scheduler": "fifo",
+                "storage_path": f"s3://{BUCKET}/runs",
+            }
+            | search,
+        }
+    )
+
+
+def keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def finished(uri: str) -> dict[str, float]:
+    """Trial id -> end timestamp of the trials Tune's saved state (in the bucket) marks done."""
+    try:
+        analysis = ExperimentAnalysis(uri)
+    except Exception:  # noqa: BLE001 - not written yet, or mid-write
+        return {}
+    out = {}
+    for t in analysis.trials:
+        df = analysis.trial_dataframes.get(t.trial_id)
+        if t.status == "TERMINATED" and df is not None and len(df):
+            out[t.trial_id] = float(df["timestamp"].iloc[-1])
+    return out
+
+
+def test_search_in_a_bucket_survives_a_killed_driver(s3, tmp_path, image_tree):
+    client, address = s3
+    cfg = make_cfg(tmp_path, image_tree, "bucket")
+    ensure_teacher(cfg)
+    save_config(cfg, tmp_path / "bucket.yaml")
+    store = SearchStorage.of(cfg.run_dir, cfg.search.storage_path)
+    assert store.uri == f"s3://{BUCKET}/runs/bucket/search"
+    code = (
+        "from casd_ray.cli import main; "
+        f"main(['search', {str(tmp_path / 'bucket.yaml')!r}, '--address', {address!r}])"
+    )
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: we kill exactly what we started
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+    )
+    done: dict[str, float] = {}
+    try:
+        deadline = time.time() + 240
+        while len(done) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(1.0)
+            done = finished(store.uri)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert len(done) >= 2, (tmp_path / "driver.log").read_text()[-2000:]
+    assert not (cfg.run_dir / TRIALS_FILE).exists(), "the driver finished before it was killed"
+    assert len(done) < 6, "every trial had finished before the kill: nothing to resume"
+    stored = keys(client, "runs/bucket/search/")
+    assert any("/checkpoint_" in k for k in stored)  # checkpoints went to the bucket
+    assert "runs/bucket/search/casd-tuner-signature.json" in stored
+    assert not (cfg.run_dir / "search").exists()  # ... and not to the run folder
+
+    lines: list[str] = []
+    execute(cfg, ["search"], log=lines.append)  # the same command again: resumes
+    assert any(ln.startswith(f"search: resuming {store.uri}") for ln in lines), lines
+    df = pd.read_parquet(cfg.run_dir / TRIALS_FILE).set_index("trial_id")
+    assert len(df) == 6 and df.index.is_unique
+    assert (df["status"] == "TERMINATED").all() and (df["epochs"] == 6).all()
+    for trial_id, end in done.items():  # kept, not rerun
+        assert df.loc[trial_id, "end_time"] == pytest.approx(end)
+
+    # the state in the bucket is checked like a local one: changed, it is refused
+    state = next(k for k in keys(client, "runs/bucket/search/") if "experiment_state" in k)
+    client.put_object(Bucket=BUCKET, Key=state, Body=b"{}")
+    with pytest.raises(UntrustedRunError, match=f"s3://{BUCKET}/runs/bucket/search"):
+        store.verify()
+
+
+def test_storage_places_the_experiment(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    assert SearchStorage.of(run, None).uri == f"{run}/search"  # the run folder, as always
+    nfs = SearchStorage.of(run, str(tmp_path / "nfs"))
+    assert nfs.uri == f"{tmp_path}/nfs/r1/search" and not nfs.remote
+    assert SearchStorage.of(run, "gs://b/p/").uri == "gs://b/p/r1/search"
+    (tmp_path / "nfs" / "r1" / "search").mkdir(parents=True)
+    (tmp_path / "nfs" / "r1" / "search" / "tuner.pkl").write_bytes(b"x")
+    lines: list[str] = []
+    nfs.set_aside(lines.append)  # an old experiment is moved aside, never deleted
+    assert not nfs.exists()
+    (aside,) = (tmp_path / "nfs" / "r1" / "previous").iterdir()
+    assert (aside / "tuner.pkl").read_bytes() == b"x" and str(aside) in lines[0]
+
+
+def test_signatures_cover_the_last_few_versions(tmp_path, monkeypatch):
+    """A state file one snapshot behind its signatures (a copy cut short) still verifies; a
+    version older than the kept ones, or one never signed, does not."""
+    from casd_ray import trust
+
+    monkeypatch.setenv(trust.KEY_ENV, str(tmp_path / "key"))
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    state = folder / "experiment_state.json"
+    versions = [f'{{"v": {i}}}'.encode() for i in range(trust.KEEP_VERSIONS + 1)]
+    for v in versions:
+        state.write_bytes(v)
+        trust.sign(folder)
+    for v in versions[1:]:
+        state.write_bytes(v)
+        trust.verify(folder)
+    for bad in (versions[0], b'{"v": "never signed"}'):
+        state.write_bytes(bad)
+        with pytest.raises(trust.UntrustedRunError, match="experiment_state.json"):
+            trust.verify(folder)
