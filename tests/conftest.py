@@ -264,6 +264,73 @@ def search_with(cfg, trainable, **kwargs):
     )
 
 
+def tiny_search_cfg(root: Path, images: Path, name: str, **search):
+    """A seconds-sized search config on :func:`write_image_tree` data (``search`` overrides)."""
+    from casd_ray.config import ExperimentConfig
+
+    return ExperimentConfig.model_validate(
+        {
+            "name": name,
+            "output_dir": str(root),
+            "model": {"arch": "resnet8", "width": 4},
+            "data": {"dataset": "imagefolder", "root": str(images), "val_size": 40},
+            "teacher": {"epochs": 1, "batch_size": 32},
+            "space": {"budget": {"target": 0.5}},
+            "search": {"batch_size": 32} | search,
+        }
+    )
+
+
+def finished_trials(exp) -> dict[str, dict]:
+    """Trials Tune's own saved state (a folder or a bucket URI) marks finished: last row each."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(str(exp))
+    except Exception:  # noqa: BLE001 - not written yet, or mid-write
+        return {}
+    out = {}
+    for t in analysis.trials:
+        df = analysis.trial_dataframes.get(t.trial_id)
+        if t.status == "TERMINATED" and df is not None and len(df):
+            out[t.trial_id] = df.iloc[-1][["epoch", "val_acc", "timestamp"]].to_dict()
+    return out
+
+
+def kill_search_midway(config: Path, address: str, exp, log: Path, want: int = 2) -> dict:
+    """``casd-ray search CONFIG --address ADDRESS`` in its own process group (we kill exactly
+    what we started), SIGKILLed once ``want`` trials have finished; returns those trials.
+    Tune snapshots its state every second here, so the watcher sees finished trials while
+    most of the search is still ahead."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["search", str(config), "--address", address]
+    code = f"from casd_ray.cli import main; main({argv!r})"
+    finished: dict = {}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+        )
+        try:
+            deadline = time.time() + 240
+            while len(finished) < want and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+                finished = finished_trials(exp)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return finished
+
+
 def finetune_stage(cfg, log=lambda _: None, **kwargs):
     """``run_finetune`` on the run folder's teacher and trials table, as the pipeline calls it."""
     from casd_ray.data import load_dataset

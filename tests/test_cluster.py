@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ensure_teacher, search_with
+from conftest import ensure_teacher, search_with, tiny_search_cfg
 from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
@@ -37,25 +37,10 @@ def cluster():
 
 
 def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
-    return ExperimentConfig.model_validate(
-        {
-            "name": name,
-            "output_dir": str(root),
-            "model": {"arch": "resnet8", "width": 4},
-            "data": {"dataset": "imagefolder", "root": str(images), "val_size": 40},
-            "teacher": {"epochs": 1, "batch_size": 32},
-            "space": {"budget": {"target": 0.5}},
-            "search": {
-                "num_samples": 4,
-                "max_epochs": EPOCHS,
-                "batch_size": 32,
-                "max_concurrent": 3,
-                "scheduler": "fifo",
-                "algorithm": "random",
-            }
-            | search,
-        }
-    )
+    return tiny_search_cfg(
+        root, images, name, num_samples=4, max_epochs=EPOCHS, max_concurrent=3,
+        scheduler="fifo", algorithm="random", **search,
+    )  # fmt: skip
 
 
 def slow_trial(config, **kwargs):

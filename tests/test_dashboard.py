@@ -22,10 +22,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from conftest import ensure_teacher, search_with
+from conftest import ensure_teacher, search_with, tiny_search_cfg
 from ray import cloudpickle
 
-from casd_ray.config import ExperimentConfig
 from casd_ray.trial import EXPORTED, distill_trial
 
 
@@ -84,17 +83,7 @@ def test_dashboard_needs_the_token(ray_dashboard):
 
 def test_trials_show_as_actors_and_export_their_metrics(ray_dashboard, tmp_path, image_tree):
     dashboard, metrics_url = ray_dashboard
-    cfg = ExperimentConfig.model_validate(
-        {
-            "name": "watched",
-            "output_dir": str(tmp_path),
-            "model": {"arch": "resnet8", "width": 4},
-            "data": {"dataset": "imagefolder", "root": str(image_tree), "val_size": 40},
-            "teacher": {"epochs": 1, "batch_size": 32},
-            "space": {"budget": {"target": 0.5}},
-            "search": {"num_samples": 2, "max_epochs": 8, "batch_size": 32},
-        }
-    )
+    cfg = tiny_search_cfg(tmp_path, image_tree, "watched", num_samples=2, max_epochs=8)
     ensure_teacher(cfg)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
     seen: dict[str, object] = {}

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import ray
-from conftest import ensure_teacher, rules_of, search_with
+from conftest import ensure_teacher, kill_search_midway, rules_of, search_with
 from ray import cloudpickle
-from ray.tune import ExperimentAnalysis
 
 from casd_ray.config import ConfigError, ExperimentConfig, save_config
 from casd_ray.export import read_spec
@@ -145,53 +140,15 @@ def test_trials_larger_than_the_local_instance_are_refused(ray_local, workdir, i
     assert not cfg.run_dir.exists()
 
 
-def _finished(exp: Path) -> dict[str, dict]:
-    """Trials Tune's own saved state marks finished, with their last reported row."""
-    try:
-        analysis = ExperimentAnalysis(str(exp))
-    except Exception:  # noqa: BLE001 - not written yet, or mid-write
-        return {}
-    out = {}
-    for t in analysis.trials:
-        df = analysis.trial_dataframes.get(t.trial_id)
-        if t.status == "TERMINATED" and df is not None and len(df):
-            out[t.trial_id] = df.iloc[-1][["epoch", "val_acc", "timestamp"]].to_dict()
-    return out
-
-
 def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, workdir, image_tree):
     # enough epochs per trial that the watcher (Tune snapshots every second) catches the
     # search with some trials finished and others still to run, even on an idle machine
     cfg = make_cfg(workdir, image_tree, "resume", scheduler="fifo", max_epochs=10)
     save_config(cfg, workdir / "resume.yaml")
     execute(cfg, ["teacher"], log=lambda _: None)
-    code = (
-        "from casd_ray.cli import main; "
-        f"main(['search', {str(workdir / 'resume.yaml')!r}, '--address', {ray_local!r}])"
-    )
-    log = (workdir / "resume-driver.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: we kill exactly what we started
-        # snapshot Tune's experiment state every second, so the watcher sees finished
-        # trials while most of the search is still ahead
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"},
-    )
-    exp = cfg.run_dir / "search"
-    finished: dict[str, dict] = {}
-    try:
-        deadline = time.time() + 150
-        while len(finished) < 2 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-            finished = _finished(exp)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-    assert len(finished) >= 2, (workdir / "resume-driver.log").read_text()[-2000:]
+    log = workdir / "resume-driver.log"
+    finished = kill_search_midway(workdir / "resume.yaml", ray_local, cfg.run_dir / "search", log)
+    assert len(finished) >= 2, log.read_text()[-2000:]
     assert not (cfg.run_dir / TRIALS_FILE).exists(), "the driver finished before it was killed"
     assert len(finished) < 6, "every trial had finished before the kill: nothing to resume"
 

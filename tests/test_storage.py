@@ -5,7 +5,6 @@ its pid); the driver is killed mid-search and the rerun resumes from the bucket.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import boto3
 import pandas as pd
 import pytest
 import ray
-from conftest import ensure_teacher
-from ray.tune import ExperimentAnalysis
+from conftest import ensure_teacher, kill_search_midway, tiny_search_cfg
 
 from casd_ray.config import ExperimentConfig, save_config
 from casd_ray.pipeline import execute
@@ -68,44 +66,16 @@ def s3():
         server.wait(timeout=30)
 
 
-def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
-    return ExperimentConfig.model_validate(
-        {
-            "name": name,
-            "output_dir": str(root),
-            "model": {"arch": "resnet8", "width": 4},
-            "data": {"dataset": "imagefolder", "root": str(images), "val_size": 40},
-            "teacher": {"epochs": 1, "batch_size": 32},
-            "space": {"budget": {"target": 0.5}},
-            "search": {
-                "num_samples": 6,
-                "max_epochs": 6,
-                "batch_size": 32,
-                "scheduler": "fifo",
-                "storage_path": f"s3://{BUCKET}/runs",
-            }
-            | search,
-        }
+def make_cfg(root: Path, images: Path, name: str) -> ExperimentConfig:
+    bucket = f"s3://{BUCKET}/runs"
+    return tiny_search_cfg(
+        root, images, name, num_samples=6, max_epochs=6, scheduler="fifo", storage_path=bucket
     )
 
 
 def keys(client, prefix: str) -> list[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
-def finished(uri: str) -> dict[str, float]:
-    """Trial id -> end timestamp of the trials Tune's saved state (in the bucket) marks done."""
-    try:
-        analysis = ExperimentAnalysis(uri)
-    except Exception:  # noqa: BLE001 - not written yet, or mid-write
-        return {}
-    out = {}
-    for t in analysis.trials:
-        df = analysis.trial_dataframes.get(t.trial_id)
-        if t.status == "TERMINATED" and df is not None and len(df):
-            out[t.trial_id] = float(df["timestamp"].iloc[-1])
-    return out
 
 
 def test_search_in_a_bucket_survives_a_killed_driver(s3, tmp_path, image_tree):
@@ -115,30 +85,9 @@ def test_search_in_a_bucket_survives_a_killed_driver(s3, tmp_path, image_tree):
     save_config(cfg, tmp_path / "bucket.yaml")
     store = SearchStorage.of(cfg.run_dir, cfg.search.storage_path)
     assert store.uri == f"s3://{BUCKET}/runs/bucket/search"
-    code = (
-        "from casd_ray.cli import main; "
-        f"main(['search', {str(tmp_path / 'bucket.yaml')!r}, '--address', {address!r}])"
-    )
-    log = (tmp_path / "driver.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: we kill exactly what we started
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"},
-    )
-    done: dict[str, float] = {}
-    try:
-        deadline = time.time() + 240
-        while len(done) < 2 and proc.poll() is None and time.time() < deadline:
-            time.sleep(1.0)
-            done = finished(store.uri)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-    assert len(done) >= 2, (tmp_path / "driver.log").read_text()[-2000:]
+    log = tmp_path / "driver.log"
+    done = kill_search_midway(tmp_path / "bucket.yaml", address, store.uri, log)
+    assert len(done) >= 2, log.read_text()[-2000:]
     assert not (cfg.run_dir / TRIALS_FILE).exists(), "the driver finished before it was killed"
     assert len(done) < 6, "every trial had finished before the kill: nothing to resume"
     stored = keys(client, "runs/bucket/search/")
@@ -152,8 +101,8 @@ def test_search_in_a_bucket_survives_a_killed_driver(s3, tmp_path, image_tree):
     df = pd.read_parquet(cfg.run_dir / TRIALS_FILE).set_index("trial_id")
     assert len(df) == 6 and df.index.is_unique
     assert (df["status"] == "TERMINATED").all() and (df["epochs"] == 6).all()
-    for trial_id, end in done.items():  # kept, not rerun
-        assert df.loc[trial_id, "end_time"] == pytest.approx(end)
+    for trial_id, last in done.items():  # kept, not rerun
+        assert df.loc[trial_id, "end_time"] == pytest.approx(last["timestamp"])
 
     # the state in the bucket is checked like a local one: changed, it is refused
     state = next(k for k in keys(client, "runs/bucket/search/") if "experiment_state" in k)
