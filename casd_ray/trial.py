@@ -268,7 +268,9 @@ def distill_trial(
     else:
         student = build_model(student_spec)
     student = distill.prepare_model(student, device)
-    teacher = distill.prepare_model(teacher, device)
+    # With shared logits the teacher is only the source of the inherited weights: it is never
+    # moved to the trial's device or run.
+    runner = None if teacher_logits is not None else distill.prepare_model(teacher, device)
 
     optimizer = distill.make_optimizer(
         student, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
@@ -317,7 +319,7 @@ def distill_trial(
             augment=augment,
             mean=mean,
             std=std,
-            teacher=teacher,
+            teacher=runner,
             teacher_logits=None
             if teacher_logits is None
             else torch.from_numpy(np.array(teacher_logits[epoch], dtype=np.float32)).to(device),
