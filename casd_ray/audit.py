@@ -22,7 +22,7 @@ from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.data import DataSplits
 from casd_ray.export import PARTS, Network
 from casd_ray.files import read_json_or_none, write_json
-from casd_ray.models import WidthSpec
+from casd_ray.models import spec_from_json
 from casd_ray.space import SpaceRules
 from casd_ray.students import part_settings, reusable, train_export
 from casd_ray.trials import eligible
@@ -90,7 +90,7 @@ def run_audit(
     log(f"audit: {len(chosen)} trials with the final recipe ({finetune_cfg.epochs} epochs each)")
     for _, row in chosen.iterrows():
         tid = str(row["trial_id"])
-        spec = WidthSpec.from_json(row["widths"])
+        spec = spec_from_json(row["widths"])
         metrics = done.get(tid)
         if metrics is None:
             folder = run_dir / AUDIT_DIR / tid

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from casd_ray import space
-from casd_ray.models import WidthSpec, group_widths, with_group_widths
+from casd_ray.models import Spec, group_widths, with_group_widths
 from casd_ray.prune import channel_importance
 
 
 def global_order(
-    teacher: nn.Module, spec: WidthSpec, criterion: str = "bn_gamma"
+    teacher: nn.Module, spec: Spec, criterion: str = "bn_gamma"
 ) -> tuple[list[str], np.ndarray]:
     """Group names and, for every channel from least to most important, its group index."""
     scores = channel_importance(teacher, spec, criterion)
@@ -41,14 +41,14 @@ def global_order(
 
 def global_ranking_spec(
     teacher: nn.Module,
-    spec: WidthSpec,
+    spec: Spec,
     *,
     target: float,
     metric: str = "flops",
     criterion: str = "bn_gamma",
     min_channels: int = 1,
     divisible_by: int = 1,
-) -> WidthSpec:
+) -> Spec:
     """Remove the globally least important channels until ``cost <= target`` of the teacher's.
 
     Returns the widest such candidate: removing one channel fewer (before rounding) would
@@ -73,7 +73,7 @@ def global_ranking_spec(
     lowest = np.minimum(-(-min_channels // d) * d, full)
     teacher_cost = space.cost(spec, metric)
 
-    def candidate(k: int) -> WidthSpec:
+    def candidate(k: int) -> Spec:
         removed = np.bincount(owner[:k], minlength=len(names))
         widths = full - removed
         widths = np.where(widths < full, widths // d * d, full)

@@ -28,10 +28,10 @@ from scipy import stats
 from casd_ray import space
 from casd_ray.baselines import global_ranking_spec
 from casd_ray.config import ExperimentConfig
-from casd_ray.export import PARTS, is_complete, load_network
+from casd_ray.export import PARTS, is_complete
 from casd_ray.files import read_json_or_none, write_json, write_text
-from casd_ray.models import WidthSpec
-from casd_ray.pipeline import execute, fingerprints
+from casd_ray.models import Spec, spec_from_json
+from casd_ray.pipeline import execute, fingerprints, load_teacher
 from casd_ray.students import part_settings, train_export
 from casd_ray.trials import TRIALS_FILE, read_trials, select_winner
 
@@ -56,7 +56,7 @@ def random_config(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def _arm(cfg: ExperimentConfig, spec: WidthSpec, name: str, log: Log) -> dict:
+def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log) -> dict:
     """Fine-tune ``spec`` with the run's recipe into ``run_dir/arms/name`` (reused if done)."""
     from casd_ray import distill
     from casd_ray.data import load_dataset
@@ -70,7 +70,7 @@ def _arm(cfg: ExperimentConfig, spec: WidthSpec, name: str, log: Log) -> dict:
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     return train_export(
         load_dataset(cfg.data, cfg.seed),
-        load_network(cfg.run_dir / "teacher"),
+        load_teacher(cfg, cfg.run_dir / "teacher"),
         spec,
         folder,
         finetune_cfg=cfg.finetune,
@@ -93,9 +93,9 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     rnd = random_config(cfg)
     execute(rnd, ["teacher", "search"], log=log)
     row = select_winner(read_trials(rnd.run_dir / TRIALS_FILE))
-    arms["random"] = _arm(cfg, WidthSpec.from_json(row["widths"]), "random", log)
+    arms["random"] = _arm(cfg, spec_from_json(row["widths"]), "random", log)
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
-    teacher = load_network(run / "teacher")
+    teacher = load_teacher(cfg, run / "teacher")
     spec = global_ranking_spec(
         teacher.model,
         teacher.spec,

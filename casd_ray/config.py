@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,19 +38,33 @@ class DataConfig(_Strict):
     val_size: int = Field(5000, ge=1)  # carved from train with the run seed; selection uses it
     train_subset: int | None = Field(None, ge=1)  # quick runs: first N of the shuffled train
     test_subset: int | None = Field(None, ge=1)
+    # imagefolder: resize the shorter side to this and centre-crop a square (any image sizes)
+    image_size: int | None = Field(None, ge=8)
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("dataset") != "imagefolder":
+            raise ValueError("only for dataset imagefolder (the others have one image size)")
+        return v
 
 
 class ModelConfig(_Strict):
+    # A built-in pre-activation ResNet (resnet20, resnet56, resnet164, ...) or your own:
+    # torchvision:<name>, timm:<name>, python:<module or file.py>:<callable>
     arch: str = "resnet20"
-    width: int = Field(16, ge=1)  # base width; stages use width*(1, 2, 4)
+    width: int = Field(16, ge=1)  # built-in ResNets: base width; stages use width*(1, 2, 4)
+    kwargs: dict[str, Any] = {}  # passed to a source model's factory (num_classes: the data's)
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from casd_ray.models import ARCHS  # lazy: torch is only needed once a config is read
+        from casd_ray.models import check_arch_name  # lazy: torch only once a config is read
 
-        if v not in ARCHS:
-            raise ValueError(f"unknown architecture; known: {', '.join(sorted(ARCHS))}")
+        try:
+            check_arch_name(v)
+        except ValueError as err:  # the field name is added by the config's error format
+            raise ValueError(str(err).removeprefix("model.arch: ")) from None
         return v
 
 
@@ -77,6 +92,9 @@ class SpaceConfig(_Strict):
     min_channels: int = Field(1, ge=1)
     divisible_by: int = Field(1, ge=1)
     importance: Literal["l1", "bn_gamma"] = "l1"
+    # Source models: module paths (and everything under them) whose channels stay full.
+    # The classifier (any layer whose output is the network's output) always does.
+    ignore: list[str] = []
     repair: bool = True  # scale every genome onto the budget (off for optuna-nsga2)
     budget: BudgetConfig = BudgetConfig()
 

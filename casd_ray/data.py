@@ -14,8 +14,8 @@ Formats (read directly, so nothing but numpy/PIL is needed at load time):
 - ``cifar100``: ``<root>/cifar-100-python/{train,test,meta}`` (fine labels)
 - ``fashion_mnist``: the four idx ``.gz`` files in ``<root>`` (Debian's
   ``dataset-fashion-mnist`` or ``python -m casd_ray.download --download-fashion-mnist DIR``)
-- ``imagefolder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` (PNG/JPEG, all
-  one size and mode; classes sorted by name)
+- ``imagefolder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` (PNG/JPEG;
+  classes sorted by name; :mod:`casd_ray.imagefolder`)
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
         (xtr, ytr), (xte, yte), classes = _load_cifar(root, cfg.dataset, cfg.download)
         augment = "flip_crop"
     else:
-        (xtr, ytr), (xte, yte), classes = _load_imagefolder(root)
+        from casd_ray.imagefolder import load_imagefolder
+
+        (xtr, ytr), (xte, yte), classes = load_imagefolder(root, cfg.image_size)
         augment = "flip_crop"
 
     n = len(ytr)
@@ -337,67 +339,3 @@ def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
         raise DataError(
             f"{path}: labels range {labels.min()}..{labels.max()}, expected 0..{num_classes - 1}"
         )
-
-
-# --- ImageFolder
-
-
-def _load_imagefolder(root: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    hint = "expected <root>/train/<class>/*.png|jpg and <root>/test/<class>/*"
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise DataError(f"data.root {root}: no {split}/ folder found; {hint}")
-    classes = sorted(p.name for p in (root / "train").iterdir() if _visible_dir(p))
-    if not classes:
-        raise DataError(f"{root / 'train'}: no class folders found; {hint}")
-    for p in (root / "test").iterdir():
-        if _visible_dir(p) and p.name not in classes:
-            raise DataError(f"{p}: class {p.name!r} is not in {root / 'train'} (classes {classes})")
-
-    ref: tuple[tuple[int, int], str, Path] | None = None  # (size, mode, first file)
-
-    def read(split: str) -> tuple[np.ndarray, np.ndarray]:
-        nonlocal ref
-        files: list[tuple[Path, int]] = []
-        for label, cls in enumerate(classes):
-            d = root / split / cls
-            if not d.is_dir():
-                continue  # a test split may lack a class; train classes all exist by construction
-            found = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise DataError(f"{d}: empty class folder (no .png/.jpg/.jpeg images); {hint}")
-            files += [(p, label) for p in found]
-        if not files:
-            raise DataError(f"{root / split}: no images found; {hint}")
-        x: np.ndarray | None = None
-        for i, (path, _) in enumerate(files):
-            try:
-                with Image.open(path) as img:
-                    if ref is None:
-                        if img.mode not in MODE_CHANNELS:
-                            raise DataError(
-                                f"{path}: image mode {img.mode}, expected L or RGB; convert the "
-                                "images (e.g. PIL .convert('RGB'))"
-                            )
-                        ref = (img.size, img.mode, path)
-                    if (img.size, img.mode) != ref[:2]:
-                        raise DataError(
-                            f"{path}: {img.mode} {img.size[0]}x{img.size[1]}, but {ref[2]} is "
-                            f"{ref[1]} {ref[0][0]}x{ref[0][1]}; all images must share size and mode"
-                        )
-                    pixels = np.asarray(img)
-            except (OSError, UnidentifiedImageError) as err:
-                raise DataError(f"{path}: not a readable image ({err})") from None
-            if x is None:
-                w, h = ref[0]
-                x = np.empty((len(files), MODE_CHANNELS[ref[1]], h, w), dtype=np.uint8)
-            x[i] = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        return x, np.array([label for _, label in files], dtype=np.int64)
-
-    return read("train"), read("test"), classes
-
-
-def _visible_dir(p: Path) -> bool:
-    return p.is_dir() and not p.name.startswith(".")

@@ -25,21 +25,22 @@ from casd_ray.cost import cpu_latency
 from casd_ray.data import DataSplits
 from casd_ray.export import (
     FILES,
+    ONNX_FILE,
     PARTS,
     SUMMARY,
     Network,
     load_compressed,
 )
 from casd_ray.files import atomic_write, write_json
-from casd_ray.models import WidthSpec, flops
+from casd_ray.models import Spec, flops, spec_from_json
 from casd_ray.space import SpaceRules
 from casd_ray.students import EVAL_BATCH, cost_entry, part_settings, reusable, train_export
 from casd_ray.trials import rank_of, select_winner
 
 
 def uniform_spec(
-    trials: pd.DataFrame, rules: SpaceRules, teacher_spec: WidthSpec, winner: pd.Series
-) -> tuple[WidthSpec, str | None]:
+    trials: pd.DataFrame, rules: SpaceRules, teacher_spec: Spec, winner: pd.Series
+) -> tuple[Spec, str | None]:
     """The uniform-width baseline at the winner's cost, and its control trial id if any.
 
     With repair on, the control trial (the uniform genome repaired onto the budget) is that
@@ -51,7 +52,7 @@ def uniform_spec(
         control = trials[trials["is_control"].astype(bool) & trials["widths"].notna()]
         if not control.empty:
             row = control.iloc[0]
-            return WidthSpec.from_json(row["widths"]), str(row["trial_id"])
+            return spec_from_json(row["widths"]), str(row["trial_id"])
     target = float(winner[f"{metric}_ratio"])
     genome = space.uniform_genome(teacher_spec, rules.granularity, 1.0)
     spec, _ = space.repair(
@@ -95,7 +96,7 @@ def run_finetune(
     run_dir = Path(run_dir)
     winner_row = select_winner(trials)
     teacher_spec = teacher.spec
-    specs = {"winner": WidthSpec.from_json(winner_row["widths"])}
+    specs = {"winner": spec_from_json(winner_row["widths"])}
     specs["uniform"], control_id = uniform_spec(trials, rules, teacher_spec, winner_row)
     trial_ids = {"winner": str(winner_row["trial_id"]), "uniform": control_id}
     part = {k: part_settings(settings, s) for k, s in specs.items()}
@@ -145,8 +146,8 @@ def run_finetune(
 
 def _copy_export(src: Path, dst: Path, trial_id: str | None) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
-        if name != "metrics.json":
+    for name in (*FILES, ONNX_FILE):
+        if name != "metrics.json" and (src / name).is_file():
             data = (src / name).read_bytes()
             atomic_write(dst / name, lambda p, d=data: p.write_bytes(d))
     metrics = json.loads((src / "metrics.json").read_text())

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from casd_ray.models import WidthSpec, build_model, channel_groups, group_widths
+from casd_ray.models import (
+    GraphSpec,
+    Spec,
+    WidthSpec,
+    build_model,
+    channel_groups,
+    graph,
+    group_widths,
+)
 from casd_ray.models.resnet import has_projection
 
 # The bottleneck stem is no channel group: it stays full. It gets a pseudo-group name so the
@@ -88,12 +96,12 @@ IMPORTANCE: dict[str, Callable[[dict[str, nn.Module], Wiring, str], Tensor]] = {
 }
 
 
-def channel_importance(
-    teacher: nn.Module, spec: WidthSpec, criterion: str = "l1"
-) -> dict[str, Tensor]:
+def channel_importance(teacher: nn.Module, spec: Spec, criterion: str = "l1") -> dict[str, Tensor]:
     """Group name -> one score per teacher channel (higher = keep first)."""
     if criterion not in IMPORTANCE:
         raise ValueError(f"space.importance: {criterion!r} is not one of {sorted(IMPORTANCE)}")
+    if isinstance(spec, GraphSpec):
+        return graph.importance(teacher, spec, criterion)
     wire = wiring(spec)
     modules = dict(teacher.named_modules())
     score = IMPORTANCE[criterion]
@@ -101,13 +109,15 @@ def channel_importance(
 
 
 def kept_indices(
-    teacher: nn.Module, teacher_spec: WidthSpec, student_spec: WidthSpec, criterion: str = "l1"
+    teacher: nn.Module, teacher_spec: Spec, student_spec: Spec, criterion: str = "l1"
 ) -> dict[str, Tensor]:
     """Group -> sorted teacher channel indices the student keeps (the ``width`` best).
 
     Ties break towards the lower index (stable sort), so equal scores give a deterministic,
     prefix-like choice.
     """
+    if isinstance(teacher_spec, GraphSpec):
+        return graph.kept_indices(teacher, teacher_spec, student_spec, criterion)
     _check_compatible(teacher_spec, student_spec)
     importance = channel_importance(teacher, teacher_spec, criterion)
     widths = group_widths(student_spec)
@@ -164,12 +174,18 @@ def sliced_state(teacher: nn.Module, wire: Wiring, keep: dict[str, Tensor]) -> d
 
 
 def inherit(
-    teacher: nn.Module, teacher_spec: WidthSpec, student_spec: WidthSpec, criterion: str = "l1"
+    teacher: nn.Module, teacher_spec: Spec, student_spec: Spec, criterion: str = "l1"
 ) -> nn.Module:
     """Build ``student_spec`` with weights sliced from ``teacher`` (most important channels).
 
-    The student lives on the teacher's device and copies its train/eval mode.
+    The student lives on the teacher's device and copies its train/eval mode. A source model
+    is pruned by Torch-Pruning (:mod:`casd_ray.models.graph`); the built-in ResNets keep the
+    explicit slicing below (same kept indices and outputs, measured faster: see README).
     """
+    if isinstance(teacher_spec, GraphSpec):
+        if criterion not in IMPORTANCE:
+            raise ValueError(f"space.importance: {criterion!r} is not one of {sorted(IMPORTANCE)}")
+        return graph.inherit(teacher, teacher_spec, student_spec, criterion)
     keep = kept_indices(teacher, teacher_spec, student_spec, criterion)
     state = sliced_state(teacher, wiring(teacher_spec), keep)
     student = build_model(student_spec)

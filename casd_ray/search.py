@@ -43,7 +43,7 @@ from casd_ray import trust
 from casd_ray.config import ConfigError, SearchConfig
 from casd_ray.data import DataSplits
 from casd_ray.export import Network
-from casd_ray.models import WidthSpec
+from casd_ray.models import Spec
 from casd_ray.rungs import make_scheduler
 from casd_ray.space import SpaceRules
 from casd_ray.storage import SearchStorage
@@ -376,7 +376,7 @@ def rebuild_table(
     run_dir: Path,
     rules: SpaceRules,
     max_epochs: int,
-    teacher_spec: WidthSpec,
+    teacher_spec: Spec,
     trust_folder: bool,
     storage_path: str | None = None,
 ) -> Path:

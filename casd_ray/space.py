@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 
 from casd_ray.config import SpaceConfig
-from casd_ray.models import WidthSpec, channel_groups, flops, params
+from casd_ray.models import GraphSpec, Spec, WidthSpec, channel_groups, flops, graph, params
 
 GRANULARITIES = ("stage", "block", "layer")
 METRICS = {"flops": flops, "params": params}
@@ -37,7 +37,7 @@ class BudgetError(ValueError):
 # --------------------------------------------------------------------------- genes
 
 
-def gene_groups(spec: WidthSpec, granularity: str) -> dict[str, list[str]]:
+def gene_groups(spec: Spec, granularity: str) -> dict[str, list[str]]:
     """Gene name -> names of the channel groups it sets (every group exactly once).
 
     Gene names use underscores (``stage1_block3``), never dots, so they are plain keys for
@@ -45,6 +45,8 @@ def gene_groups(spec: WidthSpec, granularity: str) -> dict[str, list[str]]:
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"space.granularity: {granularity!r} is not one of {GRANULARITIES}")
+    if isinstance(spec, GraphSpec):
+        return _prefix_genes(graph.structure(spec).names, granularity)
     genes: dict[str, list[str]] = {}
     groups = channel_groups(spec)
     for g in groups:
@@ -62,19 +64,32 @@ def gene_groups(spec: WidthSpec, granularity: str) -> dict[str, list[str]]:
     return genes
 
 
-def gene_names(spec: WidthSpec, granularity: str) -> list[str]:
+def _prefix_genes(names: tuple[str, ...], granularity: str) -> dict[str, list[str]]:
+    """Genes of a source model by module-path prefix: ``stage`` is the first prefix depth
+    that splits the groups (``layer1``, ``features.3``), ``block`` the next depth that splits
+    them further (``layer1.0``), ``layer`` one gene per group."""
+    parts = [n.split(".") for n in names]
+    counts = [len({".".join(p[:d]) for p in parts}) for d in range(1, max(map(len, parts)) + 1)]
+    levels = [d + 1 for d in range(len(counts)) if counts[d] > (counts[d - 1] if d else 1)]
+    want = {"stage": 0, "block": 1}.get(granularity)
+    genes: dict[str, list[str]] = {}
+    for name, p in zip(names, parts, strict=True):
+        depth = levels[want] if want is not None and want < len(levels) else len(p)
+        genes.setdefault(".".join(p[:depth]).replace(".", "_"), []).append(name)
+    return genes
+
+
+def gene_names(spec: Spec, granularity: str) -> list[str]:
     """The searched genes, in network order (streams first)."""
     return list(gene_groups(spec, granularity))
 
 
-def uniform_genome(spec: WidthSpec, granularity: str, value: float = 1.0) -> dict[str, float]:
+def uniform_genome(spec: Spec, granularity: str, value: float = 1.0) -> dict[str, float]:
     """Every gene at ``value``: repaired, it is the uniform-width network at the budget."""
     return dict.fromkeys(gene_names(spec, granularity), float(value))
 
 
-def ratios_from_genome(
-    spec: WidthSpec, granularity: str, genome: dict[str, float]
-) -> dict[str, float]:
+def ratios_from_genome(spec: Spec, granularity: str, genome: dict[str, float]) -> dict[str, float]:
     """Group name -> keep-ratio. Keys of ``genome`` that are not genes are ignored, so a
     whole Tune trial config can be passed; a missing gene is an error."""
     out = {}
@@ -110,8 +125,8 @@ def _round_widths(
 
 
 def widths_from_ratios(
-    spec: WidthSpec, ratios: dict[str, float], *, min_channels: int = 1, divisible_by: int = 1
-) -> WidthSpec:
+    spec: Spec, ratios: dict[str, float], *, min_channels: int = 1, divisible_by: int = 1
+) -> Spec:
     """Student spec from keep-ratios per group (missing groups keep ratio 1.0).
 
     Widths round half up to a multiple of ``divisible_by`` and are at least ``min_channels``
@@ -129,10 +144,17 @@ def widths_from_ratios(
     return _with_widths(spec, _round_widths(w, q, min_channels, divisible_by))
 
 
-@lru_cache(maxsize=64)
-def _layout(spec: WidthSpec) -> tuple[tuple[str, ...], np.ndarray]:
+def _layout(spec: Spec) -> tuple[tuple[str, ...], np.ndarray]:
     """Group names in ``channel_groups`` order (streams, then inner convs in network order)
-    and the teacher's widths as floats; cached because repair rebuilds specs many times."""
+    and the spec's widths as floats."""
+    if isinstance(spec, GraphSpec):
+        return graph.structure(spec).names, graph.width_vector(spec)
+    return _resnet_layout(spec)
+
+
+@lru_cache(maxsize=64)
+def _resnet_layout(spec: WidthSpec) -> tuple[tuple[str, ...], np.ndarray]:
+    """Cached because repair rebuilds specs many times."""
     groups = channel_groups(spec)
     widths = [
         spec.stages[g.stage] if g.kind == "stream" else spec.blocks[g.stage][g.block][g.conv]
@@ -143,10 +165,13 @@ def _layout(spec: WidthSpec) -> tuple[tuple[str, ...], np.ndarray]:
     return tuple(g.name for g in groups), w
 
 
-def _with_widths(spec: WidthSpec, widths: np.ndarray) -> WidthSpec:
+def _with_widths(spec: Spec, widths: np.ndarray) -> Spec:
     """``with_group_widths`` for a width array in ``_layout`` order, without dict lookups
     (the hot path of repair); equal to it by construction of the order."""
     flat = widths.tolist()
+    if isinstance(spec, GraphSpec):
+        names = graph.structure(spec).names
+        return spec.model_copy(update={"widths": dict(zip(names, map(int, flat), strict=True))})
     n_streams = len(spec.stages)
     stages = tuple(flat[:n_streams])
     it = iter(flat[n_streams:])
@@ -160,20 +185,20 @@ def _with_widths(spec: WidthSpec, widths: np.ndarray) -> WidthSpec:
 # --------------------------------------------------------------------------- cost
 
 
-def cost(spec: WidthSpec, metric: str) -> int:
+def cost(spec: Spec, metric: str) -> int:
     """FLOPs or parameter count of ``spec`` (analytic)."""
     if metric not in METRICS:
         raise ValueError(f"space.budget.metric: {metric!r} is not one of {sorted(METRICS)}")
     return METRICS[metric](spec)
 
 
-def cost_ratio(student: WidthSpec, teacher: WidthSpec, metric: str) -> float:
+def cost_ratio(student: Spec, teacher: Spec, metric: str) -> float:
     """Student cost over teacher cost (the budget is expressed in this ratio)."""
     return cost(student, metric) / cost(teacher, metric)
 
 
 def smallest_ratio(
-    spec: WidthSpec, metric: str = "flops", *, min_channels: int = 1, divisible_by: int = 1
+    spec: Spec, metric: str = "flops", *, min_channels: int = 1, divisible_by: int = 1
 ) -> float:
     """Cost ratio with every group at its minimum width: no candidate can cost less."""
     low = widths_from_ratios(
@@ -185,12 +210,12 @@ def smallest_ratio(
     return cost_ratio(low, spec, metric)
 
 
-def group_names(spec: WidthSpec) -> list[str]:
+def group_names(spec: Spec) -> list[str]:
     return list(_layout(spec)[0])
 
 
 def _check_target(
-    spec: WidthSpec, target: float, metric: str, min_channels: int, divisible_by: int
+    spec: Spec, target: float, metric: str, min_channels: int, divisible_by: int
 ) -> None:
     if not (0 < target <= 1):
         raise BudgetError(
@@ -210,7 +235,7 @@ def _check_target(
 
 
 def repair(
-    spec: WidthSpec,
+    spec: Spec,
     granularity: str,
     genome: dict[str, float],
     *,
@@ -218,7 +243,7 @@ def repair(
     metric: str = "flops",
     min_channels: int = 1,
     divisible_by: int = 1,
-) -> tuple[WidthSpec, float]:
+) -> tuple[Spec, float]:
     """Scale the genome by one global factor so the student lands on the budget.
 
     Returns ``(student, scale)`` where the student's ratios are ``clip(scale * genome, 0, 1]``.
@@ -246,7 +271,7 @@ def repair(
     scales = np.concatenate([[breaks[0] / 2], breaks * (1 + 1e-9)])
     teacher_cost = cost(spec, metric)
 
-    def student_at(scale: float) -> WidthSpec:
+    def student_at(scale: float) -> Spec:
         q = np.clip(scale * r, _TINY_RATIO, 1.0)
         return _with_widths(spec, _round_widths(w, q, min_channels, divisible_by))
 
@@ -314,7 +339,7 @@ def rules_of(space: SpaceConfig, algorithm: str) -> SpaceRules:
     )
 
 
-def candidate_spec(rules: SpaceRules, teacher_spec: WidthSpec, genome: dict) -> WidthSpec:
+def candidate_spec(rules: SpaceRules, teacher_spec: Spec, genome: dict) -> Spec:
     """The student a trial trains: repaired onto the budget, or the plain genome widths
     when repair is off."""
     if rules.repair:
@@ -334,7 +359,7 @@ def candidate_spec(rules: SpaceRules, teacher_spec: WidthSpec, genome: dict) -> 
     )
 
 
-def control_genome(rules: SpaceRules, teacher_spec: WidthSpec) -> dict[str, float]:
+def control_genome(rules: SpaceRules, teacher_spec: Spec) -> dict[str, float]:
     """The uniform genome whose candidate sits on the budget, whether repair is on or off.
 
     Its value is the repair scale of the all-ones genome, clipped into the genome bounds, so
@@ -354,13 +379,13 @@ def control_genome(rules: SpaceRules, teacher_spec: WidthSpec) -> dict[str, floa
     return uniform_genome(teacher_spec, rules.granularity, value)
 
 
-def search_bounds(rules: SpaceRules, teacher_spec: WidthSpec) -> dict[str, tuple[float, float]]:
+def search_bounds(rules: SpaceRules, teacher_spec: Spec) -> dict[str, tuple[float, float]]:
     """``{gene: (min_ratio, max_ratio)}``: the searchers' space."""
     lo, hi = rules.min_ratio, rules.max_ratio
     return {n: (lo, hi) for n in gene_names(teacher_spec, rules.granularity)}
 
 
-def check_budget(rules: SpaceRules, teacher_spec: WidthSpec) -> None:
+def check_budget(rules: SpaceRules, teacher_spec: Spec) -> None:
     """Refuse an unreachable budget before any trial starts (raises :class:`BudgetError`).
 
     With repair off, no candidate in the space can be cheaper than every gene at

@@ -22,12 +22,12 @@ from casd_ray.cost import measure_flops
 from casd_ray.data import DataSplits
 from casd_ray.export import Network, is_complete, save_compressed
 from casd_ray.files import read_json_or_none
-from casd_ray.models import WidthSpec, flops, params, spec_summary
+from casd_ray.models import Spec, flops, params, spec_summary
 
 EVAL_BATCH = 1024
 
 
-def part_settings(stage: dict, spec: WidthSpec) -> dict:
+def part_settings(stage: dict, spec: Spec) -> dict:
     """Everything that changes one fine-tuned student: the stage's fingerprint + its widths.
 
     Equal settings mean the part's folder (or its ``last.pt``) can be reused.
@@ -50,8 +50,8 @@ def finetune_student(
     amp: bool,
     data: DataSplits,
     teacher: nn.Module,
-    teacher_spec: WidthSpec,
-    spec: WidthSpec,
+    teacher_spec: Spec,
+    spec: Spec,
     folder: Path,
     settings: dict,
     device: torch.device,
@@ -118,7 +118,7 @@ def finetune_student(
     return student.eval(), history
 
 
-def cost_entry(model: nn.Module, spec: WidthSpec, teacher_spec: WidthSpec) -> dict:
+def cost_entry(model: nn.Module, spec: Spec, teacher_spec: Spec) -> dict:
     """Analytic and measured cost; the two FLOPs must agree (a check on the analytic model)."""
     shape = (spec.in_channels, *spec.image_size)
     measured = measure_flops(model.cpu(), shape)
@@ -136,7 +136,7 @@ def cost_entry(model: nn.Module, spec: WidthSpec, teacher_spec: WidthSpec) -> di
 def train_export(
     data: DataSplits,
     teacher: Network,
-    spec: WidthSpec,
+    spec: Spec,
     folder: Path,
     *,
     finetune_cfg: FinetuneConfig,

@@ -30,20 +30,23 @@ from casd_ray.distill import (
 )
 from casd_ray.export import Network, load_network, load_state
 from casd_ray.files import ArtifactError, atomic_write, write_json, write_text
-from casd_ray.models import WidthSpec, build_model, flops, params, spec_for
+from casd_ray.models import Spec, build_model, flops, params, spec_for
 
 EVAL_BATCH = 1024
 FILES = ("model.pt", "widths.json", "data.json", "metrics.json", "settings.json")
 
 
-def teacher_spec(model_cfg: ModelConfig, data: DataSplits) -> WidthSpec:
-    """The architecture ``model`` names, shaped for ``data`` (channels, classes, image size)."""
+def teacher_spec(model_cfg: ModelConfig, data: DataSplits, ignore: list[str] = ()) -> Spec:
+    """The architecture ``model`` names, shaped for ``data`` (channels, classes, image size);
+    ``ignore`` (``space.ignore``) lists a source model's modules that stay full."""
     return spec_for(
         model_cfg.arch,
         in_channels=data.in_channels,
         num_classes=data.num_classes,
         image_size=tuple(data.image_size),
         width=model_cfg.width,
+        kwargs=model_cfg.kwargs,
+        ignore=ignore,
     )
 
 
@@ -89,7 +92,7 @@ def make_teacher(
 
 def load_checkpoint(
     checkpoint: str, model_cfg: ModelConfig, data: DataSplits, log
-) -> tuple[nn.Module, WidthSpec]:
+) -> tuple[nn.Module, Spec]:
     """Load ``teacher.checkpoint``: a saved folder (with widths.json) or a bare state dict.
 
     Any problem with the file is a ConfigError naming ``teacher.checkpoint``.
@@ -131,7 +134,7 @@ def _train(
     dev: torch.device,
     amp: bool,
     log,
-) -> tuple[nn.Module, WidthSpec, float]:
+) -> tuple[nn.Module, Spec, float]:
     """Train from scratch, or from ``last.pt`` when it was written with the same settings."""
     spec = teacher_spec(model_cfg, data)
     torch.manual_seed(seed)
@@ -182,7 +185,7 @@ def _finish(
     folder: Path,
     settings: dict,
     model: nn.Module,
-    spec: WidthSpec,
+    spec: Spec,
     epochs: int,
     seconds: float,
     dev: torch.device,

@@ -35,7 +35,7 @@ from casd_ray.config import DistillConfig, SearchConfig, SpaceConfig
 from casd_ray.data import DataSplits
 from casd_ray.distill import steps_per_epoch
 from casd_ray.export import numpy_to_state, state_to_numpy
-from casd_ray.models import WidthSpec, build_model, flops, params, spec_summary
+from casd_ray.models import Spec, build_model, flops, params, spec_from_json, spec_summary
 
 STATE_FILE = "state.pt"
 DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
@@ -138,7 +138,7 @@ def pack_logits(
     return np.stack(out)
 
 
-def genome_of(config: dict[str, Any], teacher_spec: WidthSpec, granularity: str) -> dict:
+def genome_of(config: dict[str, Any], teacher_spec: Spec, granularity: str) -> dict:
     """The genome inside a Tune config (Tune may add nothing, but be strict about genes)."""
     names = space.gene_names(teacher_spec, granularity)
     missing = [n for n in names if n not in config]
@@ -236,7 +236,7 @@ def distill_trial(
     device = distill.pick_device(s.gpus)
     amp = bool(s.amp and device.type == "cuda")
 
-    teacher_spec = WidthSpec.from_json(teacher_spec_json)
+    teacher_spec = spec_from_json(teacher_spec_json)
     genome = genome_of(config, teacher_spec, s.rules.granularity)
     student_spec = space.candidate_spec(s.rules, teacher_spec, genome)
     t_flops, t_params = flops(teacher_spec), params(teacher_spec)

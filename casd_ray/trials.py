@@ -18,7 +18,7 @@ import pandas as pd
 
 from casd_ray import space as space_mod
 from casd_ray.files import ArtifactError, atomic_write
-from casd_ray.models import WidthSpec, flops, params, spec_summary
+from casd_ray.models import Spec, flops, params, spec_summary
 from casd_ray.space import SpaceRules
 
 TRIALS_FILE = "trials.parquet"
@@ -80,7 +80,7 @@ def error_reason(err: BaseException | str | None) -> str | None:
 
 
 def trials_table(
-    source: Any, rules: SpaceRules, max_epochs: int, teacher_spec: WidthSpec
+    source: Any, rules: SpaceRules, max_epochs: int, teacher_spec: Spec
 ) -> pd.DataFrame:
     """One row per trial (the contract's columns) from a ResultGrid or an experiment path.
 

@@ -1,0 +1,408 @@
+"""Any CNN as a width spec: channel groups from Torch-Pruning's DependencyGraph.
+
+A :class:`GraphSpec` is the search's view of a user's model (``torchvision:``, ``timm:``,
+``python:``): the source to rebuild it and the kept width of every channel group. A channel
+group is what Torch-Pruning's DependencyGraph couples (residual adds, concats, depthwise
+convs, squeeze-excite); its name is the readable path of the first conv or linear layer
+(in module order) that writes it, e.g. ``layer1.0.conv1``.
+
+Three things are derived once per architecture from one traced forward and cached
+(:func:`structure`): the groups, which layers' input and output channels each group sets,
+and every layer's spatial positions. FLOPs and parameters of any candidate are then a few
+vector operations (:func:`flops`, :func:`params`) — budget repair evaluates hundreds of
+candidates without building one; tests check the counts against ``FlopCounterMode`` and
+``numel`` of the built candidate.
+
+Building a candidate prunes a copy of the full network (or of the teacher, to inherit its
+weights) with Torch-Pruning, one group at a time, removing the least important channels.
+Layers whose output is the network's output (the classifier) and the modules in
+``ignore`` (by module-path prefix) are never pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from casd_ray.models.source import SourceError, build_external
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+class GraphSpec(BaseModel):
+    """A user's architecture and the width of every channel group: enough to rebuild it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    in_channels: int = 3
+    num_classes: int = 10
+    image_size: tuple[int, int] = (32, 32)
+    ignore: tuple[str, ...] = ()
+    widths: dict[str, int] = Field(default_factory=dict)  # group -> kept channels
+
+    def source_key(self) -> str:
+        """Everything that decides the full architecture (not the widths): the cache key."""
+        return json.dumps(self.model_dump(exclude={"widths"}), sort_keys=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> GraphSpec:
+        return cls.model_validate_json(text)
+
+
+def fresh_model(spec: GraphSpec) -> nn.Module:
+    """The full (unpruned) architecture, randomly initialised."""
+    return build_external(spec.arch, spec.kwargs, spec.in_channels, spec.num_classes)
+
+
+def example_input(spec: GraphSpec, device: torch.device | str = "cpu") -> Tensor:
+    return torch.zeros(1, spec.in_channels, *spec.image_size, device=device)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Groups and the linear cost model of one architecture (see the module docstring).
+
+    Row ``m`` of ``out_share``/``in_share`` says how many channels of module ``m``'s output
+    (input) one channel of each group is; a candidate's channel counts are the full counts
+    minus ``share @ removed``.
+    """
+
+    names: tuple[str, ...]
+    full: np.ndarray  # full width per group
+    modules: tuple[str, ...]  # modules with parameters or FLOPs
+    out_full: np.ndarray
+    in_full: np.ndarray
+    out_share: np.ndarray  # [modules, groups]
+    in_share: np.ndarray
+    flop_coef: np.ndarray  # FLOPs = sum coef * out * in_per_group (2 * positions * kernel area)
+    depthwise: np.ndarray  # bool: in per group stays 1
+    in_per_group_full: np.ndarray
+    param_terms: tuple[tuple[int, str, int], ...]  # (module row, kind, numel per unit)
+
+
+def _output_layers(model: nn.Module, x: Tensor) -> set[str]:
+    """Names of conv/linear layers whose output is the network's output (the classifier):
+    pruning them would change the number of classes. The last executed layer counts too."""
+    outputs: dict[str, Tensor] = {}
+    order: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, PRUNABLE):
+
+            def hook(_m, _i, out, name=name):
+                outputs[name] = out
+                order.append(name)
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    found = {n for n, o in outputs.items() if o.data_ptr() == y.data_ptr()}
+    return found | set(order[-1:])
+
+
+def _positions(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """Output positions per conv/linear over one forward (spatial size; summed if reused)."""
+    seen: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, PRUNABLE):
+
+            def hook(m, _i, out, name=name):
+                channels = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                seen[name] = seen.get(name, 0) + out.numel() // channels
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in ignore)
+
+
+def _groups(model: nn.Module, spec: GraphSpec, x: Tensor) -> list[tuple[str, list]]:
+    """(name, [(module name, handler, channel index per group channel)]) per prunable group."""
+    names = {m: n for n, m in model.named_modules()}
+    order = {n: i for i, n in enumerate(names.values())}
+    fixed = _output_layers(model, x) | {n for n in order if _ignored(n, spec.ignore)}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    ignored_layers = [m for m, n in names.items() if n in fixed and isinstance(m, PRUNABLE)]
+    out = []
+    for group in graph.get_all_groups(ignored_layers=ignored_layers, root_module_types=PRUNABLE):
+        deps = []
+        for dep, idxs in group:
+            module = dep.target.module
+            if module not in names or dep.handler is None:
+                continue
+            kind = "out" if "out_channels" in dep.handler.__name__ else "in"
+            deps.append((names[module], kind, [int(i) for i in idxs]))
+        writers = [d for d in deps if d[1] == "out" and isinstance(_get(model, d[0]), PRUNABLE)]
+        if not writers or any(d[1] == "out" and d[0] in fixed for d in deps):
+            continue  # a group that reaches the output or an ignored module stays full
+        name = min(writers, key=lambda d: order[d[0]])[0]
+        out.append((name, deps))
+    return sorted(out, key=lambda g: order[g[0]])
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _check_runs(model: nn.Module, spec: GraphSpec, x: Tensor) -> None:
+    """One forward on the data's shape, or one line naming what does not fit."""
+    shape = "x".join(map(str, x.shape[1:]))
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as err:  # noqa: BLE001 - a model can raise anything on a wrong shape
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise SourceError(
+            f"model.arch: {spec.arch} fails on the data's {shape} images "
+            f"({type(err).__name__}: {detail})"
+        ) from None
+    if not isinstance(y, Tensor) or tuple(y.shape) != (1, spec.num_classes):
+        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise SourceError(
+            f"model.kwargs: {spec.arch} outputs {got} for one image; the data has "
+            f"{spec.num_classes} classes, so (1, {spec.num_classes}) is needed"
+        )
+
+
+@lru_cache(maxsize=16)
+def _structure(key: str) -> Structure:
+    spec = GraphSpec.model_validate_json(key)
+    model = fresh_model(spec).eval()
+    x = example_input(spec)
+    _check_runs(model, spec, x)
+    try:
+        groups = _groups(model, spec, x)
+    except Exception as err:  # noqa: BLE001 - tracing failures come in many types
+        raise SourceError(
+            f"model.arch: Torch-Pruning cannot trace {spec.arch} ({type(err).__name__}: {err})"
+        ) from None
+    positions = _positions(model, x)
+    modules = [n for n, m in model.named_modules() if any(True for _ in m.parameters(False))]
+    modules += [n for n in positions if n not in modules]
+    row = {n: i for i, n in enumerate(modules)}
+    full = np.array(
+        [len(next(d for d in deps if d[0] == n and d[1] == "out")[2]) for n, deps in groups],
+        dtype=np.float64,
+    )
+    out_share = np.zeros((len(modules), len(groups)))
+    in_share = np.zeros((len(modules), len(groups)))
+    for g, (_, deps) in enumerate(groups):
+        for module, kind, idxs in {(d[0], d[1]): d for d in deps}.values():
+            if module in row:
+                share = out_share if kind == "out" else in_share
+                share[row[module], g] = len(idxs) / full[g]
+    out_full, in_full, coef, dw, ipg, terms = [], [], [], [], [], []
+    for i, n in enumerate(modules):
+        m = _get(model, n)
+        if isinstance(m, nn.Conv2d):
+            o, c, groups_ = m.out_channels, m.in_channels, m.groups
+            area = int(np.prod(m.kernel_size))
+        elif isinstance(m, nn.Linear):
+            o, c, groups_, area = m.out_features, m.in_features, 1, 1
+        else:
+            first = next(m.parameters(False))
+            o, c, groups_, area = first.shape[0] if first.dim() else 1, 0, 1, 1
+        depthwise = isinstance(m, nn.Conv2d) and groups_ > 1 and groups_ == c == o
+        out_full.append(o)
+        in_full.append(c)
+        coef.append(2 * positions.get(n, 0) * area)
+        dw.append(depthwise)
+        ipg.append(c // groups_ if c else 0)
+        for pname, p in m.named_parameters(recurse=False):
+            if isinstance(m, PRUNABLE) and pname == "weight":
+                terms.append((i, "weight", area))
+            elif p.dim() and p.shape[0] == o:
+                terms.append((i, "out", p.numel() // o))
+            else:
+                terms.append((i, "fixed", p.numel()))
+    return Structure(
+        names=tuple(n for n, _ in groups),
+        full=full,
+        modules=tuple(modules),
+        out_full=np.array(out_full, dtype=np.float64),
+        in_full=np.array(in_full, dtype=np.float64),
+        out_share=out_share,
+        in_share=in_share,
+        flop_coef=np.array(coef, dtype=np.float64),
+        depthwise=np.array(dw),
+        in_per_group_full=np.array(ipg, dtype=np.float64),
+        param_terms=tuple(terms),
+    )
+
+
+def structure(spec: GraphSpec) -> Structure:
+    """The cached groups and cost model of ``spec``'s architecture."""
+    return _structure(spec.source_key())
+
+
+def full_spec(spec: GraphSpec) -> GraphSpec:
+    """``spec`` with every group at its full width (the teacher)."""
+    s = structure(spec)
+    return spec.model_copy(
+        update={"widths": dict(zip(s.names, s.full.astype(int).tolist(), strict=True))}
+    )
+
+
+def width_vector(spec: GraphSpec) -> np.ndarray:
+    s = structure(spec)
+    return np.array(
+        [spec.widths.get(n, int(f)) for n, f in zip(s.names, s.full, strict=True)], dtype=float
+    )
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def _counts(s: Structure, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    removed = s.full - widths
+    out = s.out_full - s.out_share @ removed
+    inp = s.in_full - s.in_share @ removed
+    per_group = np.where(
+        s.depthwise, 1.0, np.where(s.in_per_group_full == s.in_full, inp, s.in_per_group_full)
+    )
+    return out, inp, per_group
+
+
+def flops_of(s: Structure, widths: np.ndarray) -> int:
+    """FLOPs in FlopCounterMode's convention (2 per multiply-add; conv and linear layers)."""
+    out, _, per_group = _counts(s, widths)
+    return int(round(float(np.sum(s.flop_coef * out * per_group))))
+
+
+def params_of(s: Structure, widths: np.ndarray) -> int:
+    out, _, per_group = _counts(s, widths)
+    total = 0.0
+    for row, kind, unit in s.param_terms:
+        if kind == "weight":
+            total += out[row] * per_group[row] * unit
+        elif kind == "out":
+            total += out[row] * unit
+        else:
+            total += unit
+    return int(round(total))
+
+
+def flops(spec: GraphSpec) -> int:
+    return flops_of(structure(spec), width_vector(spec))
+
+
+def params(spec: GraphSpec) -> int:
+    return params_of(structure(spec), width_vector(spec))
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def importance(model: nn.Module, spec: GraphSpec, criterion: str = "l1") -> dict[str, Tensor]:
+    """Group -> one score per channel: ``l1`` sums the L1 norms of the filters that write the
+    group (every coupled conv/linear), ``bn_gamma`` the |gamma| of its batch norms."""
+    out = {}
+    for name, deps in _groups_of(model, spec):
+        score = torch.zeros(len(next(d[2] for d in deps if d[0] == name and d[1] == "out")))
+        for module_name, kind, idxs in deps:
+            m = _get(model, module_name)
+            if kind != "out":
+                continue
+            idx = torch.tensor(idxs)
+            if criterion == "l1" and isinstance(m, PRUNABLE):
+                w = m.weight.detach().float().cpu().abs()
+                score += w.reshape(w.shape[0], -1).sum(1)[idx]
+            elif criterion == "bn_gamma" and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                score += m.weight.detach().float().cpu().abs()[idx]
+        out[name] = score
+    return out
+
+
+def _groups_of(model: nn.Module, spec: GraphSpec) -> list[tuple[str, list]]:
+    param = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        return _groups(model, spec, example_input(spec, param.device).to(param.dtype))
+    finally:
+        model.train(was)
+
+
+def prune_to(model: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.Module:
+    """Prune ``model`` in place to the kept channel indices of each group (others stay)."""
+    param = next(model.parameters())
+    was = model.training
+    model.eval()
+    x = example_input(spec, param.device).to(param.dtype)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    for name, deps in _groups(model, spec, x):
+        if name not in keep:
+            continue
+        root = next(d for d in deps if d[0] == name and d[1] == "out")
+        kept = set(keep[name].tolist())
+        removed = [root[2][j] for j in range(len(root[2])) if j not in kept]
+        if not removed:
+            continue
+        module = _get(model, name)
+        conv = isinstance(module, nn.Conv2d)
+        fn = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
+        group = graph.get_pruning_group(module, fn, idxs=removed)
+        group.prune()
+    return model.train(was)
+
+
+def kept_indices(
+    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
+) -> dict[str, Tensor]:
+    """Group -> sorted indices of the ``width`` most important channels (ties: lower index)."""
+    scores = importance(teacher, spec, criterion)
+    names = structure(student).names
+    widths = dict(zip(names, width_vector(student).astype(int).tolist(), strict=True))
+    keep = {}
+    for name, score in scores.items():
+        order = torch.argsort(score, descending=True, stable=True)
+        keep[name] = torch.sort(order[: widths[name]]).values
+    return keep
+
+
+def inherit(
+    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
+) -> nn.Module:
+    """A pruned copy of ``teacher`` with ``student``'s widths (the teacher is untouched)."""
+    keep = kept_indices(teacher, spec, student, criterion)
+    return prune_to(copy.deepcopy(teacher), spec, keep)
+
+
+def build(spec: GraphSpec) -> nn.Module:
+    """A freshly initialised network of ``spec``'s widths (the first channels of each group)."""
+    model = fresh_model(spec)
+    s = structure(spec)
+    pairs = zip(s.names, width_vector(spec), s.full, strict=True)
+    keep = {n: torch.arange(int(w)) for n, w, f in pairs if w < f}
+    return prune_to(model, spec, keep) if keep else model
