@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/shared_logits.py
 	$(PY) benchmarks/search_efficiency.py
 	$(PY) benchmarks/search_reproducibility.py
+	$(PY) benchmarks/inheritance_paths.py
 
 clean:
 	rm -rf $(VENV) runs

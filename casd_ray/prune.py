@@ -27,8 +27,8 @@ from casd_ray.models import (
     WidthSpec,
     build_model,
     channel_groups,
-    graph,
     group_widths,
+    surgery,
 )
 from casd_ray.models.resnet import has_projection
 
@@ -101,7 +101,7 @@ def channel_importance(teacher: nn.Module, spec: Spec, criterion: str = "l1") ->
     if criterion not in IMPORTANCE:
         raise ValueError(f"space.importance: {criterion!r} is not one of {sorted(IMPORTANCE)}")
     if isinstance(spec, GraphSpec):
-        return graph.importance(teacher, spec, criterion)
+        return surgery.importance(teacher, spec, criterion)
     wire = wiring(spec)
     modules = dict(teacher.named_modules())
     score = IMPORTANCE[criterion]
@@ -117,7 +117,7 @@ def kept_indices(
     prefix-like choice.
     """
     if isinstance(teacher_spec, GraphSpec):
-        return graph.kept_indices(teacher, teacher_spec, student_spec, criterion)
+        return surgery.kept_indices(teacher, teacher_spec, student_spec, criterion)
     _check_compatible(teacher_spec, student_spec)
     importance = channel_importance(teacher, teacher_spec, criterion)
     widths = group_widths(student_spec)
@@ -185,7 +185,7 @@ def inherit(
     if isinstance(teacher_spec, GraphSpec):
         if criterion not in IMPORTANCE:
             raise ValueError(f"space.importance: {criterion!r} is not one of {sorted(IMPORTANCE)}")
-        return graph.inherit(teacher, teacher_spec, student_spec, criterion)
+        return surgery.inherit(teacher, teacher_spec, student_spec, criterion)
     keep = kept_indices(teacher, teacher_spec, student_spec, criterion)
     state = sliced_state(teacher, wiring(teacher_spec), keep)
     student = build_model(student_spec)

@@ -355,8 +355,10 @@ def finetune_stage(cfg, log=lambda _: None, **kwargs):
     )
 
 
-def write_image_tree(root: Path, *, per_class: int = 60, test_per_class: int = 10) -> Path:
-    """``root/{train,test}/c<k>/*.png``: 4 classes of 8x8 grayscale textures + noise.
+def write_image_tree(
+    root: Path, *, per_class: int = 60, test_per_class: int = 10, size: int = 8, rgb: bool = False
+) -> Path:
+    """``root/{train,test}/c<k>/*.png``: 4 classes of grayscale (or RGB) textures + noise.
 
     Horizontal stripes, vertical stripes, checkerboard, flat: the class survives the flips
     and pad-crops of the imagefolder augmentation, so a tiny net learns it in a few epochs,
@@ -365,14 +367,17 @@ def write_image_tree(root: Path, *, per_class: int = 60, test_per_class: int = 1
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    i, j = np.indices((8, 8))
-    patterns = [(i % 2) * 160, (j % 2) * 160, ((i + j) % 2) * 160, np.full((8, 8), 80)]
+    i, j = np.indices((size, size))
+    flat = np.full((size, size), 80)
+    patterns = [(i % 2) * 160, (j % 2) * 160, ((i + j) % 2) * 160, flat]
+    shape = (size, size, 3) if rgb else (size, size)
     for split, n in (("train", per_class), ("test", test_per_class)):
         for c, pattern in enumerate(patterns):
             folder = root / split / f"c{c}"
             folder.mkdir(parents=True, exist_ok=True)
             for k in range(n):
-                img = pattern + rng.integers(0, 90, (8, 8))
+                p = pattern[..., None] if rgb else pattern
+                img = p + rng.integers(0, 90, shape)
                 Image.fromarray(img.astype(np.uint8)).save(folder / f"{k}.png")
     return root
 
@@ -391,7 +396,8 @@ def smoke_overrides(config_path: Path, base: Path) -> list[str]:
 
     Fake data in the dataset's real format is written under ``base``; the architecture is
     swapped for a ResNet-8 of width 4 (same family, same code paths), and every stage runs
-    one epoch on ~100 images with two search trials.
+    one epoch on ~100 images with two search trials. A source model (``torchvision:``…) is
+    kept as it is: its groups and cost model are what the smoke run checks.
     """
     from casd_ray.config import load_config
 
@@ -401,6 +407,10 @@ def smoke_overrides(config_path: Path, base: Path) -> list[str]:
         root = write_fake_fashion_mnist(base / "data-fashion", n=120, n_test=40)
     elif dataset in CIFAR_LAYOUT:
         root = write_fake_cifar(base / f"data-{dataset}", dataset, n=120, n_test=40)
+    elif dataset == "imagefolder" and ":" in cfg.model.arch:  # a user's model: RGB, 32x32
+        root = write_image_tree(
+            base / "data-rgb", per_class=30, test_per_class=10, size=32, rgb=True
+        )
     elif dataset == "imagefolder":
         root = write_image_tree(base / "data-images", per_class=30, test_per_class=10)
     else:
@@ -410,8 +420,6 @@ def smoke_overrides(config_path: Path, base: Path) -> list[str]:
         "data.root": root,
         "data.download": False,
         "data.val_size": 30,
-        "model.arch": "resnet8",
-        "model.width": 4,
         "teacher.epochs": 1,
         "teacher.batch_size": 32,
         "search.num_samples": 2,
@@ -426,4 +434,6 @@ def smoke_overrides(config_path: Path, base: Path) -> list[str]:
         "finetune.warmup_epochs": 0,
         "audit.top_k": 2,
     }
+    if ":" not in cfg.model.arch:  # a built-in ResNet shrinks; a user's own model is kept
+        items.update({"model.arch": "resnet8", "model.width": 4})
     return [f"{k}={v}" for k, v in items.items()]

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import casd_ray
-from casd_ray.export import FILES, is_complete, load_compressed, load_torchscript, save_compressed
+from casd_ray.export import (
+    FILES,
+    ONNX_FILE,
+    is_complete,
+    load_compressed,
+    load_torchscript,
+    save_compressed,
+)
 from casd_ray.files import ArtifactError
 from casd_ray.models import build_model, spec_for, with_group_widths
 
@@ -36,7 +43,7 @@ def test_reload_reproduces_outputs_exactly(tmp_path, pruned_spec):
     model = _trained_like(pruned_spec)
     out = save_compressed(model, pruned_spec, tmp_path / "winner", {"test_acc": 0.5})
     assert is_complete(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, ONNX_FILE])
     x = torch.randn(5, 1, 28, 28)
     reloaded = load_compressed(out)
     assert not reloaded.training
@@ -54,6 +61,18 @@ def test_torchscript_loads_and_reproduces_outputs(tmp_path, pruned_spec):
     x = torch.randn(3, 1, 28, 28)  # a batch size other than the traced one
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_onnx_runs_in_onnxruntime_and_reproduces_outputs(tmp_path, pruned_spec):
+    import onnxruntime
+
+    model = _trained_like(pruned_spec)
+    save_compressed(model, pruned_spec, tmp_path)
+    session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE))
+    x = torch.randn(7, 1, 28, 28)  # the batch axis is dynamic
+    (got,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=0, atol=1e-5)
 
 
 def test_package_level_load_compressed(tmp_path, pruned_spec):

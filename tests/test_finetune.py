@@ -11,7 +11,7 @@ import torch
 from conftest import finetune_stage, rules_of, tiny_config
 
 from casd_ray import space
-from casd_ray.export import FILES, load_compressed, load_torchscript
+from casd_ray.export import FILES, ONNX_FILE, load_compressed, load_torchscript
 from casd_ray.files import ArtifactError
 from casd_ray.finetune import uniform_spec
 from casd_ray.models import WidthSpec, flops, spec_for
@@ -77,7 +77,7 @@ def test_run_finetune_exports_winner_and_uniform(finetuned_run):
     trials = pd.read_parquet(cfg.run_dir / "trials.parquet")
     for part in ("winner", "uniform"):
         folder = cfg.run_dir / part
-        assert {p.name for p in folder.iterdir()} == set(FILES)  # last.pt removed
+        assert {p.name for p in folder.iterdir()} == {*FILES, ONNX_FILE}  # last.pt removed
         metrics = json.loads((folder / "metrics.json").read_text())
         assert 0 <= metrics["test_acc"] <= 1 and 0 <= metrics["val_acc"] <= 1
         assert metrics["flops"] == metrics["flops_measured"]

@@ -124,8 +124,9 @@ def test_inheritance_keeps_the_teacher_exactly_at_full_width(arch):
     spec = teacher_spec(arch)
     teacher = build_model(spec).eval()
     x = torch.randn(3, 3, 32, 32)
-    same = inherit(teacher, spec, spec).eval()
-    assert torch.equal(same(x), teacher(x))
+    with torch.no_grad():  # Torch-Pruning traces with autograd: callers may have it off
+        same = inherit(teacher, spec, spec).eval()
+        assert torch.equal(same(x), teacher(x))
     half = uniform(spec, "block", 0.5)
     student = inherit(teacher, spec, half)
     assert flops(half) == measure_flops(student, (3, 32, 32))
@@ -193,6 +194,60 @@ def test_builtin_resnet_through_the_generic_path_matches_the_hand_written_one():
         a = inherit(teacher, hand, hand_student, criterion).eval()(x)
         b = inherit(teacher, gen, gen_student, criterion).eval()(x)
         assert torch.equal(a, b)
+
+
+def test_teacher_checkpoint_of_a_source_model_is_a_plain_state_dict(tmp_path):
+    """A user's fine-tuned torchvision model comes in as ``torch.save(model.state_dict())``."""
+    from casd_ray.config import ModelConfig
+    from casd_ray.data import DataSplits
+    from casd_ray.teacher import load_checkpoint
+
+    theirs = torchvision_model("mobilenet_v2", num_classes=4).eval()
+    torch.save(theirs.state_dict(), tmp_path / "mine.pt")
+    empty = np.zeros((2, 3, 32, 32), np.uint8)
+    labels = np.zeros(2, np.int64)
+    data = DataSplits("d", list("abcd"), *(empty, labels) * 3, (0.5,) * 3, (0.2,) * 3, "flip_crop")
+    cfg = ModelConfig(arch="torchvision:mobilenet_v2")
+    model, spec = load_checkpoint(str(tmp_path / "mine.pt"), cfg, data, lambda _: None)
+    x = torch.randn(2, 3, 32, 32)
+    assert isinstance(spec, GraphSpec) and spec.num_classes == 4
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), theirs(x))
+
+
+def torchvision_model(name: str, **kw) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, **kw)
+
+
+def test_editing_a_python_factory_changes_the_teacher_fingerprint(tmp_path):
+    from casd_ray.config import ExperimentConfig
+    from casd_ray.pipeline import fingerprints
+
+    source = tmp_path / "nets.py"
+    source.write_text(HERE.read_text())
+    cfg = ExperimentConfig.model_validate({"model": {"arch": f"python:{source}:ToyNet"}})
+    before = fingerprints(cfg)["teacher"]
+    source.write_text(HERE.read_text().replace("nn.Conv2d(16, 12, 1)", "nn.Conv2d(16, 10, 1)"))
+    assert fingerprints(cfg)["teacher"] != before
+
+
+def test_image_size_resizes_any_image_to_one_square(tmp_path):
+    from casd_ray.config import DataConfig
+    from casd_ray.data import load_dataset
+
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for c, (mode, size) in enumerate([("RGB", (40, 20)), ("L", (15, 31)), ("RGBA", (64, 64))]):
+            d = root / split / f"k{c}"
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new(mode, size, color=(50 * c,) * len(mode)).save(d / f"{i}.png")
+    cfg = DataConfig(dataset="imagefolder", root=str(root), val_size=2, image_size=16)
+    data = load_dataset(cfg, seed=0)
+    assert data.x_train.shape[1:] == (3, 16, 16) and data.x_test.shape == (9, 3, 16, 16)
+    assert data.image_size == (16, 16)
 
 
 # ------------------------------------------------------------------ casd-ray run, end to end

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from casd_ray.models import graph, resnet
+from casd_ray.models import graph, resnet, surgery
 from casd_ray.models.graph import GraphSpec
 from casd_ray.models.resnet import ChannelGroup, PreActResNet, WidthSpec, standard_spec
 from casd_ray.models.source import SourceError, check_arch, is_external
@@ -115,7 +115,7 @@ def spec_from_json(text: str | dict) -> Spec:
 
 def build_model(spec: Spec) -> nn.Module:
     """Build the network described by ``spec`` (freshly initialised)."""
-    return graph.build(spec) if isinstance(spec, GraphSpec) else PreActResNet(spec)
+    return surgery.build(spec) if isinstance(spec, GraphSpec) else PreActResNet(spec)
 
 
 def channel_groups(spec: Spec) -> list[ChannelGroup]:

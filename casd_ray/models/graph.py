@@ -13,15 +13,12 @@ vector operations (:func:`flops`, :func:`params`) — budget repair evaluates hu
 candidates without building one; tests check the counts against ``FlopCounterMode`` and
 ``numel`` of the built candidate.
 
-Building a candidate prunes a copy of the full network (or of the teacher, to inherit its
-weights) with Torch-Pruning, one group at a time, removing the least important channels.
-Layers whose output is the network's output (the classifier) and the modules in
-``ignore`` (by module-path prefix) are never pruned.
+Layers whose output is the network's output (the classifier) and the modules in ``ignore``
+(by module-path prefix) are never pruned. Building candidates: :mod:`casd_ray.models.surgery`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -143,16 +140,22 @@ def _positions(model: nn.Module, x: Tensor) -> dict[str, int]:
     return seen
 
 
+def dependency_graph(model: nn.Module, x: Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning traces with autograd: callers may be inside ``torch.no_grad()``."""
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+
+
 def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in ignore)
 
 
-def _groups(model: nn.Module, spec: GraphSpec, x: Tensor) -> list[tuple[str, list]]:
+def traced_groups(model: nn.Module, spec: GraphSpec, x: Tensor) -> list[tuple[str, list]]:
     """(name, [(module name, handler, channel index per group channel)]) per prunable group."""
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     fixed = _output_layers(model, x) | {n for n in order if _ignored(n, spec.ignore)}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    graph = dependency_graph(model, x)
     ignored_layers = [m for m, n in names.items() if n in fixed and isinstance(m, PRUNABLE)]
     out = []
     for group in graph.get_all_groups(ignored_layers=ignored_layers, root_module_types=PRUNABLE):
@@ -163,16 +166,14 @@ def _groups(model: nn.Module, spec: GraphSpec, x: Tensor) -> list[tuple[str, lis
                 continue
             kind = "out" if "out_channels" in dep.handler.__name__ else "in"
             deps.append((names[module], kind, [int(i) for i in idxs]))
-        writers = [d for d in deps if d[1] == "out" and isinstance(_get(model, d[0]), PRUNABLE)]
+        writers = [
+            d for d in deps if d[1] == "out" and isinstance(model.get_submodule(d[0]), PRUNABLE)
+        ]
         if not writers or any(d[1] == "out" and d[0] in fixed for d in deps):
             continue  # a group that reaches the output or an ignored module stays full
         name = min(writers, key=lambda d: order[d[0]])[0]
         out.append((name, deps))
     return sorted(out, key=lambda g: order[g[0]])
-
-
-def _get(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def _check_runs(model: nn.Module, spec: GraphSpec, x: Tensor) -> None:
@@ -202,7 +203,7 @@ def _structure(key: str) -> Structure:
     x = example_input(spec)
     _check_runs(model, spec, x)
     try:
-        groups = _groups(model, spec, x)
+        groups = traced_groups(model, spec, x)
     except Exception as err:  # noqa: BLE001 - tracing failures come in many types
         raise SourceError(
             f"model.arch: Torch-Pruning cannot trace {spec.arch} ({type(err).__name__}: {err})"
@@ -224,7 +225,7 @@ def _structure(key: str) -> Structure:
                 share[row[module], g] = len(idxs) / full[g]
     out_full, in_full, coef, dw, ipg, terms = [], [], [], [], [], []
     for i, n in enumerate(modules):
-        m = _get(model, n)
+        m = model.get_submodule(n)
         if isinstance(m, nn.Conv2d):
             o, c, groups_ = m.out_channels, m.in_channels, m.groups
             area = int(np.prod(m.kernel_size))
@@ -319,90 +320,3 @@ def flops(spec: GraphSpec) -> int:
 
 def params(spec: GraphSpec) -> int:
     return params_of(structure(spec), width_vector(spec))
-
-
-# --------------------------------------------------------------------------- pruning
-
-
-def importance(model: nn.Module, spec: GraphSpec, criterion: str = "l1") -> dict[str, Tensor]:
-    """Group -> one score per channel: ``l1`` sums the L1 norms of the filters that write the
-    group (every coupled conv/linear), ``bn_gamma`` the |gamma| of its batch norms."""
-    out = {}
-    for name, deps in _groups_of(model, spec):
-        score = torch.zeros(len(next(d[2] for d in deps if d[0] == name and d[1] == "out")))
-        for module_name, kind, idxs in deps:
-            m = _get(model, module_name)
-            if kind != "out":
-                continue
-            idx = torch.tensor(idxs)
-            if criterion == "l1" and isinstance(m, PRUNABLE):
-                w = m.weight.detach().float().cpu().abs()
-                score += w.reshape(w.shape[0], -1).sum(1)[idx]
-            elif criterion == "bn_gamma" and isinstance(m, nn.modules.batchnorm._BatchNorm):
-                score += m.weight.detach().float().cpu().abs()[idx]
-        out[name] = score
-    return out
-
-
-def _groups_of(model: nn.Module, spec: GraphSpec) -> list[tuple[str, list]]:
-    param = next(model.parameters())
-    was = model.training
-    model.eval()
-    try:
-        return _groups(model, spec, example_input(spec, param.device).to(param.dtype))
-    finally:
-        model.train(was)
-
-
-def prune_to(model: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.Module:
-    """Prune ``model`` in place to the kept channel indices of each group (others stay)."""
-    param = next(model.parameters())
-    was = model.training
-    model.eval()
-    x = example_input(spec, param.device).to(param.dtype)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
-    for name, deps in _groups(model, spec, x):
-        if name not in keep:
-            continue
-        root = next(d for d in deps if d[0] == name and d[1] == "out")
-        kept = set(keep[name].tolist())
-        removed = [root[2][j] for j in range(len(root[2])) if j not in kept]
-        if not removed:
-            continue
-        module = _get(model, name)
-        conv = isinstance(module, nn.Conv2d)
-        fn = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
-        group = graph.get_pruning_group(module, fn, idxs=removed)
-        group.prune()
-    return model.train(was)
-
-
-def kept_indices(
-    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
-) -> dict[str, Tensor]:
-    """Group -> sorted indices of the ``width`` most important channels (ties: lower index)."""
-    scores = importance(teacher, spec, criterion)
-    names = structure(student).names
-    widths = dict(zip(names, width_vector(student).astype(int).tolist(), strict=True))
-    keep = {}
-    for name, score in scores.items():
-        order = torch.argsort(score, descending=True, stable=True)
-        keep[name] = torch.sort(order[: widths[name]]).values
-    return keep
-
-
-def inherit(
-    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
-) -> nn.Module:
-    """A pruned copy of ``teacher`` with ``student``'s widths (the teacher is untouched)."""
-    keep = kept_indices(teacher, spec, student, criterion)
-    return prune_to(copy.deepcopy(teacher), spec, keep)
-
-
-def build(spec: GraphSpec) -> nn.Module:
-    """A freshly initialised network of ``spec``'s widths (the first channels of each group)."""
-    model = fresh_model(spec)
-    s = structure(spec)
-    pairs = zip(s.names, width_vector(spec), s.full, strict=True)
-    keep = {n: torch.arange(int(w)) for n, w, f in pairs if w < f}
-    return prune_to(model, spec, keep) if keep else model

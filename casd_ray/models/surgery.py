@@ -1,0 +1,109 @@
+"""Candidates of a source model, built by pruning with Torch-Pruning.
+
+A candidate is a copy of the full network (or of the teacher, to inherit its weights) pruned
+one channel group at a time, keeping each group's most important channels in their original
+order. Groups and their names come from :mod:`casd_ray.models.graph`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from casd_ray.models.graph import (
+    PRUNABLE,
+    GraphSpec,
+    dependency_graph,
+    example_input,
+    fresh_model,
+    structure,
+    traced_groups,
+    width_vector,
+)
+
+
+def importance(model: nn.Module, spec: GraphSpec, criterion: str = "l1") -> dict[str, Tensor]:
+    """Group -> one score per channel: ``l1`` sums the L1 norms of the filters that write the
+    group (every coupled conv/linear), ``bn_gamma`` the |gamma| of its batch norms."""
+    out = {}
+    for name, deps in _groups_of(model, spec):
+        score = torch.zeros(len(next(d[2] for d in deps if d[0] == name and d[1] == "out")))
+        for module_name, kind, idxs in deps:
+            m = model.get_submodule(module_name)
+            if kind != "out":
+                continue
+            idx = torch.tensor(idxs)
+            if criterion == "l1" and isinstance(m, PRUNABLE):
+                w = m.weight.detach().float().cpu().abs()
+                score += w.reshape(w.shape[0], -1).sum(1)[idx]
+            elif criterion == "bn_gamma" and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                score += m.weight.detach().float().cpu().abs()[idx]
+        out[name] = score
+    return out
+
+
+def _groups_of(model: nn.Module, spec: GraphSpec) -> list[tuple[str, list]]:
+    param = next(model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        return traced_groups(model, spec, example_input(spec, param.device).to(param.dtype))
+    finally:
+        model.train(was)
+
+
+def prune_to(model: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.Module:
+    """Prune ``model`` in place to the kept channel indices of each group (others stay)."""
+    param = next(model.parameters())
+    was = model.training
+    model.eval()
+    x = example_input(spec, param.device).to(param.dtype)
+    graph = dependency_graph(model, x)
+    for name, deps in traced_groups(model, spec, x):
+        if name not in keep:
+            continue
+        root = next(d for d in deps if d[0] == name and d[1] == "out")
+        kept = set(keep[name].tolist())
+        removed = [root[2][j] for j in range(len(root[2])) if j not in kept]
+        if not removed:
+            continue
+        module = model.get_submodule(name)
+        conv = isinstance(module, nn.Conv2d)
+        fn = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
+        group = graph.get_pruning_group(module, fn, idxs=removed)
+        group.prune()
+    return model.train(was)
+
+
+def kept_indices(
+    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
+) -> dict[str, Tensor]:
+    """Group -> sorted indices of the ``width`` most important channels (ties: lower index)."""
+    scores = importance(teacher, spec, criterion)
+    names = structure(student).names
+    widths = dict(zip(names, width_vector(student).astype(int).tolist(), strict=True))
+    keep = {}
+    for name, score in scores.items():
+        order = torch.argsort(score, descending=True, stable=True)
+        keep[name] = torch.sort(order[: widths[name]]).values
+    return keep
+
+
+def inherit(
+    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
+) -> nn.Module:
+    """A pruned copy of ``teacher`` with ``student``'s widths (the teacher is untouched)."""
+    keep = kept_indices(teacher, spec, student, criterion)
+    return prune_to(copy.deepcopy(teacher), spec, keep)
+
+
+def build(spec: GraphSpec) -> nn.Module:
+    """A freshly initialised network of ``spec``'s widths (the first channels of each group)."""
+    model = fresh_model(spec)
+    s = structure(spec)
+    pairs = zip(s.names, width_vector(spec), s.full, strict=True)
+    keep = {n: torch.arange(int(w)) for n, w, f in pairs if w < f}
+    return prune_to(model, spec, keep) if keep else model
