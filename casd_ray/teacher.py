@@ -149,9 +149,10 @@ def _train(
         opt, epochs=t.epochs, steps_per_epoch=max(1, steps), warmup_epochs=t.warmup_epochs
     )
     history = resume(folder / "last.pt", settings, model, opt, sched, log=log, label="teacher")
+    width = "" if ":" in model_cfg.arch else f"width {model_cfg.width}, "
     log(
-        f"teacher: training {model_cfg.arch} (width {model_cfg.width}, {flops(spec) / 1e6:.1f} "
-        f"MFLOPs, {params(spec) / 1e3:.1f}k params) on {len(x)} images, {t.epochs} epochs, {dev}"
+        f"teacher: training {model_cfg.arch} ({width}{flops(spec) / 1e6:.1f} MFLOPs, "
+        f"{params(spec) / 1e3:.1f}k params) on {len(x)} images, {t.epochs} epochs, {dev}"
     )
     history = fit(
         model,
