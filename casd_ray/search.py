@@ -342,11 +342,10 @@ def run_search(
                     verbose=0,
                     callbacks=[ProgressCallback(s, rules, log), trust.SigningCallback()],
                     failure_config=tune.FailureConfig(max_failures=s.max_failures, fail_fast=False),
-                    # In a bucket Tune's state lags the trials by seconds: a restored trial
-                    # may point at a checkpoint already rotated out, so keep them all there.
-                    checkpoint_config=tune.CheckpointConfig(
-                        num_to_keep=None if store.remote else 2
-                    ),
+                    # Tune's saved state lags the trials (seconds; more on a busy machine): a
+                    # resumed trial may point at a checkpoint already rotated out. Keep them
+                    # all while the search runs; store.prune_checkpoints() trims at the end.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 ),
             )
             store.sign_tuner()
@@ -368,6 +367,7 @@ def run_search(
         )
     table = trials_table(results, rules, s.max_epochs, teacher.spec)
     out = write_table(table, run_dir / TRIALS_FILE)
+    store.prune_checkpoints()
     _log_summary(table, log)
     return out
 

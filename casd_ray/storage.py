@@ -102,3 +102,26 @@ class SearchStorage:
             trust.sign(Path(tmp), [Path(tmp) / "tuner.pkl"], out=trust.TUNER_SIGNATURES)
             name = trust.TUNER_SIGNATURES
             pafs.copy_files(f"{tmp}/{name}", f"{path}/{name}", local, fs)
+
+    def prune_checkpoints(self) -> int:
+        """Delete every trial checkpoint but the newest, once the search has finished.
+
+        While a search runs all checkpoints are kept (a resume after a killed driver may need
+        an older one); a finished search is never resumed, so only the last of each trial is
+        worth its disk space. Returns the number of checkpoints deleted.
+        """
+        fs, path = self._fs()
+        selector = pafs.FileSelector(path, allow_not_found=True)
+        deleted = 0
+        for trial in fs.get_file_info(selector):
+            if trial.type != pafs.FileType.Directory:
+                continue
+            inner = fs.get_file_info(pafs.FileSelector(trial.path))
+            names = sorted(
+                i.path for i in inner
+                if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+            )  # fmt: skip
+            for old in names[:-1]:
+                fs.delete_dir(old)
+                deleted += 1
+        return deleted

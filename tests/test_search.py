@@ -164,6 +164,13 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, work
     teacher_spec = read_spec(cfg.run_dir / "teacher" / "widths.json")
     table = trials_table(cfg.run_dir / "search", rules_of(cfg), cfg.search.max_epochs, teacher_spec)
     assert table.shape[0] == 6
+    # every checkpoint is kept while the search runs (a resume may need any); a finished
+    # search keeps only each trial's last one
+    trial_dirs = [d for d in (cfg.run_dir / "search").iterdir() if d.is_dir()]
+    kept = {d.name: sorted(c.name for c in d.glob("checkpoint_*")) for d in trial_dirs}
+    kept = {k: v for k, v in kept.items() if v}
+    assert len(kept) == 6 and all(len(v) == 1 for v in kept.values()), kept
+    assert all(v[0] == f"checkpoint_{cfg.search.max_epochs - 1:06d}" for v in kept.values())
     again: list[str] = []  # `casd-ray run` after a finished search: nothing is rerun
     run_search(cfg, log=again.append)
     assert any("search: reusing" in ln for ln in again)
