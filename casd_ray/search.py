@@ -50,6 +50,7 @@ from casd_ray.storage import SearchStorage
 from casd_ray.trial import (
     TrialPlan,
     distill_trial,
+    logits_dtype,
     pack_data,
     pack_logits,
     pack_teacher,
@@ -220,23 +221,23 @@ def _shared_logits(
     if not s.shared_logits:
         return None
     n, classes = len(packed["y_train"]), teacher.spec.num_classes
-    size = s.max_epochs * n * classes * 4
-    if size > SHARED_LOGITS_MAX_BYTES:
+    dtype = logits_dtype(s.max_epochs, n, classes, SHARED_LOGITS_MAX_BYTES)
+    if dtype is None:
         log(
-            f"search: shared teacher logits would take {size / 2**30:.1f} GiB "
-            f"({s.max_epochs} epochs x {n} images x {classes} classes); the teacher runs in "
-            "every trial instead (lower search.train_subset to share them)"
+            f"search: shared teacher logits would take {s.max_epochs * n * classes / 2**29:.1f}"
+            f" GiB in float16 ({s.max_epochs} epochs x {n} images x {classes} classes); the "
+            "teacher runs in every trial instead (lower search.train_subset to share them)"
         )
         return None
     import torch
 
     t0 = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    logits = pack_logits(packed, teacher.model, plan, device)
+    logits = pack_logits(packed, teacher.model, plan, device, dtype)
     log(
         f"search: teacher logits for {s.max_epochs} epochs x {n} images computed once "
-        f"({logits.nbytes / 2**20:.1f} MiB, {time.time() - t0:.1f}s on {device}), shared by "
-        "every trial"
+        f"({logits.nbytes / 2**20:.1f} MiB {dtype.name}, {time.time() - t0:.1f}s on {device}), "
+        "shared by every trial"
     )
     return logits
 

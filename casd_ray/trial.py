@@ -108,12 +108,26 @@ def pack_teacher(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return state_to_numpy({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
+def logits_dtype(epochs: int, images: int, classes: int, max_bytes: int) -> np.dtype | None:
+    """How to store the shared logits within ``max_bytes``: float32, else float16 (half the
+    memory; a logit's relative error <= 2**-11, far below what distillation at T=4 resolves),
+    else None (too big: each trial runs the teacher itself)."""
+    for dtype in (np.float32, np.float16):
+        if epochs * images * classes * np.dtype(dtype).itemsize <= max_bytes:
+            return np.dtype(dtype)
+    return None
+
+
 @torch.no_grad()
 def pack_logits(
-    data: dict[str, Any], teacher: torch.nn.Module, plan: TrialPlan, device: str = "cpu"
+    data: dict[str, Any],
+    teacher: torch.nn.Module,
+    plan: TrialPlan,
+    device: str = "cpu",
+    dtype: np.dtype = np.dtype(np.float32),
 ) -> np.ndarray:
     """The teacher's logits for every batch a trial trains on (``search.shared_logits``):
-    float32 ``[max_epochs, images per epoch, classes]``, rows in batch order.
+    ``[max_epochs, images per epoch, classes]`` in ``dtype``, rows in batch order.
 
     ``data`` is :func:`pack_data`'s output (the search proxy) and batches are seeded by
     (seed, epoch), so these are the trials' own batches: one teacher forward per (epoch,
@@ -134,7 +148,7 @@ def pack_logits(
         for xb, _ in batches:
             with distill.autocast(torch.device(device), amp):
                 rows.append(model(xb).float().cpu())
-        out.append(torch.cat(rows).numpy())
+        out.append(torch.cat(rows).numpy().astype(dtype))
     return np.stack(out)
 
 

@@ -328,3 +328,13 @@ def test_casd_ray_run_compresses_the_model(arch, granularity, divisible_by, imag
         session = onnxruntime.InferenceSession(str(run / part / "model.onnx"))
         (got,) = session.run(None, {"images": x.numpy()})
         assert np.allclose(got, want.numpy(), atol=1e-4)
+
+
+def test_global_ranking_baseline_works_on_a_source_model():
+    from casd_ray.baselines import global_ranking_spec
+
+    spec = teacher_spec("torchvision:mobilenet_v2")
+    teacher = build_model(spec).eval()
+    student = global_ranking_spec(teacher, spec, target=0.5, criterion="l1", divisible_by=8)
+    assert space.cost_ratio(student, spec, "flops") <= 0.5
+    assert flops(student) == measure_flops(inherit(teacher, spec, student, "l1"), (3, 32, 32))

@@ -21,6 +21,7 @@ from casd_ray.models import WidthSpec, build_model, flops, spec_for
 from casd_ray.trial import (
     STATE_FILE,
     distill_trial,
+    logits_dtype,
     pack_data,
     pack_logits,
     pack_teacher,
@@ -255,6 +256,23 @@ def test_shared_teacher_logits_give_the_trial_its_own_numbers(setup, tmp_path):
     rec = Recorder(tmp_path / "wrong")
     _run(setup, genome=genome, report=rec, get_checkpoint=lambda: None, teacher_logits=wrong)
     assert rec.metrics[-1]["train_loss"] != pytest.approx(runs[True][-1]["train_loss"], rel=1e-3)
+
+
+def test_logit_cache_falls_back_to_float16_then_to_the_teacher(setup):
+    """The cache is bounded: float32 when it fits, float16 (half) when only that fits, else
+    None (trials run the teacher); float16 rows match float32 to float16's precision."""
+    mib = 2**20
+    assert logits_dtype(10, 45_000, 100, 256 * mib) == np.float32  # CIFAR-100: 172 MiB
+    assert logits_dtype(10, 45_000, 100, 100 * mib) == np.float16
+    assert logits_dtype(10, 45_000, 100, 50 * mib) is None
+    cfg, data, teacher_state, spec = setup
+    teacher = build_model(spec)
+    teacher.load_state_dict(numpy_to_state(teacher_state))
+    plan = trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed)
+    full = pack_logits(data, teacher, plan)
+    half = pack_logits(data, teacher, plan, dtype=np.dtype(np.float16))
+    assert half.dtype == np.float16 and half.nbytes * 2 == full.nbytes
+    np.testing.assert_allclose(half.astype(np.float32), full, rtol=2**-10, atol=1e-4)
 
 
 def _epoch_batches(data, plan):
