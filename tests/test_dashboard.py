@@ -22,7 +22,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
-from conftest import ensure_teacher, search_with, tiny_search_cfg
+from conftest import (
+    ensure_teacher,
+    search_with,
+    tiny_search_cfg,
+    write_fake_fashion_mnist,
+    write_run_config,
+)
 from ray import cloudpickle
 
 from casd_ray.trial import EXPORTED, distill_trial
@@ -119,3 +125,31 @@ def test_trials_show_as_actors_and_export_their_metrics(ray_dashboard, tmp_path,
     assert seen["metrics"] <= set(df["trial_id"])  # tagged with the trials' own ids
     for key in EXPORTED:
         assert f"ray_casd_trial_{key}" in seen["text"]
+
+
+def test_a_search_submitted_as_a_ray_job_runs_to_the_end(ray_dashboard, tmp_path):
+    """``ray job submit -- casd-ray run CONFIG --address auto``, as on a cluster: the job
+    succeeds, its log (on the dashboard's Jobs page) holds our progress lines, and the run
+    folder is complete."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    dashboard, _ = ray_dashboard
+    data = write_fake_fashion_mnist(tmp_path / "data", n=80, n_test=20)
+    config = write_run_config(
+        tmp_path / "job.yaml", tmp_path / "runs", data,
+        search={"num_samples": 2, "max_epochs": 1, "batch_size": 32},
+        audit={"top_k": 0},
+    )  # fmt: skip
+    client = JobSubmissionClient(dashboard, headers={"Authorization": f"Bearer {token()}"})
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} -m casd_ray.cli run {config} --address auto"
+    )
+    deadline = time.time() + 400
+    while not client.get_job_status(job).is_terminal() and time.time() < deadline:
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "stage 5/5 report" in logs and "trial " in logs
+    run = tmp_path / "runs" / "r"
+    assert (run / "trials.parquet").is_file() and (run / "report.md").is_file()
+    assert len(pd.read_parquet(run / "trials.parquet")) == 2
