@@ -173,6 +173,12 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
 
 def compare(cfg: ExperimentConfig, seeds: Sequence[int], log: Log = print) -> Path:
     """Run every arm for every seed; write ``<output_dir>/<name>-compare.{json,md}``."""
+    if cfg.teacher.checkpoint and cfg.data.split_seed is None and len(seeds) > 1:
+        log(
+            "compare: one teacher.checkpoint for every seed, but each seed carves its own "
+            "validation split: the teacher has trained on some seeds' validation images; set "
+            "data.split_seed to the seed the teacher was trained with"
+        )
     per_seed = {s: run_seed(seed_config(cfg, s), log) for s in seeds}
     summary = summarize(per_seed)
     base = Path(cfg.output_dir) / f"{cfg.name}-compare"

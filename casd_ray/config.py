@@ -35,7 +35,11 @@ class DataConfig(_Strict):
     dataset: Literal["cifar10", "cifar100", "fashion_mnist", "imagefolder"] = "fashion_mnist"
     root: str | None = None  # None: the dataset's default location
     download: bool = False  # CIFAR / Fashion-MNIST only, and only when the network allows
-    val_size: int = Field(5000, ge=1)  # carved from train with the run seed; selection uses it
+    val_size: int = Field(5000, ge=1)  # carved from train; selection uses it
+    # Seed of the train/val split (and of test_subset); null = the run seed. Fix it when one
+    # teacher serves several seeds (compare with teacher.checkpoint): the teacher must never
+    # have trained on a validation image.
+    split_seed: int | None = None
     train_subset: int | None = Field(None, ge=1)  # quick runs: first N of the shuffled train
     test_subset: int | None = Field(None, ge=1)
     # imagefolder: resize the shorter side to this and centre-crop a square (any image sizes)

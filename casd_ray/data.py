@@ -105,7 +105,8 @@ def default_root(dataset: str) -> Path | None:
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
-    """Load ``cfg.dataset``, carve validation from train with ``seed``, apply subsets."""
+    """Load ``cfg.dataset``, carve validation from train with ``data.split_seed`` (default:
+    the run ``seed``), apply subsets."""
     root = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.dataset)
     if root is None:
         raise DataError(
@@ -131,14 +132,15 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
             f"split of {root} has {n}); set data.val_size below {n - 1}"
         )
     # Validation is carved from train only; the test split never takes part in selection.
-    perm = np.random.default_rng(seed_words(seed, 0x5E1)).permutation(n)
+    split = seed if cfg.split_seed is None else cfg.split_seed
+    perm = np.random.default_rng(seed_words(split, 0x5E1)).permutation(n)
     val_idx = np.sort(perm[: cfg.val_size])
     train_idx = perm[cfg.val_size :]
     if cfg.train_subset is not None:  # at most N: a larger value just means all of it
         train_idx = train_idx[: cfg.train_subset]
     train_idx = np.sort(train_idx)
     if cfg.test_subset is not None and cfg.test_subset < len(yte):
-        test_perm = np.random.default_rng(seed_words(seed, 0x7E5)).permutation(len(yte))
+        test_perm = np.random.default_rng(seed_words(split, 0x7E5)).permutation(len(yte))
         test_idx = np.sort(test_perm[: cfg.test_subset])
         xte, yte = xte[test_idx], yte[test_idx]
 

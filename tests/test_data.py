@@ -409,3 +409,19 @@ def test_train_batches_same_on_cuda_as_cpu():
     ):
         assert b.device.type == "cuda" and torch.equal(la, lb.cpu())
         assert torch.allclose(a, b.cpu(), atol=1e-5)
+
+
+def test_split_seed_pins_the_validation_split_across_run_seeds(tmp_path):
+    """``data.split_seed``: runs with other seeds keep one train/val split (a teacher shared
+    by several seeds never trained on their validation images); without it each seed has its
+    own split."""
+    root = make_fashion(tmp_path / "fm", n_train=40, n_test=12)
+    pinned = [
+        load_dataset(DataConfig(root=str(root), val_size=10, split_seed=7), seed=s) for s in (0, 1)
+    ]
+    assert np.array_equal(pinned[0].y_val, pinned[1].y_val)
+    assert np.array_equal(pinned[0].x_val, pinned[1].x_val)
+    own = [load_dataset(DataConfig(root=str(root), val_size=10), seed=s) for s in (0, 1)]
+    assert not np.array_equal(own[0].x_val, own[1].x_val)
+    same_as_seed_7 = load_dataset(DataConfig(root=str(root), val_size=10), seed=7)
+    assert np.array_equal(same_as_seed_7.x_val, pinned[0].x_val)
