@@ -2,9 +2,9 @@
 
 Channel groups come from Torch-Pruning's DependencyGraph, FLOPs and parameters from the cost
 model traced once per architecture; both are checked against the built candidates
-(``FlopCounterMode``, ``numel``). The end-to-end tests run ``casd-ray run`` as a user would,
-on a tiny image folder of mixed image sizes, and reload every export (state dict,
-TorchScript, ONNX through onnxruntime).
+(``FlopCounterMode``, ``numel``). The end-to-end tests run ``casd-ray run`` (the CLI's
+``main``) as a user would, on a tiny image folder of mixed image sizes, and reload every
+export (state dict, TorchScript, ONNX through onnxruntime).
 
 ``ToyNet`` below is the "user-defined model": a residual add and a channel concat, built by
 ``python:tests/test_own_models.py:ToyNet`` (this file is imported by the trials, so it keeps
@@ -14,8 +14,6 @@ to imports every worker has).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from casd_ray import load_compressed, space
+from casd_ray.cli import main
 from casd_ray.cost import measure_flops
 from casd_ray.export import load_torchscript
 from casd_ray.models import (
@@ -267,12 +266,14 @@ def write_mixed_images(root: Path, classes: int = 3, per_class: int = 16, test: 
     return root
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "casd_ray.cli", *args], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module's ``casd-ray run`` calls (each would start its own)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +290,9 @@ E2E = [
 
 
 @pytest.mark.parametrize(("arch", "granularity", "divisible_by"), E2E)
-def test_casd_ray_run_compresses_the_model(arch, granularity, divisible_by, images, tmp_path):
+def test_casd_ray_run_compresses_the_model(
+    arch, granularity, divisible_by, images, tmp_path, ray_local, capsys
+):
     cfg = {
         "name": "own",
         "output_dir": str(tmp_path / "runs"),
@@ -307,7 +310,7 @@ def test_casd_ray_run_compresses_the_model(arch, granularity, divisible_by, imag
     }
     path = tmp_path / "own.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    run_cli("run", str(path))
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
     run = tmp_path / "runs" / "own"
     trials = pd.read_parquet(run / "trials.parquet")
     assert len(trials) == 3 and trials["is_control"].sum() == 1
