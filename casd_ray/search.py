@@ -343,10 +343,11 @@ def run_search(
                     verbose=0,
                     callbacks=[ProgressCallback(s, rules, log), trust.SigningCallback()],
                     failure_config=tune.FailureConfig(max_failures=s.max_failures, fail_fast=False),
-                    # Tune's saved state lags the trials (seconds; more on a busy machine): a
-                    # resumed trial may point at a checkpoint already rotated out. Keep them
-                    # all while the search runs; store.prune_checkpoints() trims at the end.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                    # Tune's saved state lags the trials (more on a busy machine): a resumed
+                    # trial may name a checkpoint already rotated out. A trial makes at most
+                    # max_epochs, so keep them all (store.prune_checkpoints() trims at the
+                    # end); a number, not None: Tune also syncs its state every that many.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=s.max_epochs),
                 ),
             )
             store.sign_tuner()
