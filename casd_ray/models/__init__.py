@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -19,7 +18,7 @@ from torch import nn
 from casd_ray.models import graph, resnet, surgery
 from casd_ray.models.graph import GraphSpec
 from casd_ray.models.resnet import ChannelGroup, PreActResNet, WidthSpec, standard_spec
-from casd_ray.models.source import SourceError, check_arch, is_external
+from casd_ray.models.source import SourceError, absolute_source, check_arch, is_external
 
 Spec = WidthSpec | GraphSpec
 
@@ -61,7 +60,7 @@ for _depth in (164, 1001):
 
 def check_arch_name(arch: str) -> None:
     """Refuse an unknown built-in name or a malformed source (raises ValueError)."""
-    if is_external(arch) or ":" in arch:
+    if ":" in arch:
         check_arch(arch)
     elif arch not in ARCHS:
         raise ValueError(
@@ -85,12 +84,8 @@ def spec_for(
     not have ``num_classes`` columns, is refused now with one line naming the config key.
     """
     if is_external(arch):
-        prefix, _, rest = arch.partition(":")
-        where, _, name = rest.rpartition(":")
-        if prefix == "python" and where.endswith(".py"):  # trials run in other folders
-            arch = f"python:{Path(where).resolve()}:{name}"
         spec = GraphSpec(
-            arch=arch,
+            arch=absolute_source(arch),
             kwargs=dict(kwargs or {}),
             in_channels=in_channels,
             num_classes=num_classes,
@@ -118,11 +113,8 @@ def build_model(spec: Spec) -> nn.Module:
     return surgery.build(spec) if isinstance(spec, GraphSpec) else PreActResNet(spec)
 
 
-def channel_groups(spec: Spec) -> list[ChannelGroup]:
-    """The prunable channel groups in network order (for a source model, named by the
-    first layer that writes each group)."""
-    if isinstance(spec, GraphSpec):
-        return [ChannelGroup(n, "conv", 0) for n in graph.structure(spec).names]
+def channel_groups(spec: WidthSpec) -> list[ChannelGroup]:
+    """A built-in ResNet's channel groups (a source model's: ``graph.structure(spec).names``)."""
     return resnet.channel_groups(spec)
 
 

@@ -55,10 +55,6 @@ class GraphSpec(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
 
-    @classmethod
-    def from_json(cls, text: str) -> GraphSpec:
-        return cls.model_validate_json(text)
-
 
 def fresh_model(spec: GraphSpec) -> nn.Module:
     """The full (unpruned) architecture, randomly initialised."""
@@ -82,8 +78,10 @@ class Structure:
     """
 
     names: tuple[str, ...]
+    # per group: (module, "out"|"in", that module's channel for each group channel), as
+    # Torch-Pruning couples them in the full network; any full-width copy shares them
+    deps: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]
     full: np.ndarray  # full width per group
-    modules: tuple[str, ...]  # modules with parameters or FLOPs
     out_full: np.ndarray
     in_full: np.ndarray
     out_share: np.ndarray  # [modules, groups]
@@ -94,50 +92,46 @@ class Structure:
     param_terms: tuple[tuple[int, str, int], ...]  # (module row, kind, numel per unit)
 
 
-def _output_layers(model: nn.Module, x: Tensor) -> set[str]:
-    """Names of conv/linear layers whose output is the network's output (the classifier):
-    pruning them would change the number of classes. The last executed layer counts too."""
+def _trace(model: nn.Module, spec: GraphSpec, x: Tensor) -> tuple[set[str], dict[str, int]]:
+    """One hooked forward: the conv/linear layers whose output is the network's output (the
+    classifier: pruning it would change the classes; the last executed layer counts too) and
+    every layer's output positions (spatial size, summed if a layer is reused). A model that
+    fails on the data's shape, or does not output one row of ``num_classes``, is one line."""
     outputs: dict[str, Tensor] = {}
+    positions: dict[str, int] = {}
     order: list[str] = []
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, PRUNABLE):
 
-            def hook(_m, _i, out, name=name):
+            def hook(m, _i, out, name=name):
                 outputs[name] = out
                 order.append(name)
+                channels = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                positions[name] = positions.get(name, 0) + out.numel() // channels
 
             hooks.append(m.register_forward_hook(hook))
+    shape = "x".join(map(str, x.shape[1:]))
     try:
         with torch.no_grad():
             y = model(x)
+    except Exception as err:  # noqa: BLE001 - a model can raise anything on a wrong shape
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise SourceError(
+            f"model.arch: {spec.arch} fails on the data's {shape} images "
+            f"({type(err).__name__}: {detail})"
+        ) from None
     finally:
         for h in hooks:
             h.remove()
-    y = y[0] if isinstance(y, (tuple, list)) else y
-    found = {n for n, o in outputs.items() if o.data_ptr() == y.data_ptr()}
-    return found | set(order[-1:])
-
-
-def _positions(model: nn.Module, x: Tensor) -> dict[str, int]:
-    """Output positions per conv/linear over one forward (spatial size; summed if reused)."""
-    seen: dict[str, int] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, PRUNABLE):
-
-            def hook(m, _i, out, name=name):
-                channels = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-                seen[name] = seen.get(name, 0) + out.numel() // channels
-
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    if not isinstance(y, Tensor) or tuple(y.shape) != (1, spec.num_classes):
+        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise SourceError(
+            f"model.kwargs: {spec.arch} outputs {got} for one image; the data has "
+            f"{spec.num_classes} classes, so (1, {spec.num_classes}) is needed"
+        )
+    fixed = {n for n, o in outputs.items() if o.data_ptr() == y.data_ptr()}
+    return fixed | set(order[-1:]), positions
 
 
 def dependency_graph(model: nn.Module, x: Tensor) -> tp.DependencyGraph:
@@ -150,11 +144,13 @@ def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in ignore)
 
 
-def traced_groups(model: nn.Module, spec: GraphSpec, x: Tensor) -> list[tuple[str, list]]:
-    """(name, [(module name, handler, channel index per group channel)]) per prunable group."""
+def _traced_groups(
+    model: nn.Module, spec: GraphSpec, x: Tensor, outputs: set[str]
+) -> list[tuple[str, list]]:
+    """(name, [(module name, "out"|"in", channel per group channel)]) per prunable group."""
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
-    fixed = _output_layers(model, x) | {n for n in order if _ignored(n, spec.ignore)}
+    fixed = outputs | {n for n in order if _ignored(n, spec.ignore)}
     graph = dependency_graph(model, x)
     ignored_layers = [m for m, n in names.items() if n in fixed and isinstance(m, PRUNABLE)]
     out = []
@@ -165,7 +161,7 @@ def traced_groups(model: nn.Module, spec: GraphSpec, x: Tensor) -> list[tuple[st
             if module not in names or dep.handler is None:
                 continue
             kind = "out" if "out_channels" in dep.handler.__name__ else "in"
-            deps.append((names[module], kind, [int(i) for i in idxs]))
+            deps.append((names[module], kind, tuple(int(i) for i in idxs)))
         writers = [
             d for d in deps if d[1] == "out" and isinstance(model.get_submodule(d[0]), PRUNABLE)
         ]
@@ -176,39 +172,18 @@ def traced_groups(model: nn.Module, spec: GraphSpec, x: Tensor) -> list[tuple[st
     return sorted(out, key=lambda g: order[g[0]])
 
 
-def _check_runs(model: nn.Module, spec: GraphSpec, x: Tensor) -> None:
-    """One forward on the data's shape, or one line naming what does not fit."""
-    shape = "x".join(map(str, x.shape[1:]))
-    try:
-        with torch.no_grad():
-            y = model(x)
-    except Exception as err:  # noqa: BLE001 - a model can raise anything on a wrong shape
-        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        raise SourceError(
-            f"model.arch: {spec.arch} fails on the data's {shape} images "
-            f"({type(err).__name__}: {detail})"
-        ) from None
-    if not isinstance(y, Tensor) or tuple(y.shape) != (1, spec.num_classes):
-        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise SourceError(
-            f"model.kwargs: {spec.arch} outputs {got} for one image; the data has "
-            f"{spec.num_classes} classes, so (1, {spec.num_classes}) is needed"
-        )
-
-
 @lru_cache(maxsize=16)
 def _structure(key: str) -> Structure:
     spec = GraphSpec.model_validate_json(key)
     model = fresh_model(spec).eval()
     x = example_input(spec)
-    _check_runs(model, spec, x)
+    outputs, positions = _trace(model, spec, x)
     try:
-        groups = traced_groups(model, spec, x)
+        groups = _traced_groups(model, spec, x, outputs)
     except Exception as err:  # noqa: BLE001 - tracing failures come in many types
         raise SourceError(
             f"model.arch: Torch-Pruning cannot trace {spec.arch} ({type(err).__name__}: {err})"
         ) from None
-    positions = _positions(model, x)
     modules = [n for n, m in model.named_modules() if any(True for _ in m.parameters(False))]
     modules += [n for n in positions if n not in modules]
     row = {n: i for i, n in enumerate(modules)}
@@ -249,8 +224,8 @@ def _structure(key: str) -> Structure:
                 terms.append((i, "fixed", p.numel()))
     return Structure(
         names=tuple(n for n, _ in groups),
+        deps=tuple(tuple(deps) for _, deps in groups),
         full=full,
-        modules=tuple(modules),
         out_full=np.array(out_full, dtype=np.float64),
         in_full=np.array(in_full, dtype=np.float64),
         out_share=out_share,

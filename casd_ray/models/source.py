@@ -51,6 +51,15 @@ def check_arch(arch: str) -> None:
         raise SourceError(f"model.arch: {arch!r} is not python:<module or file.py>:<callable>")
 
 
+def absolute_source(arch: str) -> str:
+    """``arch`` with a ``python:`` file made absolute: trials run in other folders."""
+    prefix, _, rest = arch.partition(":")
+    where, _, name = rest.rpartition(":")
+    if prefix == "python" and where.endswith(".py"):
+        return f"python:{Path(where).resolve()}:{name}"
+    return arch
+
+
 def _python_factory(target: str) -> Callable[..., nn.Module]:
     where, _, name = target.rpartition(":")
     path = Path(where).resolve()

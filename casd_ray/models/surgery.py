@@ -20,17 +20,18 @@ from casd_ray.models.graph import (
     example_input,
     fresh_model,
     structure,
-    traced_groups,
     width_vector,
 )
 
 
 def importance(model: nn.Module, spec: GraphSpec, criterion: str = "l1") -> dict[str, Tensor]:
     """Group -> one score per channel: ``l1`` sums the L1 norms of the filters that write the
-    group (every coupled conv/linear), ``bn_gamma`` the |gamma| of its batch norms."""
+    group (every coupled conv/linear), ``bn_gamma`` the |gamma| of its batch norms.
+    ``model`` is a full-width instance of ``spec``'s architecture (the teacher)."""
+    s = structure(spec)
     out = {}
-    for name, deps in _groups_of(model, spec):
-        score = torch.zeros(len(next(d[2] for d in deps if d[0] == name and d[1] == "out")))
+    for name, deps, width in zip(s.names, s.deps, s.full.astype(int), strict=True):
+        score = torch.zeros(width)
         for module_name, kind, idxs in deps:
             m = model.get_submodule(module_name)
             if kind != "out":
@@ -45,24 +46,15 @@ def importance(model: nn.Module, spec: GraphSpec, criterion: str = "l1") -> dict
     return out
 
 
-def _groups_of(model: nn.Module, spec: GraphSpec) -> list[tuple[str, list]]:
-    param = next(model.parameters())
-    was = model.training
-    model.eval()
-    try:
-        return traced_groups(model, spec, example_input(spec, param.device).to(param.dtype))
-    finally:
-        model.train(was)
-
-
 def prune_to(model: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.Module:
-    """Prune ``model`` in place to the kept channel indices of each group (others stay)."""
+    """Prune ``model`` (a full-width instance of ``spec``'s architecture) in place to the kept
+    channel indices of each group (groups not in ``keep`` stay whole)."""
     param = next(model.parameters())
     was = model.training
     model.eval()
-    x = example_input(spec, param.device).to(param.dtype)
-    graph = dependency_graph(model, x)
-    for name, deps in traced_groups(model, spec, x):
+    graph = dependency_graph(model, example_input(spec, param.device).to(param.dtype))
+    s = structure(spec)
+    for name, deps in zip(s.names, s.deps, strict=True):
         if name not in keep:
             continue
         root = next(d for d in deps if d[0] == name and d[1] == "out")
