@@ -32,11 +32,11 @@ from casd_ray.stages import (  # noqa: F401 - re-exported: the pipeline's public
     Log,
     Plan,
     StageMismatch,
-    _mark,
-    _set_aside,
     differences,
     fingerprints,
+    mark_stage,
     plan,
+    set_aside_outputs,
 )
 
 # --------------------------------------------------------------------------- checks
@@ -96,7 +96,7 @@ def execute(
     # Everything is checked: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    _set_aside(run_dir, p.discard, log)
+    set_aside_outputs(run_dir, p.discard, log)
 
     total = len(stages)
     for i, stage in enumerate(stages, 1):
@@ -109,14 +109,14 @@ def execute(
             log(f"{head}: reusing {run_dir} (same settings)")
             continue
         log(f"{head}: {'resuming' if action == 'resume' else 'running'}")
-        _mark(run_dir, stage, p.fingerprints[stage], "running")
+        mark_stage(run_dir, stage, p.fingerprints[stage], "running")
         made = _run_stage(
             stage, cfg, dataset, rules, p, teacher, address, dashboard, trust_folder, log
         )
         if stage == "teacher":
             made.spec = with_ignore(made.spec, cfg.space.ignore)
             loaded["net"] = made
-        _mark(run_dir, stage, p.fingerprints[stage], "done")
+        mark_stage(run_dir, stage, p.fingerprints[stage], "done")
     return run_dir
 
 

@@ -104,13 +104,13 @@ def read_record(run_dir: Path) -> dict[str, dict]:
     return record
 
 
-def _mark(run_dir: Path, stage: str, fingerprint: dict, status: str) -> None:
+def mark_stage(run_dir: Path, stage: str, fingerprint: dict, status: str) -> None:
     record = read_record(run_dir)
     record[stage] = {"status": status, "fingerprint": fingerprint, "time": time.time()}
     write_json(run_dir / RECORD, record)
 
 
-def _set_aside(run_dir: Path, stages: list[str], log: Log) -> None:
+def set_aside_outputs(run_dir: Path, stages: list[str], log: Log) -> None:
     """Move the outputs of ``stages`` under ``previous/<time>/`` and forget their records.
 
     Redoing the teacher redoes everything: the record itself moves too (even a corrupt one).
