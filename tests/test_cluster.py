@@ -10,6 +10,7 @@ from their last checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -80,30 +81,61 @@ def test_search_spreads_over_nodes(cluster, tmp_path, image_tree):
     assert df["node_id"].nunique() >= 2, df["node_id"].tolist()
 
 
+def waits_to_be_lost(claim: Path, workers: set[str]):
+    """:func:`slow_trial`, except that the first trial to report epoch 2 on a worker node
+    writes ``claim`` (its trial and node) and then waits there until the node is removed: the
+    node is lost mid-trial, never after the trial has run its last epoch (removing a node
+    takes seconds on a loaded machine)."""
+
+    def trial(config, **kwargs):
+        from ray import tune
+
+        def report(metrics, checkpoint=None):
+            time.sleep(1.0)
+            tune.report(metrics, checkpoint=checkpoint)
+            if metrics["epoch"] != 2 or metrics["node_id"] not in workers:
+                return
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return  # another trial is the victim
+            lost = {"trial_id": tune.get_context().get_trial_id(), "node": metrics["node_id"]}
+            os.write(fd, json.dumps(lost).encode())
+            os.close(fd)
+            time.sleep(240)  # killed with its node long before this ends
+
+        return distill_trial(config, report=report, **kwargs)
+
+    return trial
+
+
 def test_lost_node_trials_resume_from_their_checkpoints(cluster, tmp_path, image_tree):
     c, workers = cluster
     cfg = make_cfg(tmp_path, image_tree, "lost", max_failures=2)
     ensure_teacher(cfg)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     exp = cfg.run_dir / "search"
+    claim = tmp_path / "victim.json"
     victim = {w.node_id: w for w in workers}
     lost: dict = {}
 
     def kill_a_worker_mid_trial() -> None:
         deadline = time.time() + 240
-        while time.time() < deadline and not lost:
-            for trial, rows in reported(exp).items():
-                last = rows[-1] if rows else {}
-                node = last.get("node_id")
-                if node in victim and 2 <= last.get("epoch", 0) < EPOCHS:
-                    c.remove_node(victim[node])  # its raylet and workers die, trial included
-                    lost.update(trial=trial, node=node, epoch=last["epoch"])
-                    return
+        while time.time() < deadline and not claim.exists():
+            time.sleep(0.2)
+        time.sleep(0.5)  # the claim's bytes follow its creation
+        found = json.loads(claim.read_text()) if claim.exists() else {}
+        while time.time() < deadline and found:  # its epoch 2 is on record: now lose the node
+            rows = {f: r for f, r in reported(exp).items() if found["trial_id"] in f}
+            if any(r and r[-1]["epoch"] == 2 for r in rows.values()):
+                c.remove_node(victim[found["node"]])  # its raylet and workers die, trial too
+                lost.update(trial=next(iter(rows)), node=found["node"], epoch=2)
+                return
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_a_worker_mid_trial, daemon=True)
     killer.start()
-    df = pd.read_parquet(search_with(cfg, slow_trial, address=c.address))
+    df = pd.read_parquet(search_with(cfg, waits_to_be_lost(claim, set(victim)), address=c.address))
     killer.join()
     assert lost, "no trial reached epoch 2 on a worker node"
     assert len(df) == 4 and df["trial_id"].is_unique  # every trial exactly once
