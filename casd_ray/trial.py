@@ -238,6 +238,7 @@ def distill_trial(
     instead of running the teacher on each batch; the teacher is then only the source of the
     inherited weights. Returns the last metrics (handy in tests; Tune ignores it).
     """
+    entered, started_at = time.perf_counter(), time.time()
     from ray import tune
 
     if report is None:  # inside Tune: one "checkpoint created" INFO line per epoch is noise
@@ -262,6 +263,7 @@ def distill_trial(
         "genome_widths": student_spec.model_dump_json(),
         "width_summary": json.dumps(spec_summary(student_spec)),
         "node_id": _node_id(),
+        "started_at": started_at,  # wall clock: Tune's trial start -> here is actor start-up
     }
 
     teacher = build_model(teacher_spec)
@@ -319,6 +321,9 @@ def distill_trial(
         # epoch's result: report it again, or the trial would look unfinished.
         metrics = dict(state["metrics"])
         report(metrics)
+    # start-up of this run of the trial (inheritance, BN recalibration, a restore): what a
+    # trial spends before its first batch (benchmarks/search_startup.py)
+    static["setup_seconds"] = time.perf_counter() - entered
     for epoch in range(start_epoch, s.max_epochs):
         t0 = time.perf_counter()
         train = distill.train_one_epoch(

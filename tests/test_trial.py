@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,15 @@ def test_reports_every_epoch_with_metrics_and_checkpoint(setup, tmp_path):
     cfg, _, _, spec = setup
     rec = Recorder(tmp_path)
     genome = {"stage0": 0.3, "stage1": 1.0, "stage2": 0.6}
+    before = time.time()
     _run(setup, genome=genome, report=rec, get_checkpoint=lambda: None)
     assert [m["epoch"] for m in rec.metrics] == [1, 2, 3]
+    # start-up figures (benchmarks/search_startup.py): when the trial began, and how long it
+    # took to reach its first batch; the same on every row
+    assert {m["started_at"] for m in rec.metrics} == {rec.metrics[0]["started_at"]}
+    assert before <= rec.metrics[0]["started_at"] <= time.time()
+    assert len({m["setup_seconds"] for m in rec.metrics}) == 1
+    assert 0 < rec.metrics[0]["setup_seconds"] < time.time() - before
     for m in rec.metrics:
         assert set(m) >= METRICS
         assert 0.0 <= m["val_acc"] <= 1.0 and np.isfinite(m["val_loss"])
