@@ -52,6 +52,7 @@ format:
 bench: $(STAMP)
 	$(PY) benchmarks/trial_overhead.py
 	$(PY) benchmarks/trial_memory.py
+	$(PY) benchmarks/search_startup.py
 	$(PY) benchmarks/shared_logits.py
 	$(PY) benchmarks/search_efficiency.py
 	$(PY) benchmarks/search_reproducibility.py

@@ -11,6 +11,12 @@ synthetic CIFAR-sized dataset and measures its own process (/proc/self/smaps_rol
 its first report: RSS (includes the shared object-store pages it touched), USS (private
 pages only) and PSS.
 
+A third mode adds the search's shared teacher-logit cache (``search.shared_logits``): a
+``[epochs, images, classes]`` array in the object store like the data, here CIFAR-100-shaped
+(100 classes, 8 epochs: 64 MB for 20k images in float32). Its values are random: this measures
+how the cache reaches a trial, not distillation. A trial converts one epoch's slice to a
+tensor at a time, so its USS may grow by about one slice (1/8 of the cache), not the cache.
+
     python benchmarks/trial_memory.py [--images 20000] [--smoke-test]
 """
 
@@ -31,6 +37,8 @@ from casd_ray.models import build_model, spec_for
 from casd_ray.trial import TrialPlan, distill_trial, pack_data, pack_teacher, trial_plan
 
 MB = 2**20
+CLASSES, EPOCHS = 100, 8  # CIFAR-100-shaped logit cache of an 8-epoch search
+MODES = ("numpy", "torch", "logits")  # logits: numpy data plus the shared logit cache
 
 
 def memory_mb() -> dict[str, float]:
@@ -59,7 +67,7 @@ def synthetic(n: int, n_val: int, size: int = 32) -> DataSplits:
 
 
 def memory_trial(
-    config: dict, *, data: dict, teacher_state, teacher_spec_json, plan: TrialPlan
+    config: dict, *, data: dict, teacher_state, teacher_spec_json, plan: TrialPlan, teacher_logits
 ) -> None:
     """distill_trial with a ``report`` that adds this process's memory figures."""
     if config["mode"] == "torch":  # control: tensors come out of the store as private copies
@@ -76,11 +84,14 @@ def memory_trial(
         teacher_state=teacher_state,
         teacher_spec_json=teacher_spec_json,
         plan=plan,
+        teacher_logits=teacher_logits,
         report=report,
     )
 
 
-def run(mode: str, concurrent: int, data: dict, teacher_state, spec, cfg, storage: str) -> list:
+def run(
+    mode: str, concurrent: int, data: dict, teacher_state, spec, cfg, storage: str, logits
+) -> list:
     if mode == "torch":
         data = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
     trainable = tune.with_resources(
@@ -90,6 +101,7 @@ def run(mode: str, concurrent: int, data: dict, teacher_state, spec, cfg, storag
             teacher_state=teacher_state,
             teacher_spec_json=spec.to_json(),
             plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
+            teacher_logits=logits if mode == "logits" else None,
         ),
         {"cpu": 1},
     )
@@ -98,7 +110,12 @@ def run(mode: str, concurrent: int, data: dict, teacher_state, spec, cfg, storag
         trainable,
         param_space=genome,
         tune_config=tune.TuneConfig(num_samples=concurrent, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=f"{mode}-{concurrent}", storage_path=storage, verbose=0),
+        run_config=tune.RunConfig(
+            name=f"{mode}-{concurrent}",
+            storage_path=storage,
+            stop={"training_iteration": 1},  # measured at the first report
+            verbose=0,
+        ),
     )
     results = tuner.fit()
     errors = [r.error for r in results if r.error]
@@ -116,34 +133,40 @@ def main() -> None:
     levels = (1, 2) if args.smoke_test else (1, 2, 4)
 
     packed = pack_data(synthetic(n, max(200, n // 20)))
-    spec = spec_for("resnet8", 3, 10, (32, 32), width=4)
+    spec = spec_for("resnet8", 3, CLASSES, (32, 32), width=4)
     torch.manual_seed(0)
     teacher_state = pack_teacher(build_model(spec))
     cfg = ExperimentConfig.model_validate(
         {
             "model": {"arch": "resnet8", "width": 4},
-            "search": {"max_epochs": 1, "batch_size": 256, "cpus_per_trial": 1},
+            "search": {"max_epochs": EPOCHS, "batch_size": 256, "cpus_per_trial": 1},
         }
     )
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((EPOCHS, len(packed["y_train"]), CLASSES), dtype=np.float32)
     data_mb = sum(v.nbytes for v in packed.values() if isinstance(v, np.ndarray)) / MB
     teacher_mb = sum(v.nbytes for v in teacher_state.values()) / MB
     storage = f"/tmp/casd-trial-memory-{os.getpid()}"
     ray.init(num_cpus=max(levels), include_dashboard=False, logging_level="ERROR")
     rows = []
     try:
-        for mode in ("numpy", "torch"):
+        for mode in MODES:
             for k in levels:
                 t0 = time.perf_counter()
-                for m in run(mode, k, packed, teacher_state, spec, cfg, storage):
+                for m in run(mode, k, packed, teacher_state, spec, cfg, storage, logits):
                     rows.append((mode, k, m))
                 print(f"# {mode} x{k}: {time.perf_counter() - t0:.1f}s", flush=True)
     finally:
         ray.shutdown()
 
-    print(f"\ndata in the object store: {data_mb:.1f} MB; teacher weights: {teacher_mb:.3f} MB")
+    logits_mb = logits.nbytes / MB
+    print(
+        f"\ndata in the object store: {data_mb:.1f} MB; teacher weights: {teacher_mb:.3f} MB; "
+        f"logit cache (mode logits): {logits_mb:.1f} MB"
+    )
     print("store   trials  RSS MB/trial  USS MB/trial  PSS MB/trial  USS MB all trials")
     uss_of = {}
-    for mode in ("numpy", "torch"):
+    for mode in MODES:
         for k in levels:
             ms = [m for md, kk, m in rows if md == mode and kk == k]
             rss, uss, pss = (
@@ -159,6 +182,12 @@ def main() -> None:
         f"{max(levels)} trials; torch tensors instead cost {extra:.1f} MB more per trial "
         f"(the data is {data_mb:.1f} MB): numpy data is "
         f"{'shared, not copied' if extra > 0.5 * data_mb and spread < 0.5 * data_mb else 'COPIED?'}"
+    )
+    cache = float(np.mean([uss_of["logits", k] - uss_of["numpy", k] for k in levels]))
+    print(
+        f"with the logit cache ({logits_mb:.1f} MB, one epoch's slice {logits_mb / EPOCHS:.1f} "
+        f"MB) a trial's USS is {cache:+.1f} MB: the cache is "
+        f"{'shared, not copied' if cache < 0.5 * logits_mb else 'COPIED?'}"
     )
 
 
