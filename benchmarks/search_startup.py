@@ -10,7 +10,8 @@ trial runs all of its epochs. Per trial, from its own result rows and the trial 
 - setup: first line -> first training batch (``setup_seconds``: student inherited from the
   teacher, BN recalibration, data views);
 - epochs: the sum of ``epoch_seconds`` (training and validation);
-- rest: the trial's wall time minus those (reports, checkpoints, the end of the trial).
+- rest: Tune's ``time_total_s`` (first line -> last report) minus setup and epochs: the
+  reports and checkpoints between epochs.
 
 Per search: wall time, the shared-logit precomputation, and the not-training share =
 1 - (sum of epoch seconds) / (wall x concurrent trials). The "bare" column of
@@ -115,7 +116,11 @@ def main() -> None:
                     np.median((parts.sum(axis=1)) / parts["epochs"])
                 ),  # per trial: its wall time over its epochs
             }
-            print(f"# {n} trials: {wall:.1f}s", flush=True)
+            # each size as soon as it is done: a long run cut short still reports
+            print(
+                f"# {n} trials: {wall:.1f}s\n{pd.Series(summary[n]).round(3).to_string()}",
+                flush=True,
+            )
     finally:
         ray.shutdown()
     print(
