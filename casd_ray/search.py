@@ -38,8 +38,8 @@ import numpy as np
 import pandas as pd
 from ray import tune
 
+from casd_ray import restore_point
 from casd_ray import space as space_mod
-from casd_ray import trust
 from casd_ray.config import ConfigError, SearchConfig
 from casd_ray.data import DataSplits
 from casd_ray.export import Network
@@ -286,8 +286,8 @@ def run_search(
     if not rules.repair:
         log("search: no budget repair (multi-objective or space.repair off): cost varies")
     restore = resume and tune.Tuner.can_restore(store.uri)
-    if restore and not trust_folder:
-        store.verify()  # before Tune unpickles anything
+    if restore:
+        store.prepare_resume(trusted=trust_folder, log=log)  # before Tune unpickles anything
     _LOG[0] = log
     # Tune warns whenever per-epoch checkpoints force frequent experiment snapshots; with
     # tiny trials that is every few seconds, by design.
@@ -341,7 +341,7 @@ def run_search(
                     name=store.name,
                     storage_path=store.root,
                     verbose=0,
-                    callbacks=[ProgressCallback(s, rules, log), trust.SigningCallback()],
+                    callbacks=[ProgressCallback(s, rules, log), restore_point.StateCallback()],
                     failure_config=tune.FailureConfig(max_failures=s.max_failures, fail_fast=False),
                     # Tune's saved state lags the trials (more on a busy machine): a resumed
                     # trial may name a checkpoint already rotated out. A trial makes at most

@@ -9,7 +9,8 @@ folder on the driver keeps its layout (``trials.parquet``, fine-tune, report) ei
 
 The trust rules hold for remote experiments too: Tune's state files are checked against this
 user's signatures (copied down first) before Tune loads anything, and ``tuner.pkl``'s
-signature is written beside it.
+signature is written beside it. A resume first puts back Tune's last whole snapshot
+(:mod:`casd_ray.restore_point`), which a driver killed mid-copy would otherwise leave torn.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from casd_ray import trust
+from casd_ray import restore_point, trust
 
 SEARCH_DIR = "search"
 
@@ -88,6 +89,13 @@ class SearchStorage:
                 trust.verify(Path(tmp))
             except trust.UntrustedRunError as err:
                 raise trust.UntrustedRunError(str(err).replace(tmp, self.uri)) from None
+
+    def prepare_resume(self, *, trusted: bool, log: Callable[[str], None]) -> None:
+        """Put back one consistent snapshot of Tune's state (:func:`restore_point.repair`),
+        then check every state file against this user's signatures unless ``trusted``."""
+        restore_point.repair(self.uri, trusted=trusted, log=log)
+        if not trusted:
+            self.verify()
 
     def sign_tuner(self) -> None:
         """Sign ``tuner.pkl``, which Tune writes to storage outside its staged state."""

@@ -10,9 +10,9 @@ signatures. A folder made by another user or machine, or changed since, is refus
 the user says they trust it (``--trust-run-folder``); the message says which file failed.
 
 Tune writes its state into a staging folder and copies it to the search folder in the
-background; :class:`SigningCallback` signs the staging folder at the one moment the files
-are complete and the copy has not begun (Tune asks callbacks for their state right after
-writing its own), so the signatures travel with the files they sign.
+background; :class:`casd_ray.restore_point.StateCallback` signs the staging folder at the one
+moment the files are complete and the copy has not begun, so the signatures travel with the
+files they sign.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ import os
 import secrets
 from pathlib import Path
 
-from ray import tune
-
 KEY_ENV = "CASD_RAY_KEY_FILE"
 STATE_SIGNATURES = "casd-signatures.json"  # the staged state files (synced by Tune)
 TUNER_SIGNATURES = "casd-tuner-signature.json"  # tuner.pkl, written by Tune outside staging
 SIGNATURE_FILES = (STATE_SIGNATURES, TUNER_SIGNATURES)
+RESTORE_POINT = "casd-restore-point.zip"  # the signed state in one file (casd_ray.restore_point)
 
 
 class UntrustedRunError(RuntimeError):
@@ -60,7 +59,9 @@ def state_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in Path(folder).iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name not in SIGNATURE_FILES
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in (*SIGNATURE_FILES, RESTORE_POINT)
     )
 
 
@@ -111,27 +112,3 @@ def verify(folder: Path) -> None:
                 "(e.g. the driver was killed while saving) or you trust who made it, rerun "
                 "with --trust-run-folder"
             )
-
-
-class SigningCallback(tune.Callback):
-    """Signs Tune's staged experiment state right after Tune writes it (see module doc)."""
-
-    def __init__(self) -> None:
-        self.staging: str | None = None
-
-    def __getstate__(self) -> dict:
-        return {"staging": None}
-
-    def on_trial_add(self, iteration, trials, trial, **info) -> None:
-        self.staging = trial.storage.experiment_driver_staging_path
-
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        if self.staging is None and trials:
-            self.staging = trials[0].storage.experiment_driver_staging_path
-
-    def get_state(self) -> None:
-        # Tune calls this inside its save, after writing the experiment and searcher state
-        # and before copying the staging folder to storage. Returning None writes no file.
-        if self.staging and Path(self.staging).is_dir():
-            sign(Path(self.staging))
-        return None

@@ -297,11 +297,13 @@ def finished_trials(exp) -> dict[str, dict]:
     return out
 
 
-def kill_search_midway(config: Path, address: str, exp, log: Path, want: int = 2) -> dict:
+def kill_search_midway(
+    config: Path, address: str, exp, log: Path, want: int = 2, on_poll=lambda: None
+) -> dict:
     """``casd-ray search CONFIG --address ADDRESS`` in its own process group (we kill exactly
     what we started), SIGKILLed once ``want`` trials have finished; returns those trials.
     Tune snapshots its state every second here, so the watcher sees finished trials while
-    most of the search is still ahead."""
+    most of the search is still ahead. ``on_poll()`` runs at every look (twice a second)."""
     import os
     import signal
     import subprocess
@@ -323,6 +325,7 @@ def kill_search_midway(config: Path, address: str, exp, log: Path, want: int = 2
             deadline = time.time() + 240
             while len(finished) < want and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.5)
+                on_poll()
                 finished = finished_trials(exp)
         finally:
             if proc.poll() is None:

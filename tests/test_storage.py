@@ -86,7 +86,17 @@ def test_search_in_a_bucket_survives_a_killed_driver(s3, tmp_path, image_tree):
     store = SearchStorage.of(cfg.run_dir, cfg.search.storage_path)
     assert store.uri == f"s3://{BUCKET}/runs/bucket/search"
     log = tmp_path / "driver.log"
-    done = kill_search_midway(tmp_path / "bucket.yaml", address, store.uri, log)
+    early: dict[str, bytes] = {}  # the searcher's first saved state, as a torn copy leaves it
+
+    def keep_early_searcher_state() -> None:
+        for key in keys(client, "runs/bucket/search/"):
+            name = key.rsplit("/", 1)[1]
+            if name.startswith(("searcher-state-", "search_gen_state-")) and name not in early:
+                early[name] = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    done = kill_search_midway(
+        tmp_path / "bucket.yaml", address, store.uri, log, on_poll=keep_early_searcher_state
+    )
     assert len(done) >= 2, log.read_text()[-2000:]
     assert not (cfg.run_dir / TRIALS_FILE).exists(), "the driver finished before it was killed"
     assert len(done) < 6, "every trial had finished before the kill: nothing to resume"
@@ -95,9 +105,17 @@ def test_search_in_a_bucket_survives_a_killed_driver(s3, tmp_path, image_tree):
     assert "runs/bucket/search/casd-tuner-signature.json" in stored
     assert not (cfg.run_dir / "search").exists()  # ... and not to the run folder
 
+    # Tune copies its state to the bucket file by file: a driver killed mid-copy can leave the
+    # searcher's state behind the trial list (it met a trial it never proposed: KeyError).
+    # Put that case in place for certain: the searcher's files as they were at the start.
+    assert len(early) == 2, sorted(early)
+    for name, body in early.items():
+        client.put_object(Bucket=BUCKET, Key=f"runs/bucket/search/{name}", Body=body)
+
     lines: list[str] = []
     execute(cfg, ["search"], log=lines.append)  # the same command again: resumes
     assert any(ln.startswith(f"search: resuming {store.uri}") for ln in lines), lines
+    assert any("restore point" in ln for ln in lines), lines  # the torn copy was repaired
     df = pd.read_parquet(cfg.run_dir / TRIALS_FILE).set_index("trial_id")
     assert len(df) == 6 and df.index.is_unique
     assert (df["status"] == "TERMINATED").all() and (df["epochs"] == 6).all()
@@ -146,3 +164,51 @@ def test_signatures_cover_the_last_few_versions(tmp_path, monkeypatch):
         state.write_bytes(bad)
         with pytest.raises(trust.UntrustedRunError, match="experiment_state.json"):
             trust.verify(folder)
+
+
+def test_restore_point_puts_back_one_whole_snapshot(tmp_path, monkeypatch):
+    """The restore point (written before Tune's file-by-file copy) replaces whatever files a
+    cut-short copy left from another snapshot; one not signed by this user writes nothing."""
+    import pyarrow.fs as pafs
+
+    from casd_ray import restore_point, trust
+
+    monkeypatch.setenv(trust.KEY_ENV, str(tmp_path / "key"))
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    staging.mkdir()
+    storage.mkdir()
+    assert restore_point.repair(str(storage), trusted=False, log=print) == []  # none yet
+
+    def save(version: int) -> None:  # what one Tune save + StateCallback.get_state leave
+        (staging / "experiment_state-s.json").write_text(f'{{"trials": {version}}}')
+        (staging / "searcher-state-s.pkl").write_bytes(b"searcher %d" % version)
+        trust.sign(staging)
+        restore_point.write(staging, pafs.LocalFileSystem(), str(storage))
+
+    save(1)
+    for p in staging.iterdir():  # Tune's copy of snapshot 1 completes
+        (storage / p.name).write_bytes(p.read_bytes())
+    save(2)  # ... and of snapshot 2 only the trial list arrives
+    (storage / "experiment_state-s.json").write_bytes(
+        (staging / "experiment_state-s.json").read_bytes()
+    )
+    lines: list[str] = []
+    assert restore_point.repair(str(storage), trusted=False, log=lines.append) == [
+        "casd-signatures.json",
+        "searcher-state-s.pkl",
+    ]
+    assert (storage / "searcher-state-s.pkl").read_bytes() == b"searcher 2"
+    assert "searcher-state-s.pkl" in lines[0]
+    trust.verify(storage)  # the repaired folder verifies
+    assert restore_point.repair(str(storage), trusted=False, log=print) == []  # idempotent
+
+    (storage / "searcher-state-s.pkl").write_bytes(b"searcher 1")
+    monkeypatch.setenv(trust.KEY_ENV, str(tmp_path / "someone-else"))
+    with pytest.raises(trust.UntrustedRunError, match=f"{restore_point.NAME}: experiment_state"):
+        restore_point.repair(str(storage), trusted=False, log=print)
+    assert (storage / "searcher-state-s.pkl").read_bytes() == b"searcher 1"  # nothing written
+    assert restore_point.repair(str(storage), trusted=True, log=print)  # --trust-run-folder
+
+    (storage / restore_point.NAME).write_bytes(b"not a zip")
+    with pytest.raises(trust.UntrustedRunError, match=f"{restore_point.NAME}: unreadable"):
+        restore_point.repair(str(storage), trusted=True, log=print)
