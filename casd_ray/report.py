@@ -9,6 +9,7 @@ of the report (and said so) rather than failing it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def build_report_json(run_dir: Path) -> dict:
             "statistic": "median wall time of repeated eval forwards (torch.inference_mode)",
         }
         report["search_rank"] = {p: finetune["models"][p].get("search") for p in PARTS}
+        report["noise"] = split_noise(finetune["models"], report["data"])
         report["finetune"] = config.get("finetune")
     else:
         teacher = _read_json(run_dir / "teacher" / "metrics.json")
@@ -110,6 +112,46 @@ def build_report_json(run_dir: Path) -> dict:
     else:
         report["missing"].append("trials.parquet (run `casd-ray search`)")
     return report
+
+
+def split_noise(models: dict, data: dict | None) -> dict:
+    """Winner − uniform on each split beside the standard error of that difference.
+
+    Binomial and unpaired, sqrt((p(1-p) + q(1-q)) / n): an upper bound, since two networks
+    pruned from one teacher mostly err on the same images. Without per-image predictions the
+    paired (McNemar) error cannot be computed; this bound is what the stored results allow.
+    """
+    sizes = (data or {}).get("sizes", {})
+    out = {}
+    for split in ("val", "test"):
+        p, q, n = (
+            models["winner"].get(f"{split}_acc"),
+            models["uniform"].get(f"{split}_acc"),
+            sizes.get(split),
+        )
+        if p is None or q is None or not n:
+            continue
+        out[split] = {
+            "images": n,
+            "winner_minus_uniform": p - q,
+            "se_difference": math.sqrt((p * (1 - p) + q * (1 - q)) / n),
+        }
+    return out
+
+
+def _noise_line(noise: dict | None) -> list[str]:
+    if not noise or set(noise) != {"val", "test"}:
+        return []
+    v, t = noise["val"], noise["test"]
+    return [
+        f"Winner − uniform: **{100 * v['winner_minus_uniform']:+.2f}** points on validation, "
+        f"**{100 * t['winner_minus_uniform']:+.2f}** on test. With {v['images']:,} validation "
+        f"and {t['images']:,} test images the standard error of such a difference is at most "
+        f"±{100 * v['se_difference']:.2f} and ±{100 * t['se_difference']:.2f} points "
+        "(binomial, unpaired: an upper bound). A difference within about two of these is no "
+        "evidence that either network is better; `casd-ray compare` measures the spread over "
+        "seeds.",
+    ]
 
 
 # --------------------------------------------------------------------------- markdown
@@ -129,7 +171,7 @@ def _rank(s: dict | None) -> str:
     return "not scored"
 
 
-def _audit_lines(audit: dict | None) -> list[str]:
+def _audit_lines(audit: dict | None, val_images: int | None) -> list[str]:
     if audit is None:
         return []
     lines = ["## How far to trust the search ranking", ""]
@@ -146,11 +188,21 @@ def _audit_lines(audit: dict | None) -> list[str]:
         return "undefined" if x is None else f"{x:.2f}"
 
     rows = audit["trials"]
+    acc = sum(r["final_val_acc"] for r in rows) / len(rows) if rows else None
+    same = "Both scores are measured on the same validation images"
+    if val_images and acc is not None:
+        se = 100 * math.sqrt(acc * (1 - acc) / val_images)
+        same += (
+            f" ({val_images:,}; one network's accuracy on them has a standard error of about "
+            f"±{se:.2f} points at {_pct(acc)})"
+        )
     lines += [
         f"Rank correlation between the search's score and the final validation accuracy "
         f"after the full fine-tune recipe, over {len(rows)} trials: **Kendall τ = "
         f"{num(audit['kendall_tau'])}**, Spearman ρ = {num(audit['spearman_rho'])} (1: the "
         "search ranks as the final training would; 0: no better than chance).",
+        same + ", so τ says how consistently that split ranks the candidates, not how they will "
+        "rank on new images.",
         "",
         "| trial | search val acc | final val acc | FLOPs ratio |",
         "|---|---:|---:|---:|",
@@ -200,6 +252,7 @@ def render_markdown(report: dict) -> str:
             "are pruned from the teacher and fine-tuned with the same recipe, seed and "
             "distillation. The test split is used only for this table; the winner was chosen "
             "on validation accuracy.",
+            *_noise_line(report.get("noise")),
             "",
         ]
     elif "teacher" in models:
@@ -228,7 +281,8 @@ def render_markdown(report: dict) -> str:
         ]
         lines += [f"| {k} | {v} |" for k, v in rows]
         lines += ["", "![pareto](pareto.png)", "", "![progress](progress.png)", ""]
-    lines += _audit_lines(report.get("audit"))
+    sizes = (report.get("data") or {}).get("sizes", {})
+    lines += _audit_lines(report.get("audit"), sizes.get("val"))
     if report.get("width_profile"):
         lines += [
             "## Where the channels went",

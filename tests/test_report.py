@@ -93,3 +93,24 @@ def test_corrupt_summary_is_an_error_not_a_lesser_report(run_copy):
     with pytest.raises(ArtifactError, match="finetune.json: not a complete fine-tune summary"):
         build_report(run_dir)
     assert (run_dir / "report.md").read_text() == before  # the complete report is kept
+
+
+def test_report_states_the_noise_in_winner_minus_uniform(run_copy):
+    """A user must be able to tell a real gain from split noise: the report gives the
+    difference on each split beside the binomial standard error of a difference there."""
+    import math
+
+    run_dir, _, _ = run_copy
+    text = build_report(run_dir).read_text()
+    report = json.loads((run_dir / "report.json").read_text())
+    sizes = report["data"]["sizes"]
+    w, u = report["models"]["winner"], report["models"]["uniform"]
+    for split in ("val", "test"):
+        got = report["noise"][split]
+        p, q, n = w[f"{split}_acc"], u[f"{split}_acc"], sizes[split]
+        assert got["images"] == n
+        assert got["winner_minus_uniform"] == pytest.approx(p - q)
+        assert got["se_difference"] == pytest.approx(math.sqrt((p * (1 - p) + q * (1 - q)) / n))
+    assert "Winner − uniform:" in text and "standard error" in text
+    noise = report["noise"]["val"]
+    assert f"{100 * noise['se_difference']:.2f}" in text
