@@ -202,16 +202,17 @@ def _audit_lines(audit: dict | None, val_images: int | None) -> list[str]:
         f"{num(audit['kendall_tau'])}**, Spearman ρ = {num(audit['spearman_rho'])} (1: the "
         "search ranks as the final training would; 0: no better than chance).",
         same + ", so τ says how consistently that split ranks the candidates, not how they will "
-        "rank on new images.",
+        "rank on new images. The same τ on the test split (reported only, it chooses nothing): "
+        f"**{num(audit.get('kendall_tau_test'))}**.",
         "",
-        "| trial | search val acc | final val acc | FLOPs ratio |",
-        "|---|---:|---:|---:|",
+        "| trial | search val acc | final val acc | final test acc | FLOPs ratio |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         name = f"{r['trial_id']} (uniform control)" if r["is_control"] else r["trial_id"]
         lines.append(
             f"| {name} | {_pct(r['search_val_acc'])} | {_pct(r['final_val_acc'])} | "
-            f"{r['flops_ratio']:.3f} |"
+            f"{_pct(r.get('final_test_acc'))} | {r['flops_ratio']:.3f} |"
         )
     return [*lines, ""]
 

@@ -58,6 +58,11 @@ def test_audit_reuses_winner_and_control_and_correlates(audited):
     y = [rows[t]["final_val_acc"] for t in sorted(rows)]
     if len(set(y)) > 1:
         assert result["kendall_tau"] == pytest.approx(stats.kendalltau(x, y)[0])
+    # the same ranking on the test split, reported beside (never used to choose anything)
+    assert rows["t1"]["final_test_acc"] == winner["test_acc"]
+    z = [rows[t]["final_test_acc"] for t in sorted(rows)]
+    if len(set(z)) > 1:
+        assert result["kendall_tau_test"] == pytest.approx(stats.kendalltau(x, z)[0])
     assert json.loads((cfg.run_dir / AUDIT_FILE).read_text()) == result
 
 
@@ -66,6 +71,7 @@ def test_report_shows_the_audit(audited):
     text = build_report(cfg.run_dir).read_text()
     assert "## How far to trust the search ranking" in text
     assert "Kendall τ" in text and "(uniform control)" in text
+    assert "| final test acc |" in text and "on the test split" in text
     report = json.loads((cfg.run_dir / "report.json").read_text())
     assert report["audit"]["top_k"] == 3
 
