@@ -114,6 +114,12 @@ def build_report_json(run_dir: Path) -> dict:
     return report
 
 
+def binomial_se(n: int, *accs: float) -> float:
+    """Standard error of one accuracy measured on ``n`` images, or of the difference of
+    several measured independently: sqrt(sum p(1-p) / n)."""
+    return math.sqrt(sum(p * (1 - p) for p in accs) / n)
+
+
 def split_noise(models: dict, data: dict | None) -> dict:
     """Winner − uniform on each split beside the standard error of that difference.
 
@@ -134,7 +140,7 @@ def split_noise(models: dict, data: dict | None) -> dict:
         out[split] = {
             "images": n,
             "winner_minus_uniform": p - q,
-            "se_difference": math.sqrt((p * (1 - p) + q * (1 - q)) / n),
+            "se_difference": binomial_se(n, p, q),
         }
     return out
 
@@ -191,7 +197,7 @@ def _audit_lines(audit: dict | None, val_images: int | None) -> list[str]:
     acc = sum(r["final_val_acc"] for r in rows) / len(rows) if rows else None
     same = "Both scores are measured on the same validation images"
     if val_images and acc is not None:
-        se = 100 * math.sqrt(acc * (1 - acc) / val_images)
+        se = 100 * binomial_se(val_images, acc)
         same += (
             f" ({val_images:,}; one network's accuracy on them has a standard error of about "
             f"±{se:.2f} points at {_pct(acc)})"

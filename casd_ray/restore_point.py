@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -86,23 +85,12 @@ def repair(uri: str, *, trusted: bool, log: Callable[[str], None]) -> list[str]:
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise trust.UntrustedRunError(f"{uri}/{NAME}: unreadable ({err})") from None
     if not trusted:
-        with tempfile.TemporaryDirectory(prefix="casd-restore-point-") as tmp:
-            for name, data in files.items():
-                Path(tmp, name).write_bytes(data)
-            try:
-                trust.verify(Path(tmp))
-            except trust.UntrustedRunError as err:
-                raise trust.UntrustedRunError(
-                    f"{uri}/{NAME}: {str(err).replace(tmp + '/', '')}"
-                ) from None
+        trust.verify_files(files, f"{uri}/{NAME}: ")
     changed = [
         name for name, data in sorted(files.items()) if _read(fs, f"{folder}/{name}") != data
     ]
     for name in changed:
-        tmp = f"{folder}/.{name}.tmp"
-        with fs.open_output_stream(tmp) as out:
-            out.write(files[name])
-        fs.move(tmp, f"{folder}/{name}")
+        _put(fs, folder, name, files[name])
     if changed:
         log(
             f"search: the interrupted copy of Tune's state left {len(changed)} file(s) from "

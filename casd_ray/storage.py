@@ -77,18 +77,13 @@ class SearchStorage:
         if not self.remote:
             trust.verify(Path(self.uri))
             return
-        with tempfile.TemporaryDirectory(prefix="casd-verify-") as tmp:
-            fs, path = self._fs()
-            for info in fs.get_file_info(pafs.FileSelector(path)):
-                if info.type == pafs.FileType.File:
-                    pafs.copy_files(
-                        info.path, f"{tmp}/{info.base_name}", source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem(),
-                    )  # fmt: skip
-            try:
-                trust.verify(Path(tmp))
-            except trust.UntrustedRunError as err:
-                raise trust.UntrustedRunError(str(err).replace(tmp, self.uri)) from None
+        fs, path = self._fs()
+        files = {}
+        for info in fs.get_file_info(pafs.FileSelector(path)):
+            if info.type == pafs.FileType.File:
+                with fs.open_input_stream(info.path) as f:
+                    files[info.base_name] = f.readall()
+        trust.verify_files(files, f"{self.uri}/")
 
     def prepare_resume(self, *, trusted: bool, log: Callable[[str], None]) -> None:
         """Put back one consistent snapshot of Tune's state (:func:`restore_point.repair`),

@@ -22,6 +22,7 @@ import hmac
 import json
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 KEY_ENV = "CASD_RAY_KEY_FILE"
@@ -112,3 +113,15 @@ def verify(folder: Path) -> None:
                 "(e.g. the driver was killed while saving) or you trust who made it, rerun "
                 "with --trust-run-folder"
             )
+
+
+def verify_files(files: dict[str, bytes], shown_as: str) -> None:
+    """:func:`verify` on files held in memory (copied from a bucket, or out of a zip); the
+    error names each file as ``shown_as`` + its name."""
+    with tempfile.TemporaryDirectory(prefix="casd-verify-") as tmp:
+        for name, data in files.items():
+            Path(tmp, name).write_bytes(data)
+        try:
+            verify(Path(tmp))
+        except UntrustedRunError as err:
+            raise UntrustedRunError(str(err).replace(f"{tmp}/", shown_as)) from None
