@@ -25,16 +25,21 @@ from common import SMOKE, prepare, search, start_ray
 from scipy import stats
 
 
-def rung_fidelity(search_dir: Path) -> dict[int, float]:
-    """Epoch -> Kendall τ between every trial's val_acc at that epoch and its best val_acc
-    (from each trial's ``result.json``: a FIFO search, where every trial ran every epoch)."""
-    curves = [
-        pd.read_json(f, lines=True).set_index("epoch")["val_acc"]
+def rung_fidelity(search_dir: Path, score: str = "val_acc") -> dict[int, float]:
+    """Epoch -> Kendall τ between every trial's ``score`` at that epoch (val_acc, or
+    val_loss negated) and its best val_acc (from each trial's ``result.json``: a FIFO
+    search, where every trial ran every epoch)."""
+    rows = [
+        pd.read_json(f, lines=True).set_index("epoch")
         for f in sorted(search_dir.glob("*/result.json"))
     ]
-    best = [c.max() for c in curves]
-    last = min(int(c.index.max()) for c in curves)
-    return {e: float(stats.kendalltau([c[e] for c in curves], best)[0]) for e in range(1, last)}
+    sign = -1.0 if score.endswith("loss") else 1.0
+    best = [r["val_acc"].max() for r in rows]
+    last = min(int(r.index.max()) for r in rows)
+    return {
+        e: float(stats.kendalltau([sign * r.loc[e, score] for r in rows], best)[0])
+        for e in range(1, last)
+    }
 
 
 def main() -> None:
@@ -79,11 +84,12 @@ def main() -> None:
         f"({asha['wall s'] / fifo['wall s']:.2f}x its wall time) and found a best val_acc "
         f"{gap:+.2f} points below FIFO's (target: <= 50% of the epochs, within 0.5 point)"
     )
-    taus = rung_fidelity(out / "fifo" / "search")
-    print(
-        "FIFO: Kendall tau of each epoch's val_acc with the best over all epochs: "
-        + ", ".join(f"epoch {e} {t:+.2f}" for e, t in taus.items())
-    )
+    for score in ("val_acc", "val_loss"):
+        taus = rung_fidelity(out / "fifo" / "search", score)
+        print(
+            f"FIFO: Kendall tau of each epoch's {score} with the best val_acc over all epochs: "
+            + ", ".join(f"epoch {e} {t:+.2f}" for e, t in taus.items())
+        )
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ class SearchConfig(_Strict):
     # The teacher's logits for every search batch computed once and shared by all trials
     # (batches are seeded by (seed, epoch), so they are the same in every trial).
     shared_logits: bool = True
+    # Precise BN (Wu & Johnson 2021): before each epoch's validation, BN statistics are
+    # re-estimated on this many of the epoch's batches with the epoch's final weights; the
+    # running averages lag behind weights that move fast early in the schedule. 0: off.
+    precise_bn_batches: int = Field(0, ge=0)
     # Where trial checkpoints and Tune's state go (casd_ray.storage): null = the run folder;
     # a shared folder (NFS) or a bucket URI (s3://bucket/prefix) for multi-node searches.
     storage_path: str | None = None

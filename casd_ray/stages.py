@@ -31,6 +31,10 @@ OUTPUTS = {
 # Keys that change how a stage runs, not what it produces.
 VOLATILE = {"search": ("max_concurrent", "max_failures", "cpus_per_trial", "storage_path")}
 
+# Settings added after run folders existed: left out of the fingerprint while off, so a
+# folder searched before them is reused, not refused as changed.
+ADDED_OFF = {"search": {"precise_bn_batches": 0}}
+
 Log = Callable[[str], None]
 
 
@@ -55,6 +59,9 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
     if digest is not None:  # editing a python: factory's file changes the architecture
         teacher["model"]["source_sha256"] = digest
     search_section = {k: v for k, v in dump["search"].items() if k not in VOLATILE["search"]}
+    for key, off in ADDED_OFF["search"].items():  # run folders from before the setting existed
+        if search_section.get(key) == off:
+            del search_section[key]
     search = {
         "after": _digest(teacher),
         "space": dump["space"],

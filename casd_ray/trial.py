@@ -59,6 +59,7 @@ class TrialPlan:
     temperature: float
     alpha: float
     bn_recalibration_batches: int = 0
+    precise_bn_batches: int = 0
     cpus: float = 1.0
     gpus: float = 0.0
     amp: bool = True
@@ -80,6 +81,7 @@ def trial_plan(
         temperature=distill_cfg.temperature,
         alpha=distill_cfg.alpha,
         bn_recalibration_batches=distill_cfg.bn_recalibration_batches,
+        precise_bn_batches=s.precise_bn_batches,
         cpus=s.cpus_per_trial,
         gpus=s.gpus_per_trial,
         amp=s.amp,
@@ -274,6 +276,12 @@ def distill_trial(
     x_train, y_train = to_tensors(data["x_train"], data["y_train"], device)
     x_val, y_val = to_tensors(data["x_val"], data["y_val"], device)
 
+    def epoch_batches(epoch: int):  # the epoch's own training batches (seeded by seed, epoch)
+        return train_batches(
+            x_train, y_train, batch_size=s.batch_size, seed=s.seed, epoch=epoch,
+            augment=augment, mean=mean, std=std,
+        )  # fmt: skip
+
     ckpt = get_checkpoint()
     state = None
     if ckpt is not None:
@@ -300,20 +308,10 @@ def distill_trial(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best = int(state["epoch"]), float(state["best_val_acc"])
-    elif s.bn_recalibration_batches > 0:
+    else:
         # Adaptive BN (EagleEye): pruned channels shift the BN statistics; re-estimating them
         # makes early-rung scores rank candidates like their final accuracy.
-        batches = train_batches(
-            x_train,
-            y_train,
-            batch_size=s.batch_size,
-            seed=s.seed,
-            epoch=0,
-            augment=augment,
-            mean=mean,
-            std=std,
-        )
-        prune.recalibrate_bn(student, batches, s.bn_recalibration_batches)
+        prune.recalibrate_bn(student, epoch_batches(0), s.bn_recalibration_batches)
 
     metrics: dict[str, Any] = {}
     if state is not None and start_epoch >= s.max_epochs and state.get("metrics"):
@@ -346,6 +344,8 @@ def distill_trial(
             alpha=s.alpha,
             amp=amp,
         )
+        # Precise BN: statistics of the epoch's final weights, not a lagging running average.
+        prune.recalibrate_bn(student, epoch_batches(epoch), s.precise_bn_batches)
         val = distill.evaluate(
             student, x_val, y_val, batch_size=max(s.batch_size, 256), mean=mean, std=std, amp=amp
         )

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from casd_ray.cli import main
-from casd_ray.config import ConfigError, load_config, save_config
+from casd_ray.config import ConfigError, ExperimentConfig, load_config, save_config
 
 EXPERIMENTS = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
 
@@ -65,3 +65,15 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("casd-ray: error: teacher.epochs") and "\n" not in err
     assert main(["teacher", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_a_setting_added_later_keeps_older_run_folders_valid():
+    """precise_bn_batches did not exist when older run folders were searched: while off it is
+    left out of the search fingerprint (those folders are reused), and once set it counts."""
+    from casd_ray.stages import fingerprints
+
+    cfg = ExperimentConfig()
+    off = fingerprints(cfg)["search"]["search"]
+    assert "precise_bn_batches" not in off
+    on = cfg.model_copy(update={"search": cfg.search.model_copy(update={"precise_bn_batches": 5})})
+    assert fingerprints(on)["search"]["search"] == {**off, "precise_bn_batches": 5}

@@ -13,12 +13,12 @@ import torch
 from conftest import rules_of
 from ray import tune
 
-from casd_ray import distill, space
+from casd_ray import distill, prune, space
 from casd_ray.batches import to_tensors, train_batches
 from casd_ray.config import ExperimentConfig
 from casd_ray.data import load_dataset
 from casd_ray.export import numpy_to_state
-from casd_ray.models import WidthSpec, build_model, flops, spec_for
+from casd_ray.models import WidthSpec, build_model, flops, spec_for, spec_from_json
 from casd_ray.trial import (
     STATE_FILE,
     distill_trial,
@@ -173,6 +173,41 @@ def test_bn_recalibration_runs_before_training(setup, tmp_path):
     rec = Recorder(tmp_path)
     _run(setup, cfg=cfg, report=rec, get_checkpoint=lambda: None)
     assert len(rec.metrics) == 3
+
+
+def test_precise_bn_rescores_without_changing_training(setup, tmp_path):
+    """Precise BN only re-estimates BN statistics before validation: the weights train
+    exactly as without it, and the saved statistics are the exact average over the epoch's
+    first batches at the epoch's final weights."""
+    base, data, _, _ = setup
+    search = base.search.model_copy(update={"precise_bn_batches": 2})
+    runs = {}
+    for name, cfg in {"off": base, "on": base.model_copy(update={"search": search})}.items():
+        rec = Recorder(tmp_path / name)
+        _run(setup, cfg=cfg, report=rec, get_checkpoint=lambda: None)
+        runs[name] = (rec.metrics, torch.load(rec.checkpoints[-1] / STATE_FILE)["model"])
+    (_, off), (m_on, on) = runs["off"], runs["on"]
+    stats = ("running_mean", "running_var")
+    for key in off:
+        if not key.endswith((*stats, "num_batches_tracked")):
+            assert torch.equal(off[key], on[key]), key
+    assert any(not torch.equal(off[k], on[k]) for k in off if k.endswith(stats))
+
+    spec = spec_from_json(m_on[-1]["genome_widths"])
+    model = build_model(spec)
+    model.load_state_dict(off)
+    x, y = to_tensors(data["x_train"], data["y_train"], "cpu")
+    batches = train_batches(
+        x, y, batch_size=base.search.batch_size, seed=base.seed, epoch=2,
+        augment=data["augment"], mean=data["mean"], std=data["std"],
+    )  # fmt: skip
+    prune.recalibrate_bn(model, batches, 2)
+    for key in on:
+        if key.endswith(stats):
+            assert torch.allclose(model.state_dict()[key], on[key], atol=1e-6), key
+    xv, yv = to_tensors(data["x_val"], data["y_val"], "cpu")
+    val = distill.evaluate(model, xv, yv, batch_size=256, mean=data["mean"], std=data["std"])
+    assert val["acc"] == pytest.approx(m_on[-1]["val_acc"])
 
 
 def test_huge_learning_rate_fails_the_trial(setup, tmp_path):
