@@ -142,8 +142,9 @@ class SearchConfig(_Strict):
     shared_logits: bool = True
     # Precise BN (Wu & Johnson 2021): before each epoch's validation, BN statistics are
     # re-estimated on this many of the epoch's batches with the epoch's final weights; the
-    # running averages lag behind weights that move fast early in the schedule. 0: off.
-    precise_bn_batches: int = Field(0, ge=0)
+    # running averages lag behind weights that move fast early in the schedule, which made
+    # epoch-1 scores rank trials almost at random (benchmarks/search_efficiency.py). 0: off.
+    precise_bn_batches: int = Field(20, ge=0)
     # Where trial checkpoints and Tune's state go (casd_ray.storage): null = the run folder;
     # a shared folder (NFS) or a bucket URI (s3://bucket/prefix) for multi-node searches.
     storage_path: str | None = None

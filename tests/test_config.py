@@ -72,7 +72,7 @@ def test_a_setting_added_later_keeps_older_run_folders_valid():
     left out of the search fingerprint (those folders are reused), and once set it counts."""
     from casd_ray.stages import fingerprints
 
-    cfg = ExperimentConfig()
+    cfg = ExperimentConfig.model_validate({"search": {"precise_bn_batches": 0}})
     off = fingerprints(cfg)["search"]["search"]
     assert "precise_bn_batches" not in off
     on = cfg.model_copy(update={"search": cfg.search.model_copy(update={"precise_bn_batches": 5})})
