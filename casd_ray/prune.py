@@ -205,7 +205,8 @@ def inherit(
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int) -> None:
-    """Re-estimate BN running statistics on a few batches (EagleEye's adaptive BN).
+    """Re-estimate BN running statistics on a few batches (EagleEye's adaptive BN; also
+    Precise BN before each search validation, ``search.precise_bn_batches``).
 
     Pruning changes the statistics every BN sees, so inherited running stats are stale and
     early accuracy says little about a candidate. Stats are reset and replaced by the exact

@@ -2,8 +2,8 @@
 
 A trial turns its genome into widths (repaired onto the budget), inherits the teacher's
 most important channels, optionally recalibrates BN, and distills for up to ``max_epochs``,
-reporting every epoch with a checkpoint so ASHA can stop it and ``Tuner.restore`` can
-resume it mid-way.
+re-estimating BN statistics before each validation (Precise BN) and reporting every epoch
+with a checkpoint so ASHA can stop it and ``Tuner.restore`` can resume it mid-way.
 
 Data and teacher arrive as plain numpy arrays: ``tune.with_parameters`` puts them into the
 object store once, and numpy arrays come back zero-copy (read-only views of shared memory)

@@ -180,9 +180,10 @@ def test_precise_bn_rescores_without_changing_training(setup, tmp_path):
     exactly as without it, and the saved statistics are the exact average over the epoch's
     first batches at the epoch's final weights."""
     base, data, _, _ = setup
-    search = base.search.model_copy(update={"precise_bn_batches": 2})
     runs = {}
-    for name, cfg in {"off": base, "on": base.model_copy(update={"search": search})}.items():
+    for name, batches in {"off": 0, "on": 2}.items():  # "off" explicitly: the default is on
+        search = base.search.model_copy(update={"precise_bn_batches": batches})
+        cfg = base.model_copy(update={"search": search})
         rec = Recorder(tmp_path / name)
         _run(setup, cfg=cfg, report=rec, get_checkpoint=lambda: None)
         runs[name] = (rec.metrics, torch.load(rec.checkpoints[-1] / STATE_FILE)["model"])
