@@ -68,6 +68,7 @@ def main() -> None:
                 "trials": len(df),
                 "trial-epochs": int(df["epochs"].sum()),
                 "completed trials": len(done),
+                "failed trials": int((df["status"] == "ERROR").sum()),
                 "best completed val_acc": float(done["best_val_acc"].max()),
                 "wall s": round(time.time() - t0, 1),
                 "genomes": set(df["genome"]),

@@ -133,7 +133,33 @@ def prepare_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     model = model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
+        for m in model.modules():
+            if _onednn_unsafe(m):
+                # not .contiguous(): a 1x1 weight in channels_last already counts as contiguous
+                m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
+                if _nchw_input not in m._forward_pre_hooks.values():
+                    m.register_forward_pre_hook(_nchw_input)
     return model
+
+
+def _onednn_unsafe(m: nn.Module) -> bool:
+    """A strided 1x1 convolution whose input channels (per group) do not fill oneDNN's
+    vector block (8 floats on AVX2, 16 on AVX-512). On channels_last input, oneDNN's x64
+    kernel for its weight gradient writes past its workspace (uxlfoundation/oneDNN#6035):
+    on this project's AVX2 CPU a candidate with 2-7 channels before a downsampling shortcut
+    aborted the trial ("double free or corruption"); the issue reports hangs and silently
+    wrong gradients too. Such layers run in NCHW (a blocked path without the bug); they are
+    small, so the rest of the network keeps channels_last's speed."""
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and m.stride != (1, 1)
+        and (m.in_channels // m.groups) % 16 != 0
+    )
+
+
+def _nchw_input(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
 
 
 def autocast(device: torch.device, amp: bool):
