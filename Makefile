@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/search_efficiency.py
 	$(PY) benchmarks/search_reproducibility.py
 	$(PY) benchmarks/inheritance_paths.py
+	$(PY) benchmarks/memory_format.py
 
 clean:
 	rm -rf $(VENV) runs

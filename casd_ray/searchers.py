@@ -25,6 +25,7 @@ and ASHA gets its own scalar ``val_acc``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -106,8 +107,24 @@ def _tpe(s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float
 def _nsga2(s: SearchConfig, seed: int, space: Bounds, points: list[dict[str, float]]) -> Searcher:
     # Optuna's default population of 50 exceeds typical num_samples (never leaving
     # generation 0); the config's population (shared with evolution) sizes a generation.
-    sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=s.population)
+    sampler = _PicklableNSGAII(seed=seed, population_size=s.population)
     return _optuna("optuna-nsga2", sampler, points)
+
+
+class _PicklableNSGAII(optuna.samplers.NSGAIISampler):
+    """Optuna 5.1's genetic samplers hold a ``threading.Lock`` and define no pickling hooks,
+    so Tune's searcher checkpoint (a pickle of the searcher) failed: "cannot pickle
+    '_thread.lock' object". The lock guards nothing that must survive a save: a fresh one is
+    made on restore."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 @register("random")
