@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/search_reproducibility.py
 	$(PY) benchmarks/inheritance_paths.py
 	$(PY) benchmarks/memory_format.py
+	$(PY) benchmarks/finetune_logits.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,6 +3,7 @@ and a quiet local Ray instance sized to the search section."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 from pathlib import Path
@@ -23,6 +24,15 @@ SMOKE = [
     "search.num_samples=6",
     "search.max_epochs=2",
 ]
+
+
+def config_parser(doc: str, smoke_help: str = "tiny sizes") -> argparse.ArgumentParser:
+    """The arguments every config-driven benchmark takes: CONFIG, --set, --smoke-test."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="experiments/quick.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--smoke-test", action="store_true", help=smoke_help)
+    return parser
 
 
 def prepare(

@@ -18,13 +18,12 @@ promoted, and it spent 52-62% of FIFO's epochs (README, Benchmarks).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import pandas as pd
 import ray
-from common import SMOKE, prepare, search, start_ray
+from common import SMOKE, config_parser, prepare, search, start_ray
 from scipy import stats
 
 
@@ -46,10 +45,7 @@ def rung_fidelity(search_dir: Path, score: str = "val_acc") -> dict[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="experiments/quick.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes")
+    parser = config_parser(__doc__)
     args = parser.parse_args()
     overrides = [
         "search.algorithm=random",

@@ -16,14 +16,13 @@ to a temporary folder.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
 
 import pandas as pd
 import ray
-from common import SMOKE, prepare, search, start_ray
+from common import SMOKE, config_parser, prepare, search, start_ray
 
 from casd_ray.trial import distill_trial
 
@@ -51,12 +50,9 @@ def outcome(df: pd.DataFrame) -> list[tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="experiments/quick.yaml")
+    parser = config_parser(__doc__)
     parser.add_argument("--generation-size", type=int, default=4)
     parser.add_argument("--delay", type=float, default=3.0, help="seconds per epoch when busy")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes")
     args = parser.parse_args()
     overrides = [*args.overrides, *(SMOKE if args.smoke_test else [])]
     cfg, data, teacher, out = prepare(args.config, overrides, "casd-repro-")

@@ -25,7 +25,6 @@ its teacher cut to one epoch: start-up does not depend on the teacher's accuracy
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-from common import SMOKE, prepare, search, start_ray
+from common import SMOKE, config_parser, prepare, search, start_ray
 
 
 def trial_rows(exp: Path) -> dict[str, list[dict]]:
@@ -71,11 +70,8 @@ def breakdown(table: pd.DataFrame, rows: dict[str, list[dict]]) -> pd.DataFrame:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="experiments/quick.yaml")
+    parser = config_parser(__doc__, smoke_help="tiny sizes, 4 and 8 trials")
     parser.add_argument("--trials", type=int, nargs="+", default=[10, 50])
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, 4 and 8 trials")
     args = parser.parse_args()
     overrides = [
         "teacher.epochs=1",

@@ -15,12 +15,11 @@ random search, so both runs train exactly the same genomes for the same epochs.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
 import ray
-from common import SMOKE, prepare, search, start_ray
+from common import SMOKE, config_parser, prepare, search, start_ray
 from ray.tune import ExperimentAnalysis
 
 from casd_ray.storage import SEARCH_DIR
@@ -33,10 +32,7 @@ def epoch_seconds(run_dir) -> pd.Series:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default="experiments/quick.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes")
+    parser = config_parser(__doc__)
     args = parser.parse_args()
     overrides = [
         "search.algorithm=random",

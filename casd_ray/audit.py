@@ -78,7 +78,7 @@ def run_audit(
     device=None,
 ) -> dict:
     """Fine-tune the audited trials (reusing finished ones) and write ``audit.json``."""
-    from casd_ray import distill
+    from casd_ray import devices
 
     run_dir = Path(run_dir)
     if top_k == 0:
@@ -87,7 +87,7 @@ def run_audit(
         write_json(run_dir / AUDIT_FILE, result)
         log("audit: off (audit.top_k: 0)")
         return result
-    dev = distill.pick_device(1) if device is None else device
+    dev = devices.pick_device(1) if device is None else device
     done = _finished_parts(run_dir)
     rows = []
     chosen = audited_trials(trials, top_k)

@@ -151,10 +151,16 @@ _SIGNALLED: list[int] = []
 
 
 def _on_sigterm(signum, frame) -> None:
-    # Handled like Ctrl-C: Ray Tune stops gracefully on SIGINT (saving its state), and
-    # outside Tune SIGINT raises KeyboardInterrupt at a safe point of our own code.
+    # Handled like Ctrl-C: during a search Ray Tune's SIGINT handler stops it gracefully
+    # (saving its state); elsewhere KeyboardInterrupt at a safe point of our own code. Not
+    # by raising SIGINT: a script's background job (`cmd &`) inherits SIGINT ignored, and
+    # SIGTERM, what schedulers and `kill` send, was then swallowed.
     _SIGNALLED.append(signum)
-    signal.raise_signal(signal.SIGINT)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):  # Tune's, or Python's default (raises KeyboardInterrupt)
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def _one_line(err: BaseException) -> str:

@@ -58,7 +58,7 @@ def random_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log) -> dict:
     """Fine-tune ``spec`` with the run's recipe into ``run_dir/arms/name`` (reused if done)."""
-    from casd_ray import distill
+    from casd_ray import devices
     from casd_ray.data import load_dataset
 
     folder = cfg.run_dir / "arms" / name
@@ -79,7 +79,7 @@ def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log) -> dict:
         seed=cfg.seed,
         amp=cfg.search.amp,
         settings=settings,
-        device=distill.pick_device(1),
+        device=devices.pick_device(1),
         log=log,
         label=name,
     )

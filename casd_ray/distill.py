@@ -14,10 +14,10 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from casd_ray.batches import eval_batches, to_tensors, train_batches
 from casd_ray.data import DataSplits
+from casd_ray.devices import autocast
 from casd_ray.files import atomic_write
 
 # On a GPU a host sync per step costs throughput; checking every few steps still stops a
@@ -115,60 +116,6 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 else 0)
 
 
-def pick_device(gpus: float) -> torch.device:
-    """CUDA when the caller was given (a fraction of) a GPU and one is visible, else CPU."""
-    if gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def prepare_model(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """Move ``model`` to ``device``, in channels_last memory format on CPU.
-
-    channels_last measured +25-35% training images per CPU-second on this project's CPU
-    (ResNet-8, width 16, Fashion-MNIST, batch 128/256); on GPUs it is left to the caller
-    until measured there. A channels_last state dict loads into any model unchanged.
-    """
-    device = torch.device(device)
-    model = model.to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-        for m in model.modules():
-            if _onednn_unsafe(m):
-                # not .contiguous(): a 1x1 weight in channels_last already counts as contiguous
-                m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
-                if _nchw_input not in m._forward_pre_hooks.values():
-                    m.register_forward_pre_hook(_nchw_input)
-    return model
-
-
-def _onednn_unsafe(m: nn.Module) -> bool:
-    """A strided 1x1 convolution whose input channels (per group) do not fill oneDNN's
-    vector block (8 floats on AVX2, 16 on AVX-512). On channels_last input, oneDNN's x64
-    kernel for its weight gradient writes past its workspace (uxlfoundation/oneDNN#6035):
-    on this project's AVX2 CPU a candidate with 2-7 channels before a downsampling shortcut
-    aborted the trial ("double free or corruption"); the issue reports hangs and silently
-    wrong gradients too. Such layers run in NCHW (a blocked path without the bug); they are
-    small, so the rest of the network keeps channels_last's speed."""
-    return (
-        isinstance(m, nn.Conv2d)
-        and m.kernel_size == (1, 1)
-        and m.stride != (1, 1)
-        and (m.in_channels // m.groups) % 16 != 0
-    )
-
-
-def _nchw_input(module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA (no loss scaler needed); a no-op on CPU, where it is slower."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -195,8 +142,8 @@ def train_one_epoch(
 ) -> dict:
     """One pass over ``(x, y)``: plain CE, or distillation when a ``teacher`` is given.
 
-    ``teacher_logits``: this epoch's teacher logits in batch order (computed once per search
-    by :func:`casd_ray.trial.pack_logits`), used instead of running ``teacher`` per batch.
+    ``teacher_logits``: this epoch's teacher logits in batch order (:func:`teacher_logits`,
+    computed once per search or fine-tune recipe), used instead of running ``teacher``.
     Returns ``{"loss", "acc", "images_per_s", "seconds"}`` (loss and accuracy are means over
     the epoch's training batches). Raises ``FloatingPointError`` on a non-finite loss, so a
     diverged candidate fails loudly instead of reporting a NaN score.
@@ -248,6 +195,55 @@ def train_one_epoch(
         "images_per_s": seen / max(seconds, 1e-9),
         "seconds": seconds,
     }
+
+
+def logits_dtype(epochs: int, images: int, classes: int, max_bytes: int) -> np.dtype | None:
+    """How to store shared teacher logits within ``max_bytes``: float32, else float16 (half the
+    memory; a logit's relative error <= 2**-11, far below what distillation at T=4 resolves),
+    else None (too big: the teacher runs per batch instead)."""
+    for dtype in (np.float32, np.float16):
+        if epochs * images * classes * np.dtype(dtype).itemsize <= max_bytes:
+            return np.dtype(dtype)
+    return None
+
+
+@torch.no_grad()
+def teacher_logits(
+    teacher: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    augment: str,
+    mean,
+    std,
+    amp: bool = False,
+    dtype: np.dtype = np.dtype(np.float32),
+) -> np.ndarray:
+    """``teacher``'s logits for every batch :func:`train_one_epoch` draws in epochs
+    ``0..epochs-1``: ``[epochs, images per epoch, classes]`` in ``dtype``, rows in batch order.
+    Batches depend only on (seed, epoch): every student trained with the same data, batch
+    size and seed needs exactly these rows, and each equals the loop's own teacher forward."""
+    device = _device_of(teacher)
+    teacher.eval()
+    out = []
+    for epoch in range(epochs):
+        rows = []
+        batches = train_batches(
+            x, y, batch_size=batch_size, seed=seed, epoch=epoch, augment=augment, mean=mean, std=std
+        )
+        for xb, _ in batches:
+            with autocast(device, amp):
+                rows.append(teacher(xb).float().cpu())
+        out.append(torch.cat(rows).numpy().astype(dtype))
+    return np.stack(out)
+
+
+def epoch_logits(logits: np.ndarray, epoch: int, device: torch.device) -> Tensor:
+    """One epoch of :func:`teacher_logits` as float32 on ``device``."""
+    return torch.from_numpy(np.array(logits[epoch], dtype=np.float32)).to(device)
 
 
 @torch.no_grad()
@@ -362,6 +358,7 @@ def fit(
     log: Callable[[str], None] = print,
     label: str = "train",
     eval_batch_size: int = 1024,
+    teacher_logits: np.ndarray | None = None,
     **train_kw: Any,
 ) -> list[dict]:
     """Train until ``epochs``, validating after each epoch and writing ``checkpoint``.
@@ -369,7 +366,8 @@ def fit(
     The teacher and the final fine-tune both run long; the checkpoint (written atomically,
     with ``settings`` inside so :func:`resume` can tell whether it fits) makes either one
     survive an interruption. ``history`` is what :func:`resume` returned; ``train_kw`` goes
-    to :func:`train_one_epoch` (batch_size, seed, augment, mean, std, teacher, ...).
+    to :func:`train_one_epoch` (batch_size, seed, augment, mean, std, teacher, ...);
+    ``teacher_logits`` (:func:`teacher_logits` of the same batches) replaces the teacher.
     Returns one dict per epoch: the training metrics, ``val_loss``, ``val_acc`` and
     ``epoch_seconds`` (training + validation).
     """
@@ -377,6 +375,8 @@ def fit(
     mean, std, amp = train_kw["mean"], train_kw["std"], train_kw.get("amp", False)
     for epoch in range(len(history), epochs):
         began = time.perf_counter()
+        if teacher_logits is not None:
+            train_kw["teacher_logits"] = epoch_logits(teacher_logits, epoch, _device_of(model))
         tr = train_one_epoch(
             model, x, y, optimizer=optimizer, scheduler=scheduler, epoch=epoch, **train_kw
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from casd_ray import distill, space
+from casd_ray import devices, distill, space
 from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.cost import cpu_latency
 from casd_ray.data import DataSplits
@@ -101,7 +101,7 @@ def run_finetune(
     trial_ids = {"winner": str(winner_row["trial_id"]), "uniform": control_id}
     part = {k: part_settings(settings, s) for k, s in specs.items()}
     todo = [k for k in PARTS if not reusable(run_dir / k, part[k])]
-    dev = torch.device(device) if device is not None else distill.pick_device(1)
+    dev = torch.device(device) if device is not None else devices.pick_device(1)
     amp = bool(amp and dev.type == "cuda")
     f = finetune_cfg
     for name in PARTS:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from casd_ray import restore_point
 from casd_ray import space as space_mod
 from casd_ray.config import ConfigError, SearchConfig
 from casd_ray.data import DataSplits
+from casd_ray.distill import logits_dtype
 from casd_ray.export import Network
 from casd_ray.models import Spec
 from casd_ray.rungs import make_scheduler
@@ -50,7 +52,6 @@ from casd_ray.storage import SearchStorage
 from casd_ray.trial import (
     TrialPlan,
     distill_trial,
-    logits_dtype,
     pack_data,
     pack_logits,
     pack_teacher,
@@ -137,12 +138,8 @@ _LOG: list[Log] = [print]
 
 
 def _fmt_s(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
-        if seconds >= 3600
-        else (f"{seconds // 60}m{seconds % 60:02d}s")
-    )
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # --------------------------------------------------------------------------- Ray session
@@ -242,11 +239,6 @@ def _shared_logits(
     return logits
 
 
-def _finished(results) -> int:
-    """Trials that ended (TERMINATED or ERROR); after Ctrl-C the others are still pending."""
-    return results.num_terminated + results.num_errors
-
-
 def run_search(
     data: DataSplits,
     teacher: Network,
@@ -292,7 +284,12 @@ def run_search(
     # Tune warns whenever per-epoch checkpoints force frequent experiment snapshots; with
     # tiny trials that is every few seconds, by design.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # ray.init replaces a SIGTERM handler (with sys.exit) and Tune's SIGINT handler outlives
+    # fit(): the caller's handlers are put back, so one signal stops any stage gracefully.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     started = _start_ray(address, dashboard, log)
+    if callable(handlers[signal.SIGTERM]):
+        signal.signal(signal.SIGTERM, handlers[signal.SIGTERM])
     try:
         import ray
 
@@ -360,8 +357,10 @@ def run_search(
         if started:
             import ray
 
-            ray.shutdown()
-    done = _finished(results)
+            ray.shutdown()  # its core worker leaves SIGTERM at the default (process death)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    done = results.num_terminated + results.num_errors  # after Ctrl-C the rest are pending
     if done < s.num_samples:
         raise SearchInterrupted(
             f"search interrupted: {done} of {s.num_samples} trials finished; the state is "

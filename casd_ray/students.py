@@ -9,13 +9,15 @@ with equal settings is reused and an interrupted one resumes from its ``last.pt`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from casd_ray import distill, prune
+from casd_ray import devices, distill, prune
 from casd_ray.batches import to_tensors, train_batches
 from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.cost import measure_flops
@@ -25,6 +27,10 @@ from casd_ray.files import read_json_or_none
 from casd_ray.models import Spec, flops, params, spec_summary
 
 EVAL_BATCH = 1024
+# Above this the fine-tune's teacher runs per batch (a paper-scale recipe on a big dataset).
+SHARED_LOGITS_MAX_BYTES = 1 << 30
+# The latest recipe's teacher logits, keyed by what determines them (one entry at a time).
+_SHARED: dict[str, np.ndarray] = {}
 
 
 def part_settings(stage: dict, spec: Spec) -> dict:
@@ -63,9 +69,9 @@ def finetune_student(
     Resumes from ``folder/last.pt`` (written atomically after each epoch) when it carries
     the same settings, so a long paper-scale fine-tune survives an interruption.
     """
-    teacher = distill.prepare_model(teacher, device).eval()
+    teacher = devices.prepare_model(teacher, device).eval()
     student = prune.inherit(teacher, teacher_spec, spec, criterion=importance)
-    student = distill.prepare_model(student, device)
+    student = devices.prepare_model(student, device)
     x, y = to_tensors(data.x_train, data.y_train, device)
     xv, yv = to_tensors(data.x_val, data.y_val, device)
     opt = distill.make_optimizer(student, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
@@ -76,6 +82,7 @@ def finetune_student(
         warmup_epochs=f.warmup_epochs,
     )
     amp = bool(amp and device.type == "cuda")
+    logits = shared_logits(teacher, x, y, f, seed, data, amp, log)
     last = folder / "last.pt"
     history = distill.resume(last, settings, student, opt, sched, log=log, label=label)
     if not history and d.bn_recalibration_batches > 0:
@@ -111,11 +118,57 @@ def finetune_student(
         mean=data.mean,
         std=data.std,
         teacher=teacher,
+        teacher_logits=logits,
         temperature=d.temperature,
         alpha=d.alpha,
         amp=amp,
     )
     return student.eval(), history
+
+
+def shared_logits(
+    teacher: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    f: FinetuneConfig,
+    seed: int,
+    data: DataSplits,
+    amp: bool,
+    log=print,
+) -> np.ndarray | None:
+    """The teacher's logits for the fine-tune's batches, computed once per recipe.
+
+    Every network a run fine-tunes (winner, uniform, audited trials, the arms of ``casd-ray
+    compare``) trains on the same batches, so the teacher's forward passes (about 40% of a
+    half-FLOPs student's compute) are done once and reused. The key is a hash of what decides
+    the logits (the teacher's weights, the training images, batch size, seed, epochs, device),
+    never a name, so a different teacher or data can never get them. None when they would
+    not fit in :data:`SHARED_LOGITS_MAX_BYTES` even as float16: the teacher then runs per batch.
+    """
+    dtype = distill.logits_dtype(f.epochs, len(x), data.num_classes, SHARED_LOGITS_MAX_BYTES)
+    if dtype is None:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in (x, y):
+        h.update(tensor.cpu().numpy().tobytes())
+    h.update(repr((f.epochs, f.batch_size, seed, data.augment, data.mean, data.std)).encode())
+    h.update(repr((str(x.device), amp, str(dtype))).encode())
+    key = h.hexdigest()
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = distill.teacher_logits(
+            teacher, x, y, epochs=f.epochs, batch_size=f.batch_size, seed=seed,
+            augment=data.augment, mean=data.mean, std=data.std, amp=amp, dtype=dtype,
+        )  # fmt: skip
+        log(
+            f"finetune: teacher logits for {f.epochs} epochs x {len(x)} images computed once "
+            f"({_SHARED[key].nbytes / 2**20:.1f} MiB {dtype.name}), shared by every network "
+            "fine-tuned with this recipe"
+        )
+    return _SHARED[key]
 
 
 def cost_entry(model: nn.Module, spec: Spec, teacher_spec: Spec) -> dict:

@@ -18,13 +18,12 @@ from torch import nn
 from casd_ray.batches import to_tensors
 from casd_ray.config import ConfigError, ModelConfig, TeacherConfig
 from casd_ray.data import DataSplits
+from casd_ray.devices import pick_device, prepare_model
 from casd_ray.distill import (
     evaluate_splits,
     fit,
     make_optimizer,
     make_scheduler,
-    pick_device,
-    prepare_model,
     resume,
     steps_per_epoch,
 )

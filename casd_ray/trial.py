@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from casd_ray import distill, prune, space
+from casd_ray import devices, distill, prune, space
 from casd_ray.batches import to_tensors, train_batches
 from casd_ray.config import DistillConfig, SearchConfig, SpaceConfig
 from casd_ray.data import DataSplits
@@ -110,17 +110,6 @@ def pack_teacher(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return state_to_numpy({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def logits_dtype(epochs: int, images: int, classes: int, max_bytes: int) -> np.dtype | None:
-    """How to store the shared logits within ``max_bytes``: float32, else float16 (half the
-    memory; a logit's relative error <= 2**-11, far below what distillation at T=4 resolves),
-    else None (too big: each trial runs the teacher itself)."""
-    for dtype in (np.float32, np.float16):
-        if epochs * images * classes * np.dtype(dtype).itemsize <= max_bytes:
-            return np.dtype(dtype)
-    return None
-
-
-@torch.no_grad()
 def pack_logits(
     data: dict[str, Any],
     teacher: torch.nn.Module,
@@ -137,21 +126,13 @@ def pack_logits(
     student's compute). The teacher runs in eval mode, as in a trial, so each row equals the
     trial's own teacher forward up to float reduction order.
     """
-    model = distill.prepare_model(copy.deepcopy(teacher), torch.device(device)).eval()
+    model = devices.prepare_model(copy.deepcopy(teacher), torch.device(device))
     x, y = to_tensors(data["x_train"], data["y_train"], device)
-    amp = bool(plan.amp and torch.device(device).type == "cuda")
-    out = []
-    for epoch in range(plan.max_epochs):
-        batches = train_batches(
-            x, y, batch_size=plan.batch_size, seed=plan.seed, epoch=epoch,
-            augment=data["augment"], mean=data["mean"], std=data["std"],
-        )  # fmt: skip
-        rows = []
-        for xb, _ in batches:
-            with distill.autocast(torch.device(device), amp):
-                rows.append(model(xb).float().cpu())
-        out.append(torch.cat(rows).numpy().astype(dtype))
-    return np.stack(out)
+    return distill.teacher_logits(
+        model, x, y, epochs=plan.max_epochs, batch_size=plan.batch_size, seed=plan.seed,
+        augment=data["augment"], mean=data["mean"], std=data["std"],
+        amp=bool(plan.amp and torch.device(device).type == "cuda"), dtype=dtype,
+    )  # fmt: skip
 
 
 def genome_of(config: dict[str, Any], teacher_spec: Spec, granularity: str) -> dict:
@@ -250,7 +231,7 @@ def distill_trial(
     s = plan
     # One intra-op thread per CPU the trial holds: concurrent trials must not oversubscribe.
     torch.set_num_threads(max(1, int(s.cpus)))
-    device = distill.pick_device(s.gpus)
+    device = devices.pick_device(s.gpus)
     amp = bool(s.amp and device.type == "cuda")
 
     teacher_spec = spec_from_json(teacher_spec_json)
@@ -291,10 +272,10 @@ def distill_trial(
         student = prune.inherit(teacher, teacher_spec, student_spec, criterion=s.rules.importance)
     else:
         student = build_model(student_spec)
-    student = distill.prepare_model(student, device)
+    student = devices.prepare_model(student, device)
     # With shared logits the teacher is only the source of the inherited weights: it is never
     # moved to the trial's device or run.
-    runner = None if teacher_logits is not None else distill.prepare_model(teacher, device)
+    runner = None if teacher_logits is not None else devices.prepare_model(teacher, device)
 
     optimizer = distill.make_optimizer(
         student, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
@@ -339,7 +320,7 @@ def distill_trial(
             teacher=runner,
             teacher_logits=None
             if teacher_logits is None
-            else torch.from_numpy(np.array(teacher_logits[epoch], dtype=np.float32)).to(device),
+            else distill.epoch_logits(teacher_logits, epoch, device),
             temperature=s.temperature,
             alpha=s.alpha,
             amp=amp,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import finetune_stage, rules_of, tiny_config
 
-from casd_ray import space
+from casd_ray import distill, space, students
 from casd_ray.export import FILES, ONNX_FILE, load_compressed, load_torchscript
 from casd_ray.files import ArtifactError
 from casd_ray.finetune import uniform_spec
@@ -142,3 +142,35 @@ def test_missing_or_foreign_trials_table_is_one_line(tmp_path):
     pd.DataFrame({"trial_id": ["a"]}).to_parquet(tmp_path / "trials.parquet")
     with pytest.raises(ArtifactError, match="missing columns"):
         read_trials(tmp_path / "trials.parquet")
+
+
+def _without_students(cfg, out):
+    """A copy of the finished run with its fine-tuned networks removed."""
+    shutil.copytree(cfg.run_dir, out / cfg.name)
+    for part in ("winner", "uniform"):
+        shutil.rmtree(out / cfg.name / part)
+    return cfg.model_copy(update={"output_dir": str(out)})
+
+
+def test_teacher_logits_are_computed_once_and_change_nothing(finetuned_run, tmp_path, monkeypatch):
+    """Winner and uniform train on the same batches: the teacher's logits are computed once
+    for both, and both networks equal those of distillation with the teacher run per batch."""
+    cfg, _, _ = finetuned_run
+    students._SHARED.clear()
+    calls = []
+    real = distill.teacher_logits
+    monkeypatch.setattr(distill, "teacher_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared, logs = _without_students(cfg, tmp_path / "shared"), []
+    finetune_stage(shared, log=logs.append)
+    assert len(calls) == 1 and sum("computed once" in line for line in logs) == 1
+    monkeypatch.setattr(students, "SHARED_LOGITS_MAX_BYTES", 0)  # too big: run the teacher
+    per_batch = _without_students(cfg, tmp_path / "per_batch")
+    finetune_stage(per_batch)
+    assert len(calls) == 1
+    keys, runs = ("loss", "acc", "val_loss", "val_acc"), (shared, per_batch)
+    for part in ("winner", "uniform"):
+        a, b = (json.loads((c.run_dir / part / "metrics.json").read_text()) for c in runs)
+        assert a["test_acc"] == b["test_acc"]
+        assert [{k: h[k] for k in keys} for h in a["history"]] == [
+            {k: h[k] for k in keys} for h in b["history"]
+        ]

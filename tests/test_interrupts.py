@@ -56,13 +56,18 @@ def _run(config: Path, name: str) -> subprocess.CompletedProcess:
     return subprocess.run(_cmd(config, name), capture_output=True, text=True, timeout=600)
 
 
-def _start(config: Path, name: str, log: Path) -> subprocess.Popen:
+def _start(config: Path, name: str, log: Path, sigint_ignored: bool = False) -> subprocess.Popen:
+    """The driver, as from a terminal; ``sigint_ignored``: as a shell script's background job
+    (``cmd &``), which inherits SIGINT ignored. Set either way, since pytest itself may run
+    as such a job."""
+    disposition = signal.SIG_IGN if sigint_ignored else signal.SIG_DFL
     return subprocess.Popen(
         _cmd(config, name),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),
     )
 
 
@@ -161,12 +166,37 @@ def test_ctrl_c_during_search_exits_130_and_is_never_fine_tuned(setup, tmp_path)
     assert (run / "report.json").is_file()
 
 
-def test_sigterm_exits_143_with_the_resume_command(setup, tmp_path):
+def test_one_ctrl_c_in_the_finetune_after_a_search_stops_the_run(setup, tmp_path):
+    # Ray Tune's SIGINT handler must not outlive the search: it would swallow the first Ctrl-C
     config, runs = setup
     log = tmp_path / "driver.log"
-    proc = _start(config, "name=sigterm", log)
-    code = _signal(proc, log, "teacher epoch 1/6", signal.SIGTERM)
+    proc = _start(config, "name=sigint-ft", log)
+    code = _signal(proc, log, "winner epoch 1/6", signal.SIGINT)
+    text = log.read_text()
+    assert code == 130, text[-2000:]
+    assert "resume with: casd-ray run" in text and "Traceback" not in text
+    assert "Stop signal received" not in text
+    assert not (runs / "sigint-ft" / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name, needle, sigint_ignored, kept",
+    [
+        ("sigterm", "teacher epoch 1/6", False, "teacher/last.pt"),
+        # ray.init replaced the handler (sys.exit) and its shutdown left SIGTERM fatal
+        ("sigterm-search", "finished: val_acc", False, "search"),
+        # ... and a script's background job (SIGINT ignored) swallowed SIGTERM
+        ("sigterm-bg-ft", "winner epoch 1/6", True, "winner/last.pt"),
+    ],
+)
+def test_sigterm_exits_143_with_the_resume_command(
+    setup, tmp_path, name, needle, sigint_ignored, kept
+):
+    config, runs = setup
+    log = tmp_path / "driver.log"
+    proc = _start(config, f"name={name}", log, sigint_ignored)
+    code = _signal(proc, log, needle, signal.SIGTERM)
     text = log.read_text()
     assert code == 143, text[-2000:]
     assert "resume with: casd-ray run" in text and "Traceback" not in text
-    assert (runs / "sigterm" / "teacher" / "last.pt").is_file()  # the finished epochs are kept
+    assert (runs / name / kept).exists()  # the finished epochs are kept

@@ -22,7 +22,6 @@ from casd_ray.models import WidthSpec, build_model, flops, spec_for, spec_from_j
 from casd_ray.trial import (
     STATE_FILE,
     distill_trial,
-    logits_dtype,
     pack_data,
     pack_logits,
     pack_teacher,
@@ -306,9 +305,9 @@ def test_logit_cache_falls_back_to_float16_then_to_the_teacher(setup):
     """The cache is bounded: float32 when it fits, float16 (half) when only that fits, else
     None (trials run the teacher); float16 rows match float32 to float16's precision."""
     mib = 2**20
-    assert logits_dtype(10, 45_000, 100, 256 * mib) == np.float32  # CIFAR-100: 172 MiB
-    assert logits_dtype(10, 45_000, 100, 100 * mib) == np.float16
-    assert logits_dtype(10, 45_000, 100, 50 * mib) is None
+    assert distill.logits_dtype(10, 45_000, 100, 256 * mib) == np.float32  # CIFAR-100: 172 MiB
+    assert distill.logits_dtype(10, 45_000, 100, 100 * mib) == np.float16
+    assert distill.logits_dtype(10, 45_000, 100, 50 * mib) is None
     cfg, data, teacher_state, spec = setup
     teacher = build_model(spec)
     teacher.load_state_dict(numpy_to_state(teacher_state))
