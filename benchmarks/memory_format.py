@@ -51,7 +51,7 @@ def measure(widths: list[int], steps: int, rounds: int) -> tuple[dict[str, float
     torch.manual_seed(0)
     base = build_model(spec)
     cl, nchw = torch.channels_last, torch.contiguous_format
-    chosen = cl if channels_last_pays(base) else nchw
+    chosen = cl if channels_last_pays(base) else nchw  # the rule prepare_model applies
     arms = {  # name: (model, format of the input batch)
         "prepare_model": (prepare_model(copy.deepcopy(base), "cpu"), chosen),
         "channels_last": (copy.deepcopy(base).to(memory_format=cl), cl),
