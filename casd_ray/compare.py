@@ -8,6 +8,10 @@ Per seed, with the same teacher, fine-tune recipe, distillation and seed for eve
 4. ``global``: no search, global channel ranking (:mod:`casd_ray.baselines`) with the run's
    importance criterion.
 
+Beside them, ``picked``: what the pipeline tells a user to deploy, the winner or the uniform
+network, whichever validated higher after the identical fine-tune
+(:func:`casd_ray.export.validated_pick`; no extra training).
+
 Only the widths differ between arms (each arm's ``metrics.json`` records its settings, and
 they are equal apart from ``widths``). The result is per-seed test accuracy, mean ± std per
 arm, and the paired difference of the winner against each other arm with a 95% t-interval
@@ -28,7 +32,7 @@ from scipy import stats
 from casd_ray import space
 from casd_ray.baselines import global_ranking_spec
 from casd_ray.config import ExperimentConfig
-from casd_ray.export import PARTS, is_complete
+from casd_ray.export import PARTS, is_complete, validated_pick
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models import Spec, spec_from_json
 from casd_ray.pipeline import execute, fingerprints, load_teacher
@@ -36,6 +40,7 @@ from casd_ray.students import part_settings, train_export
 from casd_ray.trials import TRIALS_FILE, read_trials, select_winner
 
 ARMS = ("winner", "uniform", "random", "global")
+PICKED = "picked"  # the better of winner and uniform on validation, not a trained arm
 KEEP = ("test_acc", "val_acc", "flops", "params", "flops_ratio", "seconds", "settings")
 
 Log = Callable[[str], None]
@@ -107,6 +112,8 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     )
     arms["global"] = _arm(cfg, spec, "global", log)
     out = {a: {k: arms[a].get(k) for k in KEEP} for a in ARMS}
+    pick = validated_pick(arms)
+    out[PICKED] = {**out[pick], "part": pick}
     trial_s = float(read_trials(run / TRIALS_FILE)["wall_time_s"].fillna(0).sum())
     out["search_cost"] = {  # what a user weighs the gain against
         "trial_seconds": round(trial_s, 1),
@@ -118,24 +125,30 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     return out
 
 
+def _paired(d: np.ndarray) -> dict:
+    """Mean of paired differences with a 95% t-interval over seeds (None for one seed)."""
+    entry = {"diffs": d.tolist(), "mean": float(d.mean()), "ci95": None}
+    if len(d) > 1:
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        entry["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
+    return entry
+
+
 def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
-    """Mean ± std per arm and paired differences (winner − other) with 95% t-intervals."""
+    """Mean ± std per arm and paired differences (winner − other, picked − other) with 95%
+    t-intervals."""
     seeds = sorted(per_seed)
-    acc = {a: np.array([per_seed[s][a]["test_acc"] for s in seeds], dtype=float) for a in ARMS}
-    out: dict = {"seeds": seeds, "arms": {}, "winner_minus": {}}
-    for a in ARMS:
+    names = [*ARMS, PICKED]
+    acc = {a: np.array([per_seed[s][a]["test_acc"] for s in seeds], dtype=float) for a in names}
+    out: dict = {"seeds": seeds, "arms": {}}
+    for a in names:
         out["arms"][a] = {
             "test_acc": acc[a].tolist(),
             "mean": float(acc[a].mean()),
             "std": float(acc[a].std(ddof=1)) if len(seeds) > 1 else None,
         }
-    for a in ARMS[1:]:
-        d = acc["winner"] - acc[a]
-        entry = {"diffs": d.tolist(), "mean": float(d.mean()), "ci95": None}
-        if len(seeds) > 1:
-            half = stats.t.ppf(0.975, len(seeds) - 1) * d.std(ddof=1) / math.sqrt(len(seeds))
-            entry["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
-        out["winner_minus"][a] = entry
+    for lead in ("winner", PICKED):
+        out[f"{lead}_minus"] = {a: _paired(acc[lead] - acc[a]) for a in ARMS[1:]}
     return out
 
 
@@ -150,7 +163,7 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
         "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | FLOPs ratio |",
         "|---|" + "---:|" * (len(seeds) + 2),
     ]
-    for a in ARMS:
+    for a in summary["arms"]:
         m = summary["arms"][a]
         ratio = per_seed[seeds[0]][a]["flops_ratio"]
         lines.append(
@@ -158,10 +171,17 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
             + " | ".join(pct(v) for v in m["test_acc"])
             + f" | {pct(m['mean'])} ± {pct(m['std'])} | {ratio:.3f} |"
         )
-    lines += ["", "| winner − | mean (points) | 95% CI |", "|---|---:|---|"]
-    for a, e in summary["winner_minus"].items():
-        ci = "–" if e["ci95"] is None else f"[{pct(e['ci95'][0])}, {pct(e['ci95'][1])}]"
-        lines.append(f"| {a} | {pct(e['mean'])} | {ci} |")
+    for lead in ("winner", PICKED):
+        lines += ["", f"| {lead} − | mean (points) | 95% CI |", "|---|---:|---|"]
+        for a, e in summary[f"{lead}_minus"].items():
+            ci = "–" if e["ci95"] is None else f"[{pct(e['ci95'][0])}, {pct(e['ci95'][1])}]"
+            lines.append(f"| {a} | {pct(e['mean'])} | {ci} |")
+    parts = ", ".join(f"{s}: {per_seed[s][PICKED]['part']}" for s in seeds)
+    lines += [
+        "",
+        "picked = the network the run says to deploy, the winner or uniform, whichever "
+        f"validated higher after the identical fine-tune (per seed: {parts}).",
+    ]
     cost = [per_seed[s]["search_cost"]["multiple"] for s in seeds]
     lines += [
         "",

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from casd_ray.export import PARTS, SUMMARY, read_summary
+from casd_ray.export import PARTS, SUMMARY, read_summary, validated_pick
 from casd_ray.files import ArtifactError, atomic_write, read_json, write_json
 from casd_ray.plots import NAMES, plot_pareto, plot_progress, plot_widths
 from casd_ray.trials import TRIALS_FILE, eligible, read_trials
@@ -97,6 +97,12 @@ def build_report_json(run_dir: Path) -> dict:
         }
         report["search_rank"] = {p: finetune["models"][p].get("search") for p in PARTS}
         report["noise"] = split_noise(finetune["models"], report["data"])
+        pick = validated_pick(finetune["models"])
+        report["deploy"] = {
+            "part": pick,
+            "folder": str(run_dir / pick),
+            "rule": "higher validation accuracy after the identical fine-tune",
+        }
         report["finetune"] = config.get("finetune")
     else:
         teacher = _read_json(run_dir / "teacher" / "metrics.json")
@@ -157,6 +163,24 @@ def _noise_line(noise: dict | None) -> list[str]:
         "(binomial, unpaired: an upper bound). A difference within about two of these is no "
         "evidence that either network is better; `casd-ray compare` measures the spread over "
         "seeds.",
+    ]
+
+
+def _deploy_line(deploy: dict | None, models: dict) -> list[str]:
+    if not deploy:
+        return []
+    part = deploy["part"]
+    other = "uniform" if part == "winner" else "winner"
+    why = (
+        "the search's winner validated higher than uniform slimming"
+        if part == "winner"
+        else "after the identical fine-tune the search's winner did not validate higher than "
+        "uniform slimming, so the search's choice is not shipped"
+    )
+    return [
+        "",
+        f"**Deploy `{part}/`** ({deploy['folder']}): {why} ({_pct(models[part]['val_acc'])} "
+        f"vs {_pct(models[other]['val_acc'])} on validation; chosen on validation only).",
     ]
 
 
@@ -260,6 +284,7 @@ def render_markdown(report: dict) -> str:
             "distillation. The test split is used only for this table; the winner was chosen "
             "on validation accuracy.",
             *_noise_line(report.get("noise")),
+            *_deploy_line(report.get("deploy"), models),
             "",
         ]
     elif "teacher" in models:

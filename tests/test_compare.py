@@ -9,6 +9,7 @@ from conftest import write_fake_fashion_mnist, write_run_config
 
 from casd_ray.cli import main
 from casd_ray.compare import ARMS, summarize
+from casd_ray.export import validated_pick
 
 
 def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
@@ -21,7 +22,7 @@ def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
     assert (tmp_path / "runs" / "cmp-compare.md").is_file()
     for seed in ("0", "1"):
         arms = result["per_seed"][seed]
-        assert set(arms) == {*ARMS, "search_cost"}
+        assert set(arms) == {*ARMS, "picked", "search_cost"}
         settings = [{k: v for k, v in arms[a]["settings"].items() if k != "widths"} for a in ARMS]
         assert all(s == settings[0] for s in settings)  # identical recipe, seed, teacher
         for a in ARMS:
@@ -29,6 +30,12 @@ def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
             assert arms[a]["flops_ratio"] <= 0.5 + 1e-9
         assert arms["search_cost"]["multiple"] > 0
     assert result["summary"]["winner_minus"]["uniform"]["ci95"] is not None
+    for seed in ("0", "1"):  # the network a user deploys: the better of the two on validation
+        arms = result["per_seed"][seed]
+        picked = arms["picked"]
+        assert picked["val_acc"] == max(arms["winner"]["val_acc"], arms["uniform"]["val_acc"])
+        assert picked["test_acc"] == arms[picked["part"]]["test_acc"]
+    assert "picked_minus" in result["summary"]
     # a second call reuses every run and arm
     assert main(["compare", str(config), "--seeds", "0", "1"]) == 0
     assert "compare: reusing" in capsys.readouterr().out
@@ -39,10 +46,23 @@ def test_summary_statistics():
         s: {a: {"test_acc": acc} for a, acc in zip(ARMS, accs, strict=True)}
         for s, accs in {0: (0.91, 0.90, 0.89, 0.88), 1: (0.93, 0.90, 0.92, 0.90)}.items()
     }
+    for s, part in ((0, "uniform"), (1, "winner")):
+        per_seed[s]["picked"] = {**per_seed[s][part], "part": part}
     summary = summarize(per_seed)
+    p = summary["picked_minus"]["uniform"]
+    assert p["diffs"] == pytest.approx([0.0, 0.03])
+    assert summary["arms"]["picked"]["mean"] == pytest.approx(0.915)
     assert summary["arms"]["winner"]["mean"] == pytest.approx(0.92)
     assert summary["arms"]["winner"]["std"] == pytest.approx(0.0141421, rel=1e-4)
     d = summary["winner_minus"]["uniform"]
     assert d["mean"] == pytest.approx(0.02)
     half = 12.7062 * 0.0141421 / 2**0.5  # t(0.975, 1 dof) * sd / sqrt(n)
     assert d["ci95"] == pytest.approx([0.02 - half, 0.02 + half], rel=1e-4)
+
+
+def test_validated_pick_ties_go_to_fewer_flops_then_uniform():
+    w = {"val_acc": 0.8, "flops": 10}
+    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.81, "flops": 10}}) == "uniform"
+    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.79, "flops": 9}}) == "winner"
+    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.8, "flops": 11}}) == "winner"
+    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.8, "flops": 10}}) == "uniform"

@@ -114,3 +114,22 @@ def test_report_states_the_noise_in_winner_minus_uniform(run_copy):
     assert "Winner − uniform:" in text and "standard error" in text
     noise = report["noise"]["val"]
     assert f"{100 * noise['se_difference']:.2f}" in text
+
+
+@pytest.mark.parametrize("better", ["winner", "uniform"])
+def test_report_names_the_network_to_deploy_by_final_validation(run_copy, better):
+    """Winner and uniform get the identical fine-tune, so the one that validates higher
+    after it is the one to deploy; the test split never decides."""
+    run_dir, _, _ = run_copy
+    summary = json.loads((run_dir / "finetune.json").read_text())
+    other = "uniform" if better == "winner" else "winner"
+    summary["models"][better]["val_acc"] = 0.80
+    summary["models"][other]["val_acc"] = 0.79
+    summary["models"][better]["test_acc"] = 0.70  # test disagrees: it must not matter
+    summary["models"][other]["test_acc"] = 0.75
+    (run_dir / "finetune.json").write_text(json.dumps(summary))
+    text = build_report(run_dir).read_text()
+    deploy = json.loads((run_dir / "report.json").read_text())["deploy"]
+    assert deploy["part"] == better
+    assert deploy["folder"] == str(run_dir / better)
+    assert f"Deploy `{better}/`" in text
