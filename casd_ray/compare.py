@@ -112,7 +112,7 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     )
     arms["global"] = _arm(cfg, spec, "global", log)
     out = {a: {k: arms[a].get(k) for k in KEEP} for a in ARMS}
-    pick = validated_pick(arms)
+    pick = validated_pick({p: arms[p] for p in PARTS})
     out[PICKED] = {**out[pick], "part": pick}
     trial_s = float(read_trials(run / TRIALS_FILE)["wall_time_s"].fillna(0).sum())
     out["search_cost"] = {  # what a user weighs the gain against

@@ -31,17 +31,20 @@ PARTS = ("winner", "uniform")
 SUMMARY = "finetune.json"
 
 
-def validated_pick(models: dict) -> str:
-    """The part to deploy: the one with the higher validation accuracy after the fine-tune.
+def validated_pick(candidates: dict[str, dict]) -> str:
+    """The network to deploy among those fine-tuned with the final recipe (winner, uniform,
+    audited trials): the highest validation accuracy after that fine-tune.
 
-    Winner and uniform get the identical fine-tune, so its validation accuracy judges them
-    more closely than the search's short proxy did. When the two are within noise the search
-    can pick a network that ends up behind uniform slimming; shipping it anyway would turn
-    the search's noise into a loss. Ties go to fewer FLOPs, then to uniform (no evidence for
-    the search's choice). The test split never decides.
+    They all get the identical fine-tune, so its validation accuracy judges them more closely
+    than the search's short proxy did. When winner and uniform are within noise the search can
+    pick a network that ends up behind uniform slimming; shipping it anyway would turn the
+    search's noise into a loss. Ties go to fewer FLOPs, then to uniform (no evidence for the
+    search's choice). The test split never decides.
     """
-    w, u = models["winner"], models["uniform"]
-    return "winner" if (w["val_acc"], -w["flops"]) > (u["val_acc"], -u["flops"]) else "uniform"
+    return max(
+        candidates,
+        key=lambda n: (candidates[n]["val_acc"], -candidates[n]["flops_ratio"], n == "uniform"),
+    )
 
 
 @dataclass

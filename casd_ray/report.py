@@ -97,12 +97,6 @@ def build_report_json(run_dir: Path) -> dict:
         }
         report["search_rank"] = {p: finetune["models"][p].get("search") for p in PARTS}
         report["noise"] = split_noise(finetune["models"], report["data"])
-        pick = validated_pick(finetune["models"])
-        report["deploy"] = {
-            "part": pick,
-            "folder": str(run_dir / pick),
-            "rule": "higher validation accuracy after the identical fine-tune",
-        }
         report["finetune"] = config.get("finetune")
     else:
         teacher = _read_json(run_dir / "teacher" / "metrics.json")
@@ -112,6 +106,8 @@ def build_report_json(run_dir: Path) -> dict:
     audit = run_dir / "audit.json"
     if audit.exists():
         report["audit"] = read_json(audit, hint="rerun the same command to rebuild it")
+    if finetune is not None:
+        report["deploy"] = deploy_choice(run_dir, finetune["models"], report.get("audit"))
     trials = _load_trials(run_dir)
     if trials is not None:
         report["search"] = search_summary(trials, config)
@@ -166,21 +162,40 @@ def _noise_line(noise: dict | None) -> list[str]:
     ]
 
 
-def _deploy_line(deploy: dict | None, models: dict) -> list[str]:
+def deploy_choice(run_dir: Path, models: dict, audit: dict | None) -> dict:
+    """Which exported network to deploy: :func:`validated_pick` over winner, uniform and the
+    audited trials (each fine-tuned with the final recipe; ``audit/<trial>/``)."""
+    candidates = {p: models[p] for p in PARTS}
+    parts = {str((models[p].get("search") or {}).get("trial_id")) for p in PARTS}
+    for row in (audit or {}).get("trials", []):
+        if str(row["trial_id"]) not in parts:
+            candidates[f"audit/{row['trial_id']}"] = {
+                "val_acc": row["final_val_acc"],
+                "flops_ratio": row["flops_ratio"],
+            }
+    pick = validated_pick(candidates)
+    return {
+        "part": pick,
+        "folder": str(run_dir / pick),
+        "rule": "highest validation accuracy after the identical fine-tune",
+        "val_acc": {name: c["val_acc"] for name, c in candidates.items()},
+    }
+
+
+def _deploy_line(deploy: dict | None) -> list[str]:
     if not deploy:
         return []
     part = deploy["part"]
-    other = "uniform" if part == "winner" else "winner"
-    why = (
-        "the search's winner validated higher than uniform slimming"
-        if part == "winner"
-        else "after the identical fine-tune the search's winner did not validate higher than "
-        "uniform slimming, so the search's choice is not shipped"
-    )
+    why = {
+        "winner": "the search's winner validated highest after the identical fine-tune",
+        "uniform": "after the identical fine-tune the search's winner did not validate higher "
+        "than uniform slimming, so the search's choice is not shipped",
+    }.get(part, "an audited trial validated highest after the identical fine-tune")
+    scores = ", ".join(f"{name} {_pct(v)}" for name, v in deploy["val_acc"].items())
     return [
         "",
-        f"**Deploy `{part}/`** ({deploy['folder']}): {why} ({_pct(models[part]['val_acc'])} "
-        f"vs {_pct(models[other]['val_acc'])} on validation; chosen on validation only).",
+        f"**Deploy `{part}/`** ({deploy['folder']}): {why} (validation accuracy: {scores}; "
+        "the test split chooses nothing).",
     ]
 
 
@@ -284,7 +299,7 @@ def render_markdown(report: dict) -> str:
             "distillation. The test split is used only for this table; the winner was chosen "
             "on validation accuracy.",
             *_noise_line(report.get("noise")),
-            *_deploy_line(report.get("deploy"), models),
+            *_deploy_line(report.get("deploy")),
             "",
         ]
     elif "teacher" in models:

@@ -82,3 +82,25 @@ def test_audit_off_says_how_to_run_it(finetuned_run, tmp_path):
     run_dir = tmp_path / cfg.name
     (run_dir / AUDIT_FILE).write_text(json.dumps({"top_k": 0, "trials": []}))
     assert "--set audit.top_k=5" in build_report(run_dir).read_text()
+
+
+def test_report_deploys_an_audited_trial_that_validates_highest(audited):
+    """The audit fine-tunes its trials with the final recipe, so they are candidates for
+    deployment like winner and uniform: the one that validates highest is named."""
+    cfg, result, _ = audited
+    path = cfg.run_dir / AUDIT_FILE
+    for final_val, expected in ((1.0, "audit/t2"), (0.0, None)):
+        rows = [
+            dict(r, final_val_acc=final_val) if r["trial_id"] == "t2" else r
+            for r in result["trials"]
+        ]
+        path.write_text(json.dumps({**result, "trials": rows}))
+        text = build_report(cfg.run_dir).read_text()
+        deploy = json.loads((cfg.run_dir / "report.json").read_text())["deploy"]
+        if expected:
+            assert deploy["part"] == expected
+            assert deploy["folder"] == str(cfg.run_dir / "audit" / "t2")
+            assert (cfg.run_dir / "audit" / "t2" / "model.pt").is_file()
+            assert "Deploy `audit/t2/`" in text
+        else:
+            assert deploy["part"] in ("winner", "uniform")

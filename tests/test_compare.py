@@ -61,8 +61,12 @@ def test_summary_statistics():
 
 
 def test_validated_pick_ties_go_to_fewer_flops_then_uniform():
-    w = {"val_acc": 0.8, "flops": 10}
-    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.81, "flops": 10}}) == "uniform"
-    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.79, "flops": 9}}) == "winner"
-    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.8, "flops": 11}}) == "winner"
-    assert validated_pick({"winner": w, "uniform": {"val_acc": 0.8, "flops": 10}}) == "uniform"
+    def pick(val: float, flops: float) -> str:
+        w = {"val_acc": 0.8, "flops_ratio": 0.5}
+        return validated_pick({"winner": w, "uniform": {"val_acc": val, "flops_ratio": flops}})
+
+    assert pick(0.81, 0.5) == "uniform"
+    assert pick(0.79, 0.4) == "winner"
+    assert pick(0.8, 0.51) == "winner"
+    assert pick(0.8, 0.49) == "uniform"
+    assert pick(0.8, 0.5) == "uniform"
