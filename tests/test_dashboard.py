@@ -127,6 +127,20 @@ def test_trials_show_as_actors_and_export_their_metrics(ray_dashboard, tmp_path,
         assert f"ray_casd_trial_{key}" in seen["text"]
 
 
+def _submit(client, entrypoint: str, wait_s: float = 120) -> str:
+    """Submit a job, retrying while the head's job agent has not registered yet: on a loaded
+    machine the dashboard answers 500 "No available agent to submit job, please try again
+    later" for a while after the cluster starts (Ray's own advice is to retry)."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 def test_a_search_submitted_as_a_ray_job_runs_to_the_end(ray_dashboard, tmp_path):
     """``ray job submit -- casd-ray run CONFIG --address auto``, as on a cluster: the job
     succeeds, its log (on the dashboard's Jobs page) holds our progress lines, and the run
@@ -141,9 +155,7 @@ def test_a_search_submitted_as_a_ray_job_runs_to_the_end(ray_dashboard, tmp_path
         audit={"top_k": 0},
     )  # fmt: skip
     client = JobSubmissionClient(dashboard, headers={"Authorization": f"Bearer {token()}"})
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} -m casd_ray.cli run {config} --address auto"
-    )
+    job = _submit(client, f"{sys.executable} -m casd_ray.cli run {config} --address auto")
     deadline = time.time() + 400
     while not client.get_job_status(job).is_terminal() and time.time() < deadline:
         time.sleep(2)

@@ -330,7 +330,11 @@ def test_casd_ray_run_compresses_the_model(
 
         session = onnxruntime.InferenceSession(str(run / part / "model.onnx"))
         (got,) = session.run(None, {"images": x.numpy()})
-        assert np.allclose(got, want.numpy(), atol=1e-4)
+        # ONNX Runtime sums in another order, so its float32 error scales with the logits: a
+        # 1-epoch timm net on random images outputs up to ~5e6 (one ulp: 0.5), and on the Zen 2
+        # machine one image was off by 170 (3e-5 of the scale). A wrong op is off by ~100%.
+        scale = float(np.abs(want.numpy()).max())
+        assert np.abs(got - want.numpy()).max() <= 1e-4 * (1 + scale)
 
 
 def test_global_ranking_baseline_works_on_a_source_model():
