@@ -14,9 +14,9 @@ network, whichever validated higher after the identical fine-tune
 
 Only the widths differ between arms (each arm's ``metrics.json`` records its settings, and
 they are equal apart from ``widths``). The result is per-seed test accuracy, mean ± std per
-arm, and the paired difference of the winner against each other arm with a 95% t-interval
-over seeds. Test accuracy is reported, never used to choose: each search still selects on
-validation.
+arm, and the paired differences of the winner (and of picked) against each other arm with a
+95% t-interval over seeds. Test accuracy is reported, never used to choose: each search
+still selects on validation.
 """
 
 from __future__ import annotations
