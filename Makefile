@@ -28,9 +28,9 @@ data: $(STAMP)
 	@if ls $(FMNIST_ROOT)/train-images-idx3-ubyte.gz >/dev/null 2>&1 || ls data/fashion-mnist/train-images-idx3-ubyte.gz >/dev/null 2>&1; then \
 		true; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || $(PY) -m casd_ray.download --download-fashion-mnist data/fashion-mnist; \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || $(PY) -m casd_ray.data.download --download-fashion-mnist data/fashion-mnist; \
 	else \
-		$(PY) -m casd_ray.download --download-fashion-mnist data/fashion-mnist; \
+		$(PY) -m casd_ray.data.download --download-fashion-mnist data/fashion-mnist; \
 	fi
 
 demo: data

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import ray
 
+from casd_ray.artifacts.network import Network, load_network
 from casd_ray.config import ExperimentConfig, SearchConfig, load_config
-from casd_ray.data import DataSplits, load_dataset
-from casd_ray.export import Network, load_network
-from casd_ray.pipeline import execute
-from casd_ray.search import run_search
-from casd_ray.trial import trial_plan
+from casd_ray.data.load import load_dataset
+from casd_ray.data.splits import DataSplits
+from casd_ray.pipeline.run import execute
+from casd_ray.search.run import run_search
+from casd_ray.search.trial_plan import trial_plan
 
 SMOKE = [
     "teacher.epochs=1",

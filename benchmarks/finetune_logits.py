@@ -1,12 +1,12 @@
 """The fine-tune's teacher logits computed once per recipe vs the teacher run per batch.
 
 Every network a run fine-tunes (winner, uniform, audited trials, compare's arms) trains on the
-same seeded batches, so ``casd_ray.students`` computes the teacher's logits for them once and
-reuses them. Here two students of the config's budget (the uniform network and one random
-genome repaired onto the budget) are fine-tuned one after the other, as a run does, once with
-the shared logits and once with the teacher run on every batch. Printed: images through the
-teacher, wall time of the two fine-tunes and its ratio, and the largest difference in test
-accuracy (the same logits, so the same networks).
+same seeded batches, so ``casd_ray.pipeline.stages.student`` computes the teacher's
+logits for them once and reuses them. Here two students of the config's budget (the uniform
+network and one random genome repaired onto the budget) are fine-tuned one after the other,
+as a run does, once with the shared logits and once with the teacher run on every batch.
+Printed: images through the teacher, wall time of the two fine-tunes and its ratio, and the
+largest difference in test accuracy (the same logits, so the same networks).
 
     python benchmarks/finetune_logits.py [CONFIG] [--smoke-test] [--set key=value ...]
 
@@ -21,9 +21,10 @@ import time
 
 from common import SMOKE, config_parser, prepare
 
-from casd_ray import devices, space, students
-from casd_ray.pipeline import fingerprints
-from casd_ray.students import part_settings, train_export
+from casd_ray.compress import space
+from casd_ray.pipeline.plan import fingerprints
+from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
+from casd_ray.train import devices, kd
 
 
 def main() -> None:
@@ -43,15 +44,14 @@ def main() -> None:
     teacher.model.register_forward_hook(lambda m, inp, o: seen.__setitem__(0, seen[0] + len(o)))
     stage = fingerprints(cfg)["finetune"]
     result = {}
-    for mode, max_bytes in (("per batch", 0), ("shared", students.SHARED_LOGITS_MAX_BYTES)):
-        students.SHARED_LOGITS_MAX_BYTES = max_bytes
-        students._SHARED.clear()
+    for mode, max_bytes in (("per batch", 0), ("shared", kd.LOGITS_MAX_BYTES)):
+        kd.LOGITS_MAX_BYTES = max_bytes
+        kd._CACHE.clear()
         seen[0], t0, acc = 0, time.perf_counter(), {}
         for name, spec in specs.items():
             metrics = train_export(
                 data, teacher, spec, out / mode.replace(" ", "-") / name,
-                finetune_cfg=cfg.finetune, distill_cfg=cfg.distill,
-                importance=rules.importance, seed=cfg.seed, amp=False,
+                recipe=StudentRecipe(cfg.finetune, cfg.distill, rules.importance, cfg.seed, False),
                 settings=part_settings(stage, spec), device=devices.pick_device(0),
                 log=print, label=f"{mode} {name}",
             )  # fmt: skip

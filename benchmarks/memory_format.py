@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from casd_ray.devices import channels_last_pays, prepare_model
-from casd_ray.models import WidthSpec, build_model
+from casd_ray.models.family import build_model
+from casd_ray.models.resnet import WidthSpec
+from casd_ray.train.devices import channels_last_pays, prepare_model
 
 WIDTHS = ["16/32/64", "16/24/48", "11/22/45", "12/24/44"]
 

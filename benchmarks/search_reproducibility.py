@@ -24,7 +24,7 @@ import pandas as pd
 import ray
 from common import SMOKE, config_parser, prepare, search, start_ray
 
-from casd_ray.trial import distill_trial
+from casd_ray.search.trial import distill_trial
 
 
 def busy(delay_s: float):

@@ -22,7 +22,7 @@ import ray
 from common import SMOKE, config_parser, prepare, search, start_ray
 from ray.tune import ExperimentAnalysis
 
-from casd_ray.storage import SEARCH_DIR
+from casd_ray.search.storage import SEARCH_DIR
 
 
 def epoch_seconds(run_dir) -> pd.Series:

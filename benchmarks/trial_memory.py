@@ -6,7 +6,7 @@ The search puts the data arrays and the teacher weights into the Ray object stor
 many trials run. As a control, the same data is passed as torch tensors, which Ray
 deserialises into a private copy in every trial: there USS grows by the dataset size.
 
-Each trial runs the real ``casd_ray.trial.distill_trial`` for one epoch on a ~60 MB
+Each trial runs the real ``casd_ray.search.trial.distill_trial`` for one epoch on a ~60 MB
 synthetic CIFAR-sized dataset and measures its own process (/proc/self/smaps_rollup) at
 its first report: RSS (includes the shared object-store pages it touched), USS (private
 pages only) and PSS.
@@ -32,9 +32,11 @@ import torch
 from ray import tune
 
 from casd_ray.config import ExperimentConfig
-from casd_ray.data import DataSplits
-from casd_ray.models import build_model, spec_for
-from casd_ray.trial import TrialPlan, distill_trial, pack_data, pack_teacher, trial_plan
+from casd_ray.data.splits import DataSplits
+from casd_ray.models.family import build_model, spec_for
+from casd_ray.search.packing import pack_data, pack_teacher
+from casd_ray.search.trial import distill_trial
+from casd_ray.search.trial_plan import TrialPlan, trial_plan
 
 MB = 2**20
 CLASSES, EPOCHS = 100, 8  # CIFAR-100-shaped logit cache of an 8-epoch search

@@ -1,6 +1,6 @@
 """Ray's overhead on a search trial: the same distillation epochs bare vs inside Tune.
 
-Both runs call the real ``casd_ray.trial.distill_trial`` with the same genome, data,
+Both runs call the real ``casd_ray.search.trial.distill_trial`` with the same genome, data,
 teacher, epochs and thread count. "bare" calls it in this process with a ``report`` that
 only records; "ray" runs it as a one-trial Tune search (object store, actor, per-epoch
 checkpoint persisted to Tune's storage). Printed: the per-epoch compute time ratio (what a
@@ -23,9 +23,11 @@ import torch
 from ray import tune
 
 from casd_ray.config import ExperimentConfig
-from casd_ray.data import DataSplits
-from casd_ray.models import build_model, spec_for
-from casd_ray.trial import distill_trial, pack_data, pack_teacher, trial_plan
+from casd_ray.data.splits import DataSplits
+from casd_ray.models.family import build_model, spec_for
+from casd_ray.search.packing import pack_data, pack_teacher
+from casd_ray.search.trial import distill_trial
+from casd_ray.search.trial_plan import trial_plan
 
 
 def synthetic(n: int, n_val: int) -> DataSplits:

@@ -1,6 +1,6 @@
 """`casd-ray` command line: one subcommand per pipeline stage, plus `run` for all of them.
 
-The commands only parse arguments and hand over to :mod:`casd_ray.pipeline`, which checks
+The commands only parse arguments and hand over to :mod:`casd_ray.pipeline.run`, which checks
 everything before writing anything and decides what a rerun reuses. Every failure ends with
 one line on stderr and a non-zero exit code: 2 for bad input (config, data, budget, a run
 folder that does not match), 1 for anything unexpected (the traceback with ``--debug``),
@@ -17,23 +17,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from casd_ray.config import ConfigError, load_config
-from casd_ray.pipeline import STAGES
+from casd_ray.config import load_config
+from casd_ray.errors import ConfigError, UserError
+from casd_ray.pipeline.plan import STAGES
 
 
 def _log(msg: str) -> None:
     print(f"[casd-ray {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input or files: reported as one line, not a traceback."""
-    from casd_ray.data import DataError
-    from casd_ray.files import ArtifactError
-    from casd_ray.space import BudgetError
-    from casd_ray.trials import SelectionError
-    from casd_ray.trust import UntrustedRunError
-
-    return (ConfigError, DataError, BudgetError, SelectionError, ArtifactError, UntrustedRunError)
 
 
 COMMAND_STAGES = {
@@ -46,7 +36,7 @@ COMMAND_STAGES = {
 
 
 def cmd_stages(args: argparse.Namespace) -> None:
-    from casd_ray.pipeline import execute
+    from casd_ray.pipeline.run import execute  # lazy: torch and ray only for a real run
 
     stages = COMMAND_STAGES[args.command]
     if args.fresh and args.fresh not in stages:
@@ -66,7 +56,7 @@ def cmd_stages(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from casd_ray.compare import compare
+    from casd_ray.study.compare import compare
 
     if args.fresh:
         raise ConfigError("--fresh: not for compare; it reuses (or runs) each seed's run")
@@ -77,7 +67,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from casd_ray.pipeline import report
+    from casd_ray.pipeline.run import report
 
     _log(f"report written: {report(Path(args.run_dir))}")
 
@@ -182,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return code
-    except _user_errors() as err:
+    except UserError as err:  # caused by the user's input or files: one line
         if args.debug:
             raise
         print(f"casd-ray: error: {_one_line(err)}", file=sys.stderr)

@@ -22,9 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the field or file."""
+from casd_ray.errors import ConfigError
+from casd_ray.files import write_text
+from casd_ray.models.names import check_arch_name
 
 
 class _Strict(BaseModel):
@@ -32,18 +32,42 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "imagefolder"] = "fashion_mnist"
-    root: str | None = None  # None: the dataset's default location
-    download: bool = False  # CIFAR / Fashion-MNIST only, and only when the network allows
-    val_size: int = Field(5000, ge=1)  # carved from train; selection uses it
-    # Seed of the train/val split (and of test_subset); null = the run seed. Fix it when one
-    # teacher serves several seeds (compare with teacher.checkpoint): the teacher must never
-    # have trained on a validation image.
-    split_seed: int | None = None
-    train_subset: int | None = Field(None, ge=1)  # quick runs: first N of the shuffled train
-    test_subset: int | None = Field(None, ge=1)
-    # imagefolder: resize the shorter side to this and centre-crop a square (any image sizes)
-    image_size: int | None = Field(None, ge=8)
+    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "imagefolder", "memory"] = Field(
+        "fashion_mnist",
+        description="memory: arrays handed to the Python API (casd_ray.compress)",
+    )
+    digest: str | None = Field(
+        None, description="dataset memory: SHA-256 of the arrays (fingerprinted; set by the API)"
+    )
+    root: str | None = Field(None, description="None: the dataset's default location")
+    download: bool = Field(
+        False, description=("CIFAR / Fashion-MNIST only, and only when the network allows")
+    )
+    val_size: int = Field(5000, ge=1, description="carved from train; selection uses it")
+    split_seed: int | None = Field(
+        None,
+        description=(
+            "Seed of the train/val split (and of test_subset); null = the run seed. Fix it "
+            "when one teacher serves several seeds (compare with teacher.checkpoint): the "
+            "teacher must never have trained on a validation image."
+        ),
+    )
+    train_subset: int | None = Field(
+        None, ge=1, description=("quick runs: first N of the shuffled train")
+    )
+    test_subset: int | None = Field(
+        None,
+        ge=1,
+        description="quick runs: a seeded N-image subset of the test split (reported only)",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        description=(
+            "imagefolder: resize the shorter side to this and centre-crop a square (any image"
+            " sizes)"
+        ),
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -54,17 +78,23 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    # A built-in pre-activation ResNet (resnet20, resnet56, resnet164, ...) or your own:
-    # torchvision:<name>, timm:<name>, python:<module or file.py>:<callable>
-    arch: str = "resnet20"
-    width: int = Field(16, ge=1)  # built-in ResNets: base width; stages use width*(1, 2, 4)
-    kwargs: dict[str, Any] = {}  # passed to a source model's factory (num_classes: the data's)
+    arch: str = Field(
+        "resnet20",
+        description=(
+            "A built-in pre-activation ResNet (resnet20, resnet56, resnet164, ...) or your "
+            "own: torchvision:<name>, timm:<name>, python:<module or file.py>:<callable>"
+        ),
+    )
+    width: int = Field(
+        16, ge=1, description=("built-in ResNets: base width; stages use width*(1, 2, 4)")
+    )
+    kwargs: dict[str, Any] = Field(
+        {}, description=("passed to a source model's factory (num_classes: the data's)")
+    )
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from casd_ray.models import check_arch_name  # lazy: torch only once a config is read
-
         try:
             check_arch_name(v)
         except ValueError as err:  # the field name is added by the config's error format
@@ -73,33 +103,66 @@ class ModelConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    checkpoint: str | None = None  # a saved teacher dir or state-dict file: load, don't train
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
-    warmup_epochs: int = Field(0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    checkpoint: str | None = Field(
+        None, description=("a saved teacher dir or state-dict file: load, don't train")
+    )
+    epochs: int = Field(
+        30, ge=1, description="teacher training epochs (SGD, per-step cosine schedule)"
+    )
+    batch_size: int = Field(128, ge=1, description="teacher batch size")
+    lr: float = Field(0.1, gt=0, description="teacher peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    warmup_epochs: int = Field(
+        0, ge=0, description="linear learning-rate warm-up epochs before the cosine"
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="label smoothing of the teacher's loss (a smoothed teacher distils worse)",
+    )
 
 
 class BudgetConfig(_Strict):
-    metric: Literal["flops", "params"] = "flops"
-    target: float = Field(0.5, gt=0, le=1)  # keep at most this fraction of the teacher's cost
+    metric: Literal["flops", "params"] = Field(
+        "flops", description="what the budget limits: FLOPs or parameters of one image's forward"
+    )
+    target: float = Field(
+        0.5, gt=0, le=1, description=("keep at most this fraction of the teacher's cost")
+    )
 
 
 class SpaceConfig(_Strict):
-    granularity: Literal["stage", "block", "layer"] = "stage"
-    min_ratio: float = Field(0.1, gt=0, le=1)  # genome bounds (keep-ratio per searched group)
-    max_ratio: float = Field(1.0, gt=0, le=1)
-    min_channels: int = Field(1, ge=1)
-    divisible_by: int = Field(1, ge=1)
-    importance: Literal["l1", "bn_gamma"] = "l1"
-    # Source models: module paths (and everything under them) whose channels stay full.
-    # The classifier (any layer whose output is the network's output) always does.
-    ignore: list[str] = []
-    repair: bool = True  # scale every genome onto the budget (off for optuna-nsga2)
+    granularity: Literal["stage", "block", "layer"] = Field(
+        "stage",
+        description="stage: one gene per stage; block: one per block; layer: one per channel group",
+    )
+    min_ratio: float = Field(
+        0.1, gt=0, le=1, description=("genome bounds (keep-ratio per searched group)")
+    )
+    max_ratio: float = Field(1.0, gt=0, le=1, description="largest keep-ratio a gene may take")
+    min_channels: int = Field(1, ge=1, description="no channel group keeps fewer channels")
+    divisible_by: int = Field(
+        1,
+        ge=1,
+        description="pruned widths are multiples of this (a group kept whole stays as it is)",
+    )
+    importance: Literal["l1", "bn_gamma"] = Field(
+        "l1", description="channel importance for weight inheritance: filter L1 norm or BN |gamma|"
+    )
+    ignore: list[str] = Field(
+        [],
+        description=(
+            "Source models: module paths (and everything under them) whose channels stay "
+            "full. The classifier (any layer whose output is the network's output) always "
+            "does."
+        ),
+    )
+    repair: bool = Field(
+        True, description=("scale every genome onto the budget (off for optuna-nsga2)")
+    )
     budget: BudgetConfig = BudgetConfig()
 
     @model_validator(mode="after")
@@ -110,74 +173,171 @@ class SpaceConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1)
-    bn_recalibration_batches: int = Field(0, ge=0)  # EagleEye adaptive BN before scoring
+    temperature: float = Field(
+        4.0, gt=0, description="softmax temperature T of the distillation loss"
+    )
+    alpha: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="weight of the soft (KL) term; 1 - alpha weighs cross-entropy on labels",
+    )
+    bn_recalibration_batches: int = Field(
+        0, ge=0, description=("EagleEye adaptive BN before scoring")
+    )
+
+
+CONTROLS = ("uniform", "global", "torch_pruning")
+
+
+class ScreenConfig(_Strict):
+    """Rung 0 of the search: every candidate scored with no training, only the best distilled."""
+
+    promote: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "candidates distilled after rung 0, the controls included (the rest stop there); "
+            "null: no rung 0, every candidate distils"
+        ),
+    )
+    bn_batches: int = Field(
+        20, ge=1, description="adaptive BN: training batches BN statistics are estimated on"
+    )
+    steps: int = Field(0, ge=0, description="distillation steps before the rung-0 score")
+    val_images: int = Field(
+        2000, ge=10, description="the fixed validation subset rung 0 evaluates on"
+    )
+    score: Literal["acc", "kd"] = Field(
+        "acc", description="rank by accuracy, or by the KD loss to the teacher's logits"
+    )
 
 
 class SearchConfig(_Strict):
-    algorithm: Literal["optuna-tpe", "optuna-nsga2", "evolution", "random"] = "optuna-tpe"
-    num_samples: int = Field(16, ge=1)
-    max_epochs: int = Field(4, ge=1)
-    # Images per search epoch: a seeded random subset of the train split (a cheaper proxy
-    # for ranking candidates); None = all. The fine-tune always uses the whole train split.
-    train_subset: int | None = Field(None, ge=2)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-    keep_control: bool = True  # ASHA never stops the uniform control (the yardstick)
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
-    max_concurrent: int = Field(2, ge=1)
-    # Trials per generation: proposals and ASHA's stops see only earlier generations, so the
-    # same seed gives the same search on any machine, busy or idle (casd_ray.rungs). null:
-    # asynchronous (Tune's default; what was seen depends on timing). Fingerprinted.
-    generation_size: int | None = Field(None, ge=1)
-    # The teacher's logits for every search batch computed once and shared by all trials
-    # (batches are seeded by (seed, epoch), so they are the same in every trial).
-    shared_logits: bool = True
-    # Precise BN (Wu & Johnson 2021): before each epoch's validation, BN statistics are
-    # re-estimated on this many of the epoch's batches with the epoch's final weights; the
-    # running averages lag behind weights that move fast early in the schedule, which made
-    # epoch-1 scores rank trials almost at random (benchmarks/search_efficiency.py). 0: off.
-    precise_bn_batches: int = Field(20, ge=0)
-    # Where trial checkpoints and Tune's state go (casd_ray.storage): null = the run folder;
-    # a shared folder (NFS) or a bucket URI (s3://bucket/prefix) for multi-node searches.
-    storage_path: str | None = None
-    max_failures: int = Field(0, ge=0)  # retries of a failed trial; the search goes on anyway
-    population: int = Field(8, ge=2)  # evolution
-    sample_size: int = Field(3, ge=1)  # evolution tournament
-    mutation_genes: int = Field(2, ge=1)  # evolution: genes perturbed per child
-    amp: bool = True  # mixed precision when the trial has a GPU
+    algorithm: Literal["optuna-tpe", "optuna-nsga2", "evolution", "random"] = Field(
+        "optuna-tpe", description="the searcher proposing genomes"
+    )
+    num_samples: int = Field(
+        16, ge=1, description="trials (candidates) in the search, the controls included"
+    )
+    max_epochs: int = Field(
+        4, ge=1, description="distillation epochs a trial may reach (ASHA stops weak ones earlier)"
+    )
+    train_subset: int | None = Field(
+        None,
+        ge=2,
+        description=(
+            "Images per search epoch: a seeded random subset of the train split (a cheaper "
+            "proxy for ranking candidates); None = all. The fine-tune always uses the whole "
+            "train split."
+        ),
+    )
+    batch_size: int = Field(128, ge=1, description="trial batch size")
+    lr: float = Field(0.05, gt=0, description="trial peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of trials")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay of trials")
+    scheduler: Literal["asha", "fifo"] = Field(
+        "asha", description="asha: stop weak trials at rungs; fifo: every trial runs max_epochs"
+    )
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before the first rung")
+    reduction_factor: float = Field(
+        2.0, gt=1, description="ASHA: keep the top 1/reduction_factor at each rung"
+    )
+    keep_control: bool = Field(
+        True, description=("ASHA never stops the uniform control (the yardstick)")
+    )
+    cpus_per_trial: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves per trial (and torch threads it uses)"
+    )
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial (fractions share a GPU)")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    generation_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Trials per generation: proposals and ASHA's stops see only earlier generations, "
+            "so the same seed gives the same search on any machine, busy or idle "
+            "(casd_ray.search.rungs). null: asynchronous (Tune's default; what was seen "
+            "depends on timing). Fingerprinted."
+        ),
+    )
+    shared_logits: bool = Field(
+        True,
+        description=(
+            "The teacher's logits for every search batch computed once and shared by all "
+            "trials (batches are seeded by (seed, epoch), so they are the same in every "
+            "trial)."
+        ),
+    )
+    precise_bn_batches: int = Field(
+        20,
+        ge=0,
+        description=(
+            "Precise BN (Wu & Johnson 2021): before each epoch's validation, BN statistics "
+            "are re-estimated on this many of the epoch's batches with the epoch's final "
+            "weights; the running averages lag behind weights that move fast early in the "
+            "schedule, which made epoch-1 scores rank trials almost at random "
+            "(benchmarks/search_efficiency.py). 0: off."
+        ),
+    )
+    storage_path: str | None = Field(
+        None,
+        description=(
+            "Where trial checkpoints and Tune's state go (casd_ray.search.storage): null = "
+            "the run folder; a shared folder (NFS) or a bucket URI (s3://bucket/prefix) for "
+            "multi-node searches."
+        ),
+    )
+    max_failures: int = Field(
+        0, ge=0, description=("retries of a failed trial; the search goes on anyway")
+    )
+    population: int = Field(8, ge=2, description="evolution")
+    sample_size: int = Field(3, ge=1, description="evolution tournament")
+    mutation_genes: int = Field(2, ge=1, description="evolution: genes perturbed per child")
+    amp: bool = Field(True, description="mixed precision when the trial has a GPU")
+    controls: list[Literal["uniform", "global", "torch_pruning"]] = Field(
+        list(CONTROLS),
+        description=(
+            "free allocations tried first and never stopped: uniform width, the global "
+            "channel ranking, Torch-Pruning's global pruning"
+        ),
+    )
+    screen: ScreenConfig = Field(ScreenConfig(), description="rung 0 (screening)")
 
 
 class FinetuneConfig(_Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    warmup_epochs: int = Field(0, ge=0)
+    epochs: int = Field(
+        10,
+        ge=1,
+        description="fine-tune epochs of every compared network (winner, uniform, audit, arms)",
+    )
+    batch_size: int = Field(128, ge=1, description="fine-tune batch size")
+    lr: float = Field(0.05, gt=0, description="fine-tune peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    warmup_epochs: int = Field(0, ge=0, description="linear learning-rate warm-up epochs")
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class AuditConfig(_Strict):
-    # Proxy-fidelity audit: fine-tune the top_k completed trials (plus winner and control,
-    # already fine-tuned) with the final recipe, and rank-correlate search score with final
-    # validation accuracy. 0 switches it off (each audited trial costs one fine-tune).
-    top_k: int = Field(5, ge=0)
+    top_k: int = Field(
+        5,
+        ge=0,
+        description=(
+            "Proxy-fidelity audit: fine-tune the top_k completed trials (plus winner and "
+            "control, already fine-tuned) with the final recipe, and rank-correlate search "
+            "score with final validation accuracy. 0 switches it off (each audited trial "
+            "costs one fine-tune)."
+        ),
+    )
 
 
 class ExperimentConfig(_Strict):
-    name: str = "quick"
-    seed: int = 0
-    output_dir: str = "runs"
+    name: str = Field("quick", description="run folder name: outputs go to output_dir/name")
+    seed: int = Field(0, description="seed of everything random (batches, searcher, inits)")
+    output_dir: str = Field("runs", description="where run folders are made")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -276,6 +436,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML, atomically."""
-    from casd_ray.files import write_text
-
     write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -15,9 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-class ArtifactError(RuntimeError):
-    """A file of a run folder is missing, corrupt or belongs to something else (one line)."""
+from casd_ray.errors import ArtifactError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

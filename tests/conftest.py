@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from casd_ray.compress import space
+
 CIFAR_LAYOUT = {
     # dataset: (folder, train files, test files, meta file, meta key, label key, classes)
     "cifar10": (
@@ -162,9 +164,8 @@ def fake_trials(cfg, teacher_spec, accs=(0.5, 0.7, 0.6, 0.9)):
 
     import pandas as pd
 
-    from casd_ray import space
-    from casd_ray.models import flops, params, spec_summary
-    from casd_ray.trials import COLUMNS
+    from casd_ray.artifacts.trials import COLUMNS
+    from casd_ray.models.family import flops, params, spec_summary
 
     rng = np.random.default_rng(0)
     names = space.gene_names(teacher_spec, cfg.space.granularity)
@@ -222,7 +223,6 @@ def finetuned_run(tmp_path_factory: pytest.TempPathFactory):
 
 def rules_of(cfg):
     """The space rules of an experiment config (what trials and selection use)."""
-    from casd_ray import space
 
     return space.rules_of(cfg.space, cfg.search.algorithm)
 
@@ -231,8 +231,8 @@ def ensure_teacher(cfg, log=lambda _: None, num_threads: int = 1):
     """The run's teacher through the pipeline's teacher stage (trained once, then reused)."""
     import torch
 
-    from casd_ray.export import load_network
-    from casd_ray.pipeline import execute
+    from casd_ray.artifacts.network import load_network
+    from casd_ray.pipeline.run import execute
 
     threads = torch.get_num_threads()
     torch.set_num_threads(num_threads)
@@ -245,12 +245,12 @@ def ensure_teacher(cfg, log=lambda _: None, num_threads: int = 1):
 
 def search_with(cfg, trainable, **kwargs):
     """The search stage on the run's teacher, each trial running ``trainable`` (tests wrap
-    :func:`casd_ray.trial.distill_trial` to inject faults or delays); a fresh search.
+    :func:`casd_ray.search.trial.distill_trial` to inject faults or delays); a fresh search.
     ``kwargs`` go to ``run_search`` (e.g. ``address`` of a test cluster)."""
-    from casd_ray.data import load_dataset
-    from casd_ray.export import load_network
-    from casd_ray.search import run_search
-    from casd_ray.trial import trial_plan
+    from casd_ray.artifacts.network import load_network
+    from casd_ray.data.load import load_dataset
+    from casd_ray.search.run import run_search
+    from casd_ray.search.trial_plan import trial_plan
 
     return run_search(
         load_dataset(cfg.data, cfg.seed),
@@ -336,11 +336,11 @@ def kill_search_midway(
 
 def finetune_stage(cfg, log=lambda _: None, **kwargs):
     """``run_finetune`` on the run folder's teacher and trials table, as the pipeline calls it."""
-    from casd_ray.data import load_dataset
-    from casd_ray.export import load_network
-    from casd_ray.finetune import run_finetune
-    from casd_ray.pipeline import fingerprints
-    from casd_ray.trials import read_trials
+    from casd_ray.artifacts.network import load_network
+    from casd_ray.artifacts.trials import read_trials
+    from casd_ray.data.load import load_dataset
+    from casd_ray.pipeline.plan import fingerprints
+    from casd_ray.pipeline.stages.finetune import run_finetune
 
     return run_finetune(
         load_dataset(cfg.data, cfg.seed),

@@ -9,12 +9,12 @@ import pytest
 from conftest import rules_of
 from scipy import stats
 
-from casd_ray.audit import AUDIT_FILE, audited_trials, run_audit
-from casd_ray.data import load_dataset
-from casd_ray.export import load_network
-from casd_ray.pipeline import fingerprints
-from casd_ray.report import build_report
-from casd_ray.trials import read_trials
+from casd_ray.artifacts.network import load_network
+from casd_ray.artifacts.trials import read_trials
+from casd_ray.data.load import load_dataset
+from casd_ray.pipeline.plan import fingerprints
+from casd_ray.pipeline.stages.audit import AUDIT_FILE, audited_trials, run_audit
+from casd_ray.report.build import build_report
 
 
 def test_audited_trials_are_the_top_eligible_and_the_control(finetuned_run):

@@ -16,7 +16,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import write_fake_fashion_mnist  # noqa: E402
 
-from casd_ray.cli import main  # noqa: E402
+from casd_ray.cli import main
 
 # (what, command, extra config keys as dotted YAML overrides or raw text, needle)
 # {data}/{tmp} are filled in per test; "text:" replaces the config file's content.

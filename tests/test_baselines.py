@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from casd_ray import space
-from casd_ray.baselines import global_order, global_ranking_spec
-from casd_ray.models import build_model, group_widths, spec_for, with_group_widths
-from casd_ray.prune import inherit, wiring
+from casd_ray import errors
+from casd_ray.compress import space
+from casd_ray.compress.baselines import global_order, global_ranking_spec
+from casd_ray.compress.inherit import inherit
+from casd_ray.models.family import build_model, group_widths, spec_for, with_group_widths
+from casd_ray.models.resnet_family import wiring
 
 SPEC = spec_for("resnet20", width=8)
 
@@ -61,5 +63,5 @@ def test_rounding_and_the_student_builds(teacher):
 
 
 def test_unreachable_budget(teacher):
-    with pytest.raises(space.BudgetError, match="space.budget.target"):
+    with pytest.raises(errors.BudgetError, match="space.budget.target"):
         global_ranking_spec(teacher, SPEC, target=1e-4)

@@ -23,7 +23,7 @@ from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
 from casd_ray.config import ExperimentConfig
-from casd_ray.trial import distill_trial
+from casd_ray.search.trial import distill_trial
 
 EPOCHS = 5
 

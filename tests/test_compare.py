@@ -8,8 +8,8 @@ import pytest
 from conftest import write_fake_fashion_mnist, write_run_config
 
 from casd_ray.cli import main
-from casd_ray.compare import ARMS, summarize
-from casd_ray.export import validated_pick
+from casd_ray.report.deploy import validated_pick
+from casd_ray.study.compare import ARMS, summarize
 
 
 def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from casd_ray.cli import main
-from casd_ray.config import ConfigError, ExperimentConfig, load_config, save_config
+from casd_ray.config import ExperimentConfig, load_config, save_config
+from casd_ray.errors import ConfigError
 
 EXPERIMENTS = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
 
@@ -70,10 +71,21 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
 def test_a_setting_added_later_keeps_older_run_folders_valid():
     """precise_bn_batches did not exist when older run folders were searched: while off it is
     left out of the search fingerprint (those folders are reused), and once set it counts."""
-    from casd_ray.stages import fingerprints
+    from casd_ray.pipeline.plan import fingerprints
 
     cfg = ExperimentConfig.model_validate({"search": {"precise_bn_batches": 0}})
     off = fingerprints(cfg)["search"]["search"]
     assert "precise_bn_batches" not in off
     on = cfg.model_copy(update={"search": cfg.search.model_copy(update={"precise_bn_batches": 5})})
     assert fingerprints(on)["search"]["search"] == {**off, "precise_bn_batches": 5}
+
+
+def test_the_configuration_reference_is_current():
+    """docs/configuration.md is generated from the models; regenerate it after a change with
+    `python -m casd_ray.config_reference > docs/configuration.md`."""
+    from casd_ray.config_reference import reference_markdown
+
+    doc = Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "regenerate docs/configuration.md"
+    for key in ("search.precise_bn_batches", "space.budget.target", "finetune.epochs"):
+        assert f"`{key}`" in doc.read_text()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from casd_ray.cost import cpu_latency, measure_flops
-from casd_ray.models import build_model, flops, spec_for, with_group_widths
+from casd_ray.models.cost import cpu_latency, measure_flops
+from casd_ray.models.family import build_model, flops, spec_for, with_group_widths
 
 
 def test_measured_flops_match_analytic_for_a_pruned_net():

@@ -31,7 +31,7 @@ from conftest import (
 )
 from ray import cloudpickle
 
-from casd_ray.trial import EXPORTED, distill_trial
+from casd_ray.search.trial import EXPORTED, distill_trial
 
 
 def free_port() -> int:

@@ -16,15 +16,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from casd_ray.batches import PAD, eval_batches, to_tensors, train_batches
 from casd_ray.config import DataConfig
-from casd_ray.data import (
-    FASHION_MNIST_SYSTEM_ROOT,
-    DataError,
-    channel_stats,
-    load_dataset,
-)
-from casd_ray.download import main
+from casd_ray.data.batches import PAD, eval_batches, to_tensors, train_batches
+from casd_ray.data.download import main
+from casd_ray.data.load import load_dataset
+from casd_ray.data.readers import FASHION_MNIST_SYSTEM_ROOT
+from casd_ray.data.splits import channel_stats
+from casd_ray.errors import DataError
 
 # ---------------------------------------------------------------- writers of the real formats
 

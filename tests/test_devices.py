@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from casd_ray.devices import channels_last_pays, pick_device, prepare_model
-from casd_ray.models import build_model, spec_for
+from casd_ray.models.family import build_model, spec_for
+from casd_ray.train.devices import channels_last_pays, pick_device, prepare_model
 
 # Trains a strided 1x1 convolution with 5 input channels (a pruned downsampling shortcut)
 # after prepare_model and with a plain NCHW copy; prints the largest weight-gradient gap.
 _STRIDED_1X1 = """
 import copy, torch
-from casd_ray.devices import prepare_model
+from casd_ray.train.devices import prepare_model
 torch.set_num_threads(1)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(5, 32, 1, stride=2, bias=False))

@@ -9,14 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from casd_ray.distill import (
-    distillation_loss,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
-    train_one_epoch,
-)
-from casd_ray.models import build_model, spec_for
+from casd_ray.data.batches import Batching
+from casd_ray.models.family import build_model, spec_for
+from casd_ray.train.kd import KD, SoftTargets, distillation_loss
+from casd_ray.train.loop import evaluate, train_one_epoch
+from casd_ray.train.recipe import make_optimizer, make_scheduler
 
 MEAN, STD = (0.5,), (0.25,)
 
@@ -103,20 +100,17 @@ def _tiny_model(seed: int = 0) -> torch.nn.Module:
     )
 
 
-def _epoch(model, x, y, epoch, opt, sched=None, **kw):
+def _epoch(model, x, y, epoch, opt, sched=None, teacher=None, alpha=0.9):
+    targets = None if teacher is None else SoftTargets(KD(4.0, alpha), model=teacher)
     return train_one_epoch(
         model,
         x,
         y,
         optimizer=opt,
         scheduler=sched,
-        batch_size=32,
-        seed=0,
+        batching=Batching(32, 0, "crop", MEAN, STD),
         epoch=epoch,
-        augment="crop",
-        mean=MEAN,
-        std=STD,
-        **kw,
+        targets=targets,
     )
 
 

@@ -15,10 +15,10 @@ import pytest
 import ray
 from conftest import rules_of, smoke_overrides
 
-from casd_ray import space
 from casd_ray.cli import main
+from casd_ray.compress import space
 from casd_ray.config import load_config
-from casd_ray.models import spec_for
+from casd_ray.models.family import spec_for
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
 SHAPES = {  # (in_channels, classes, image size) of each dataset, without loading it

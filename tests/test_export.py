@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import casd_ray
-from casd_ray.export import (
+from casd_ray.artifacts.network import (
     FILES,
     ONNX_FILE,
     is_complete,
@@ -16,8 +16,8 @@ from casd_ray.export import (
     load_torchscript,
     save_compressed,
 )
-from casd_ray.files import ArtifactError
-from casd_ray.models import build_model, spec_for, with_group_widths
+from casd_ray.errors import ArtifactError
+from casd_ray.models.family import build_model, spec_for, with_group_widths
 
 
 def _trained_like(spec):

@@ -10,12 +10,14 @@ import pytest
 import torch
 from conftest import finetune_stage, rules_of, tiny_config
 
-from casd_ray import distill, space, students
-from casd_ray.export import FILES, ONNX_FILE, load_compressed, load_torchscript
-from casd_ray.files import ArtifactError
-from casd_ray.finetune import uniform_spec
-from casd_ray.models import WidthSpec, flops, spec_for
-from casd_ray.trials import SelectionError, rank_of, read_trials, select_winner
+from casd_ray.artifacts.network import FILES, ONNX_FILE, load_compressed, load_torchscript
+from casd_ray.artifacts.trials import rank_of, read_trials, select_winner
+from casd_ray.compress import space
+from casd_ray.errors import ArtifactError, SelectionError
+from casd_ray.models.family import flops, spec_for
+from casd_ray.models.resnet import WidthSpec
+from casd_ray.pipeline.stages.finetune import uniform_spec
+from casd_ray.train import kd
 
 
 def _table(**cols) -> pd.DataFrame:
@@ -156,14 +158,14 @@ def test_teacher_logits_are_computed_once_and_change_nothing(finetuned_run, tmp_
     """Winner and uniform train on the same batches: the teacher's logits are computed once
     for both, and both networks equal those of distillation with the teacher run per batch."""
     cfg, _, _ = finetuned_run
-    students._SHARED.clear()
+    kd._CACHE.clear()
     calls = []
-    real = distill.teacher_logits
-    monkeypatch.setattr(distill, "teacher_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kd.teacher_logits
+    monkeypatch.setattr(kd, "teacher_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     shared, logs = _without_students(cfg, tmp_path / "shared"), []
     finetune_stage(shared, log=logs.append)
     assert len(calls) == 1 and sum("computed once" in line for line in logs) == 1
-    monkeypatch.setattr(students, "SHARED_LOGITS_MAX_BYTES", 0)  # too big: run the teacher
+    monkeypatch.setattr(kd, "LOGITS_MAX_BYTES", 0)  # too big: run the teacher
     per_batch = _without_students(cfg, tmp_path / "per_batch")
     finetune_stage(per_batch)
     assert len(calls) == 1

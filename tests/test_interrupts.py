@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import write_fake_fashion_mnist, write_run_config
 
-from casd_ray.trials import read_trials
+from casd_ray.artifacts.trials import read_trials
 
 NUM_SAMPLES = 4
 

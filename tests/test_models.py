@@ -6,17 +6,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from casd_ray.models import (
-    ARCHS,
-    WidthSpec,
+from casd_ray.models.family import (
     build_model,
-    channel_groups,
     flops,
     group_widths,
     params,
     spec_for,
     with_group_widths,
 )
+from casd_ray.models.names import BUILTIN as ARCHS
+from casd_ray.models.resnet import WidthSpec, channel_groups
 
 
 def _measured(spec: WidthSpec) -> tuple[int, int]:

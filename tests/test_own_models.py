@@ -24,13 +24,13 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from casd_ray import load_compressed, space
+from casd_ray import load_compressed
+from casd_ray.artifacts.network import load_torchscript
 from casd_ray.cli import main
-from casd_ray.cost import measure_flops
-from casd_ray.export import load_torchscript
-from casd_ray.models import (
-    GraphSpec,
-    PreActResNet,
+from casd_ray.compress import space
+from casd_ray.compress.inherit import inherit, kept_indices
+from casd_ray.models.cost import measure_flops
+from casd_ray.models.family import (
     build_model,
     flops,
     graph,
@@ -38,10 +38,11 @@ from casd_ray.models import (
     params,
     spec_for,
     spec_from_json,
-    standard_spec,
     with_ignore,
 )
-from casd_ray.prune import inherit, kept_indices, wiring
+from casd_ray.models.graph import GraphSpec
+from casd_ray.models.resnet import PreActResNet, standard_spec
+from casd_ray.models.resnet_family import wiring
 
 HERE = Path(__file__).resolve()
 TOY = f"python:{HERE}:ToyNet"
@@ -198,8 +199,8 @@ def test_builtin_resnet_through_the_generic_path_matches_the_hand_written_one():
 def test_teacher_checkpoint_of_a_source_model_is_a_plain_state_dict(tmp_path):
     """A user's fine-tuned torchvision model comes in as ``torch.save(model.state_dict())``."""
     from casd_ray.config import ModelConfig
-    from casd_ray.data import DataSplits
-    from casd_ray.teacher import load_checkpoint
+    from casd_ray.data.splits import DataSplits
+    from casd_ray.pipeline.stages.teacher import load_checkpoint
 
     theirs = torchvision_model("mobilenet_v2", num_classes=4).eval()
     torch.save(theirs.state_dict(), tmp_path / "mine.pt")
@@ -222,7 +223,7 @@ def torchvision_model(name: str, **kw) -> nn.Module:
 
 def test_editing_a_python_factory_changes_the_teacher_fingerprint(tmp_path):
     from casd_ray.config import ExperimentConfig
-    from casd_ray.pipeline import fingerprints
+    from casd_ray.pipeline.plan import fingerprints
 
     source = tmp_path / "nets.py"
     source.write_text(HERE.read_text())
@@ -234,7 +235,7 @@ def test_editing_a_python_factory_changes_the_teacher_fingerprint(tmp_path):
 
 def test_image_size_resizes_any_image_to_one_square(tmp_path):
     from casd_ray.config import DataConfig
-    from casd_ray.data import load_dataset
+    from casd_ray.data.load import load_dataset
 
     root = tmp_path / "imgs"
     for split in ("train", "test"):
@@ -338,7 +339,7 @@ def test_casd_ray_run_compresses_the_model(
 
 
 def test_global_ranking_baseline_works_on_a_source_model():
-    from casd_ray.baselines import global_ranking_spec
+    from casd_ray.compress.baselines import global_ranking_spec
 
     spec = teacher_spec("torchvision:mobilenet_v2")
     teacher = build_model(spec).eval()

@@ -26,9 +26,11 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from torch import nn
 
-from casd_ray import prune, space
-from casd_ray.config import ConfigError, ExperimentConfig, validate_config
-from casd_ray.models import build_model, flops, params, spec_for
+from casd_ray import errors
+from casd_ray.compress import inherit, space
+from casd_ray.config import ExperimentConfig, validate_config
+from casd_ray.errors import ConfigError
+from casd_ray.models.family import build_model, flops, params, spec_for
 
 SETTINGS = settings(
     deadline=None,
@@ -126,7 +128,7 @@ def _check_candidate(case):
     low = space.smallest_ratio(teacher_spec, metric, min_channels=m, divisible_by=d)
     try:
         student, scale = _repair(case)
-    except space.BudgetError as err:
+    except errors.BudgetError as err:
         assert str(err).startswith("space.budget.target")
         assert target < low
         return
@@ -167,7 +169,7 @@ def _check_candidate(case):
 
     # an inherited student has the built student's exact tensor shapes and runs
     teacher = _teacher(teacher_spec, case["seed"])
-    inherited = prune.inherit(teacher, teacher_spec, student, criterion=case["criterion"])
+    inherited = inherit.inherit(teacher, teacher_spec, student, criterion=case["criterion"])
     assert inherited.training == teacher.training
     got = {k: tuple(v.shape) for k, v in inherited.state_dict().items()}
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
@@ -220,7 +222,7 @@ def test_full_budget_is_the_teacher_and_inherit_reproduces_it(case):
     )
     assert student == spec
     teacher = _teacher(spec, case["seed"])
-    inherited = prune.inherit(teacher, spec, student, criterion=case["criterion"]).eval()
+    inherited = inherit.inherit(teacher, spec, student, criterion=case["criterion"]).eval()
     x = _batch(spec)
     with torch.no_grad():
         assert torch.equal(inherited(x), teacher(x))

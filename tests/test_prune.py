@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from casd_ray import prune, space
-from casd_ray.models import build_model, group_widths, spec_for
+from casd_ray.compress import inherit, space
+from casd_ray.models.family import build_model, group_widths, spec_for
+from casd_ray.train.bn import recalibrate_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +35,7 @@ def test_ratio_one_reproduces_teacher(arch, criterion):
     ones = space.ratios_from_genome(spec, "layer", space.uniform_genome(spec, "layer", 1.0))
     student_spec = space.widths_from_ratios(spec, ones)
     assert student_spec == spec
-    student = prune.inherit(teacher, spec, student_spec, criterion)
+    student = inherit.inherit(teacher, spec, student_spec, criterion)
     assert not student.training
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
@@ -54,12 +55,12 @@ def test_pruned_student_has_right_shapes_and_runs(arch, granularity):
     }
     student_spec, _ = space.repair(spec, granularity, genome, target=0.5)
     assert student_spec != spec
-    student = prune.inherit(teacher, spec, student_spec)
+    student = inherit.inherit(teacher, spec, student_spec)
     fresh = build_model(student_spec).state_dict()
     for key, t in student.state_dict().items():
         assert t.shape == fresh[key].shape, key
     # the inherited tensors are exactly the teacher's rows/columns at the kept indices
-    keep = prune.kept_indices(teacher, spec, student_spec)
+    keep = inherit.kept_indices(teacher, spec, student_spec)
     w_teacher = teacher.stages[1][0].conv1.weight
     w_student = student.stages[1][0].conv1.weight
     cin = keep["stage0"]
@@ -76,7 +77,7 @@ def test_one_channel_everywhere_builds_inherits_and_runs(arch):
     teacher, spec = _teacher(arch)
     thin = space.widths_from_ratios(spec, dict.fromkeys(group_widths(spec), 1e-9))
     assert set(group_widths(thin).values()) == {1}
-    student = prune.inherit(teacher, spec, thin, "bn_gamma")
+    student = inherit.inherit(teacher, spec, thin, "bn_gamma")
     out = student(torch.randn(2, 3, 16, 16))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
@@ -91,22 +92,22 @@ def test_kept_channels_are_the_most_important_in_original_order():
             conv.weight[c] = 10.0 + rank
     student_spec = space.widths_from_ratios(spec, {"stage1.block1.conv1": 3 / 32})
     assert student_spec.blocks[1][1] == (3,)
-    keep = prune.kept_indices(teacher, spec, student_spec, "l1")
+    keep = inherit.kept_indices(teacher, spec, student_spec, "l1")
     assert keep["stage1.block1.conv1"].tolist() == [2, 7, 13]
-    student = prune.inherit(teacher, spec, student_spec)
+    student = inherit.inherit(teacher, spec, student_spec)
     assert torch.equal(student.stages[1][1].conv1.weight, conv.weight[[2, 7, 13]])
     assert torch.equal(student.stages[1][1].bn2.weight, teacher.stages[1][1].bn2.weight[[2, 7, 13]])
     # bn_gamma reads the BN after the conv instead
     with torch.no_grad():
         teacher.stages[1][1].bn2.weight.fill_(0.1)
         teacher.stages[1][1].bn2.weight[[30, 0, 4]] = 5.0
-    keep = prune.kept_indices(teacher, spec, student_spec, "bn_gamma")
+    keep = inherit.kept_indices(teacher, spec, student_spec, "bn_gamma")
     assert keep["stage1.block1.conv1"].tolist() == [0, 4, 30]
 
 
 def test_stream_importance_sums_every_writer():
     teacher, spec = _teacher("resnet164")
-    imp = prune.channel_importance(teacher, spec, "l1")
+    imp = inherit.channel_importance(teacher, spec, "l1")
     stage1 = teacher.stages[1]
     writers = [stage1[0].shortcut] + [blk.conv3 for blk in stage1]
     expected = sum(m.weight.detach().abs().sum(dim=(1, 2, 3)) for m in writers)
@@ -114,7 +115,7 @@ def test_stream_importance_sums_every_writer():
     assert len(imp) == 111 and all(
         v.shape == (w,) for v, w in zip(imp.values(), group_widths(spec).values(), strict=True)
     )
-    gamma = prune.channel_importance(teacher, spec, "bn_gamma")
+    gamma = inherit.channel_importance(teacher, spec, "bn_gamma")
     readers = [blk.bn1 for blk in stage1[1:]] + [teacher.stages[2][0].bn1]
     assert torch.allclose(gamma["stage1"], sum(m.weight.detach().abs() for m in readers))
     last = [blk.bn1 for blk in teacher.stages[2][1:]] + [teacher.bn]
@@ -122,15 +123,15 @@ def test_stream_importance_sums_every_writer():
     inner = teacher.stages[0][3].bn3.weight.detach().abs()
     assert torch.equal(gamma["stage0.block3.conv2"], inner)
     with pytest.raises(ValueError, match="importance"):
-        prune.channel_importance(teacher, spec, "random")
+        inherit.channel_importance(teacher, spec, "random")
 
 
 def test_incompatible_student_is_refused():
     teacher, spec = _teacher("resnet20")
     with pytest.raises(ValueError, match="depth"):
-        prune.inherit(teacher, spec, spec_for("resnet32", image_size=(16, 16)))
+        inherit.inherit(teacher, spec, spec_for("resnet32", image_size=(16, 16)))
     with pytest.raises(ValueError, match="wider"):
-        prune.inherit(teacher, spec, spec_for("resnet20", image_size=(16, 16), width=32))
+        inherit.inherit(teacher, spec, spec_for("resnet20", image_size=(16, 16), width=32))
 
 
 def test_recalibrate_bn_matches_batch_statistics_and_restores_state():
@@ -138,7 +139,7 @@ def test_recalibrate_bn_matches_batch_statistics_and_restores_state():
     bn = teacher.stages[0][0].bn1  # reads the stem output
     momentum = bn.momentum
     batches = [torch.randn(32, 3, 16, 16) + i for i in range(3)]
-    prune.recalibrate_bn(teacher, ((x, None) for x in batches), num_batches=2)
+    recalibrate_bn(teacher, ((x, None) for x in batches), num_batches=2)
     with torch.no_grad():
         feats = [teacher.stem(x) for x in batches[:2]]
     # momentum None = exact average of the per-batch means (unbiased var likewise)
@@ -150,7 +151,7 @@ def test_recalibrate_bn_matches_batch_statistics_and_restores_state():
     assert all(not m.training for m in teacher.modules())
     # no batches: statistics untouched (never reset to empty)
     before = bn.running_mean.clone()
-    prune.recalibrate_bn(teacher, [], num_batches=4)
+    recalibrate_bn(teacher, [], num_batches=4)
     assert torch.equal(bn.running_mean, before)
 
 
@@ -186,10 +187,10 @@ def test_inherited_student_beats_random_init_on_a_trained_teacher():
     assert 0.4 < space.cost_ratio(student_spec, spec, "flops") <= 0.5
     batches = [x_train[k : k + 128] for k in range(0, 1024, 128)]
     for criterion in ("l1", "bn_gamma"):
-        inherited = prune.inherit(teacher, spec, student_spec, criterion)
-        prune.recalibrate_bn(inherited, batches, num_batches=8)
+        inherited = inherit.inherit(teacher, spec, student_spec, criterion)
+        recalibrate_bn(inherited, batches, num_batches=8)
         random_init = build_model(student_spec).eval()
-        prune.recalibrate_bn(random_init, batches, num_batches=8)
+        recalibrate_bn(random_init, batches, num_batches=8)
         assert accuracy(inherited) > accuracy(random_init) + 0.3, criterion
 
 
@@ -197,12 +198,12 @@ def test_inherited_student_beats_random_init_on_a_trained_teacher():
 def test_inherit_on_cuda_keeps_device_and_identity():
     teacher, spec = _teacher("resnet20")
     teacher = teacher.cuda()
-    student = prune.inherit(teacher, spec, spec)
+    student = inherit.inherit(teacher, spec, spec)
     assert next(student.parameters()).is_cuda
     x = torch.randn(4, 3, 16, 16, device="cuda")
     with torch.no_grad():
         assert (student(x) - teacher(x)).abs().max().item() <= 1e-5
     half, _ = space.repair(spec, "stage", space.uniform_genome(spec, "stage"), target=0.5)
-    pruned = prune.inherit(teacher, spec, half)
-    prune.recalibrate_bn(pruned, [x], num_batches=1)
+    pruned = inherit.inherit(teacher, spec, half)
+    recalibrate_bn(pruned, [x], num_batches=1)
     assert pruned(x).shape == (4, 10)

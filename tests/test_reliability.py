@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from conftest import write_fake_fashion_mnist, write_run_config
 
+from casd_ray.artifacts.trials import COLUMNS, read_trials
 from casd_ray.cli import main
-from casd_ray.trials import COLUMNS, read_trials
 
 
 def cli(*args: str) -> int:
@@ -161,7 +161,7 @@ def test_teacher_weights_of_another_architecture(run_copy, tmp_path, capsys):
     config, run = run_copy
     import torch
 
-    from casd_ray.models import build_model, spec_for
+    from casd_ray.models.family import build_model, spec_for
 
     other = build_model(spec_for("resnet20", in_channels=1, image_size=(28, 28), width=4))
     torch.save(other.state_dict(), run / "teacher" / "model.pt")

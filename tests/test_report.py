@@ -8,8 +8,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from casd_ray.files import ArtifactError
-from casd_ray.report import build_report
+from casd_ray.errors import ArtifactError
+from casd_ray.report.build import build_report
 
 
 @pytest.fixture

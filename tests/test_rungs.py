@@ -1,4 +1,4 @@
-"""ASHA's casd-ray rules (``casd_ray.rungs``), driven by hand the way Tune drives a scheduler.
+"""ASHA's casd-ray rules (``search.rungs``), driven by hand the way Tune drives a scheduler.
 
 The reference is Ray's own ``ASHAScheduler``: with generations of one trial each, fed one trial
 at a time, every decision must equal its decision; with larger generations, a decision must not
@@ -15,7 +15,7 @@ import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from casd_ray.config import SearchConfig
-from casd_ray.rungs import SearchASHA, make_scheduler
+from casd_ray.search.rungs import SearchASHA, make_scheduler
 
 ASHA = dict(metric="val_acc", mode="max", time_attr="epoch", max_t=9, grace_period=1)
 CONTROL = {"stage0": 0.5, "stage1": 0.5}

@@ -17,14 +17,16 @@ import ray
 from conftest import ensure_teacher, kill_search_midway, rules_of, search_with
 from ray import cloudpickle
 
-from casd_ray.config import ConfigError, ExperimentConfig, save_config
-from casd_ray.export import read_spec
-from casd_ray.models import WidthSpec, flops
-from casd_ray.pipeline import execute
-from casd_ray.search import dashboard_login_hint, trials_table
-from casd_ray.space import BudgetError
-from casd_ray.trial import distill_trial
-from casd_ray.trials import TRIALS_FILE, best_completed, pareto_front
+from casd_ray.artifacts.network import read_spec
+from casd_ray.artifacts.trials import TRIALS_FILE, best_completed, pareto_front
+from casd_ray.config import ExperimentConfig, save_config
+from casd_ray.errors import BudgetError, ConfigError
+from casd_ray.models.family import flops
+from casd_ray.models.resnet import WidthSpec
+from casd_ray.pipeline.run import execute
+from casd_ray.search.run import trials_table
+from casd_ray.search.session import dashboard_login_hint
+from casd_ray.search.trial import distill_trial
 
 MAX_EPOCHS = 4
 

@@ -17,8 +17,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from casd_ray.config import SearchConfig
-from casd_ray.evolution import RegularizedEvolution
-from casd_ray.searchers import (
+from casd_ray.search.evolution import RegularizedEvolution
+from casd_ray.search.searchers import (
     MULTI_METRIC,
     MULTI_MODE,
     SEARCHERS,

@@ -23,7 +23,7 @@ from conftest import ensure_teacher, search_with
 from ray import cloudpickle
 
 from casd_ray.config import ExperimentConfig
-from casd_ray.trial import distill_trial
+from casd_ray.search.trial import distill_trial
 
 pytestmark = pytest.mark.soak
 TRIALS, EPOCHS = 30, 3

@@ -10,9 +10,11 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 
-from casd_ray import space
+from casd_ray import errors
+from casd_ray.compress import space
 from casd_ray.config import ExperimentConfig
-from casd_ray.models import WidthSpec, channel_groups, group_widths, spec_for, with_group_widths
+from casd_ray.models.family import group_widths, spec_for, with_group_widths
+from casd_ray.models.resnet import WidthSpec, channel_groups
 
 R20 = spec_for("resnet20")
 R164 = spec_for("resnet164")
@@ -201,12 +203,12 @@ def test_target_one_keeps_the_teacher():
 
 def test_impossible_target_is_refused_with_one_line():
     low = space.smallest_ratio(R20, "flops")
-    with pytest.raises(space.BudgetError) as err:
+    with pytest.raises(errors.BudgetError) as err:
         space.repair(R20, "layer", space.uniform_genome(R20, "layer"), target=low / 2)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("space.budget.target:")
     assert f"{low:.4f}" in msg and "min_channels=1" in msg
-    with pytest.raises(space.BudgetError, match=r"space\.budget\.target: 1\.5 must be in"):
+    with pytest.raises(errors.BudgetError, match=r"space\.budget\.target: 1\.5 must be in"):
         space.repair(R20, "layer", space.uniform_genome(R20, "layer"), target=1.5)
     # exactly the smallest reachable ratio is still fine
     student, _ = space.repair(R20, "layer", space.uniform_genome(R20, "layer"), target=low)
@@ -271,14 +273,14 @@ def test_search_bounds_are_the_genome_box():
 
 def test_check_budget():
     space.check_budget(_rules(budget={"target": 0.05}), R20)
-    with pytest.raises(space.BudgetError, match="space.budget.target: 0.001 is below"):
+    with pytest.raises(errors.BudgetError, match="space.budget.target: 0.001 is below"):
         space.check_budget(_rules(budget={"target": 0.001}), R20)
     # repair off: nothing in the space is cheaper than every gene at min_ratio
-    with pytest.raises(space.BudgetError, match="space.min_ratio=0.5"):
+    with pytest.raises(errors.BudgetError, match="space.min_ratio=0.5"):
         space.check_budget(_rules(repair=False, min_ratio=0.5, budget={"target": 0.2}), R20)
-    with pytest.raises(space.BudgetError, match="space.min_ratio=0.5"):
+    with pytest.raises(errors.BudgetError, match="space.min_ratio=0.5"):
         space.check_budget(_rules("optuna-nsga2", min_ratio=0.5, budget={"target": 0.2}), R20)
-    with pytest.raises(space.BudgetError, match="min_channels=8"):
+    with pytest.raises(errors.BudgetError, match="min_channels=8"):
         space.check_budget(_rules(min_channels=8, budget={"target": 0.1}), R20)
 
 

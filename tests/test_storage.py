@@ -17,11 +17,13 @@ import pytest
 import ray
 from conftest import ensure_teacher, kill_search_midway, tiny_search_cfg
 
+from casd_ray import errors
+from casd_ray.artifacts.trials import TRIALS_FILE
 from casd_ray.config import ExperimentConfig, save_config
-from casd_ray.pipeline import execute
-from casd_ray.storage import SearchStorage
-from casd_ray.trials import TRIALS_FILE
-from casd_ray.trust import UntrustedRunError
+from casd_ray.errors import UntrustedRunError
+from casd_ray.pipeline.run import execute
+from casd_ray.search import restore_point, trust
+from casd_ray.search.storage import SearchStorage
 
 BUCKET = "casd-test"
 
@@ -147,7 +149,6 @@ def test_storage_places_the_experiment(tmp_path):
 def test_signatures_cover_the_last_few_versions(tmp_path, monkeypatch):
     """A state file one snapshot behind its signatures (a copy cut short) still verifies; a
     version older than the kept ones, or one never signed, does not."""
-    from casd_ray import trust
 
     monkeypatch.setenv(trust.KEY_ENV, str(tmp_path / "key"))
     folder = tmp_path / "exp"
@@ -162,7 +163,7 @@ def test_signatures_cover_the_last_few_versions(tmp_path, monkeypatch):
         trust.verify(folder)
     for bad in (versions[0], b'{"v": "never signed"}'):
         state.write_bytes(bad)
-        with pytest.raises(trust.UntrustedRunError, match="experiment_state.json"):
+        with pytest.raises(errors.UntrustedRunError, match="experiment_state.json"):
             trust.verify(folder)
 
 
@@ -170,8 +171,6 @@ def test_restore_point_puts_back_one_whole_snapshot(tmp_path, monkeypatch):
     """The restore point (written before Tune's file-by-file copy) replaces whatever files a
     cut-short copy left from another snapshot; one not signed by this user writes nothing."""
     import pyarrow.fs as pafs
-
-    from casd_ray import restore_point, trust
 
     monkeypatch.setenv(trust.KEY_ENV, str(tmp_path / "key"))
     staging, storage = tmp_path / "staging", tmp_path / "storage"
@@ -204,11 +203,11 @@ def test_restore_point_puts_back_one_whole_snapshot(tmp_path, monkeypatch):
 
     (storage / "searcher-state-s.pkl").write_bytes(b"searcher 1")
     monkeypatch.setenv(trust.KEY_ENV, str(tmp_path / "someone-else"))
-    with pytest.raises(trust.UntrustedRunError, match=f"{restore_point.NAME}: experiment_state"):
+    with pytest.raises(errors.UntrustedRunError, match=f"{restore_point.NAME}: experiment_state"):
         restore_point.repair(str(storage), trusted=False, log=print)
     assert (storage / "searcher-state-s.pkl").read_bytes() == b"searcher 1"  # nothing written
     assert restore_point.repair(str(storage), trusted=True, log=print)  # --trust-run-folder
 
     (storage / restore_point.NAME).write_bytes(b"not a zip")
-    with pytest.raises(trust.UntrustedRunError, match=f"{restore_point.NAME}: unreadable"):
+    with pytest.raises(errors.UntrustedRunError, match=f"{restore_point.NAME}: unreadable"):
         restore_point.repair(str(storage), trusted=True, log=print)

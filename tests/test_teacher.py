@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import ensure_teacher, tiny_config, write_fake_fashion_mnist
 
-from casd_ray.config import ConfigError
-from casd_ray.data import load_dataset
-from casd_ray.export import load_network, numpy_to_state, state_to_numpy
-from casd_ray.files import ArtifactError
-from casd_ray.models import flops
-from casd_ray.pipeline import StageMismatch, execute, fingerprints
-from casd_ray.teacher import make_teacher, teacher_spec
+from casd_ray.artifacts.network import load_network, numpy_to_state, state_to_numpy
+from casd_ray.data.load import load_dataset
+from casd_ray.errors import ArtifactError, ConfigError, StageMismatch
+from casd_ray.models.family import flops
+from casd_ray.pipeline.plan import fingerprints
+from casd_ray.pipeline.run import execute
+from casd_ray.pipeline.stages.teacher import make_teacher, teacher_spec
 
 FILES = {"model.pt", "widths.json", "data.json", "metrics.json", "settings.json"}
 
@@ -253,7 +253,7 @@ def test_checkpoint_errors_name_the_field(tmp_path, data_root):
     other = tmp_path / "three_classes"
     other.mkdir()
     spec.save(other / "widths.json")
-    from casd_ray.models import build_model
+    from casd_ray.models.family import build_model
 
     torch.save(build_model(spec).state_dict(), other / "model.pt")
     wrong = _cfg(tmp_path, data_root, name="w", checkpoint=str(other))

@@ -13,22 +13,19 @@ import torch
 from conftest import rules_of
 from ray import tune
 
-from casd_ray import distill, prune, space
-from casd_ray.batches import to_tensors, train_batches
+from casd_ray.artifacts.network import numpy_to_state
+from casd_ray.compress import space
 from casd_ray.config import ExperimentConfig
-from casd_ray.data import load_dataset
-from casd_ray.export import numpy_to_state
-from casd_ray.models import WidthSpec, build_model, flops, spec_for, spec_from_json
-from casd_ray.trial import (
-    STATE_FILE,
-    distill_trial,
-    pack_data,
-    pack_logits,
-    pack_teacher,
-    steps_per_epoch,
-    trial_plan,
-    trial_resources,
-)
+from casd_ray.data.batches import to_tensors, train_batches
+from casd_ray.data.load import load_dataset
+from casd_ray.models.family import build_model, flops, spec_for, spec_from_json
+from casd_ray.models.resnet import WidthSpec
+from casd_ray.search.packing import pack_data, pack_teacher
+from casd_ray.search.trial import STATE_FILE, distill_trial, trial_resources
+from casd_ray.search.trial_plan import pack_logits, trial_plan
+from casd_ray.train import kd, loop, recipe
+from casd_ray.train.bn import recalibrate_bn
+from casd_ray.train.recipe import steps_per_epoch
 
 METRICS = {"val_acc", "val_loss", "flops", "params", "flops_ratio", "params_ratio", "epoch"}
 
@@ -78,20 +75,16 @@ def setup(image_tree: Path, one_thread):
     torch.manual_seed(0)
     teacher = build_model(spec)
     x, y = to_tensors(data.x_train, data.y_train, "cpu")
-    opt = distill.make_optimizer(teacher, lr=0.05, momentum=0.9, weight_decay=0.0)
+    opt = recipe.make_optimizer(teacher, lr=0.05, momentum=0.9, weight_decay=0.0)
     for epoch in range(5):
-        distill.train_one_epoch(
+        loop.train_one_epoch(
             teacher,
             x,
             y,
             optimizer=opt,
             scheduler=None,
-            batch_size=32,
-            seed=0,
+            batching=data.batching(32, 0),
             epoch=epoch,
-            augment=data.augment,
-            mean=data.mean,
-            std=data.std,
         )
     teacher.eval()
     packed = pack_data(data)
@@ -201,12 +194,12 @@ def test_precise_bn_rescores_without_changing_training(setup, tmp_path):
         x, y, batch_size=base.search.batch_size, seed=base.seed, epoch=2,
         augment=data["augment"], mean=data["mean"], std=data["std"],
     )  # fmt: skip
-    prune.recalibrate_bn(model, batches, 2)
+    recalibrate_bn(model, batches, 2)
     for key in on:
         if key.endswith(stats):
             assert torch.allclose(model.state_dict()[key], on[key], atol=1e-6), key
     xv, yv = to_tensors(data["x_val"], data["y_val"], "cpu")
-    val = distill.evaluate(model, xv, yv, batch_size=256, mean=data["mean"], std=data["std"])
+    val = loop.evaluate(model, xv, yv, batch_size=256, mean=data["mean"], std=data["std"])
     assert val["acc"] == pytest.approx(m_on[-1]["val_acc"])
 
 
@@ -305,9 +298,9 @@ def test_logit_cache_falls_back_to_float16_then_to_the_teacher(setup):
     """The cache is bounded: float32 when it fits, float16 (half) when only that fits, else
     None (trials run the teacher); float16 rows match float32 to float16's precision."""
     mib = 2**20
-    assert distill.logits_dtype(10, 45_000, 100, 256 * mib) == np.float32  # CIFAR-100: 172 MiB
-    assert distill.logits_dtype(10, 45_000, 100, 100 * mib) == np.float16
-    assert distill.logits_dtype(10, 45_000, 100, 50 * mib) is None
+    assert kd.logits_dtype(10, 45_000, 100, 256 * mib) == np.float32  # CIFAR-100: 172 MiB
+    assert kd.logits_dtype(10, 45_000, 100, 100 * mib) == np.float16
+    assert kd.logits_dtype(10, 45_000, 100, 50 * mib) is None
     cfg, data, teacher_state, spec = setup
     teacher = build_model(spec)
     teacher.load_state_dict(numpy_to_state(teacher_state))

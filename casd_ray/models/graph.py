@@ -30,7 +30,8 @@ import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from casd_ray.models.source import SourceError, build_external
+from casd_ray.errors import SourceError
+from casd_ray.models.source import build_external
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 

@@ -14,7 +14,6 @@ even if pruning happens to make input and output widths equal, so weights always
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -303,7 +302,3 @@ def spec_summary(spec: WidthSpec) -> dict:
             round(sum(sum(i) for i in blk) / sum(len(i) for i in blk), 2) for blk in spec.blocks
         ],
     }
-
-
-def spec_to_dict(spec: WidthSpec) -> dict:
-    return json.loads(spec.to_json())

@@ -17,6 +17,7 @@ The data decides ``num_classes`` (and ``in_chans`` for timm); a factory that tak
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -28,36 +29,8 @@ from typing import Any
 
 from torch import nn
 
-from casd_ray.config import ConfigError
-
-PREFIXES = ("torchvision", "timm", "python")
-
-
-class SourceError(ConfigError):
-    """A model source that cannot be built, as one line naming the config key."""
-
-
-def is_external(arch: str) -> bool:
-    """Whether ``arch`` names a model source (``prefix:...``) rather than a built-in ResNet."""
-    return arch.split(":", 1)[0] in PREFIXES and ":" in arch
-
-
-def check_arch(arch: str) -> None:
-    """Refuse a malformed source before anything runs (the factory itself is found later)."""
-    prefix, _, rest = arch.partition(":")
-    if prefix not in PREFIXES or not rest:
-        raise SourceError(f"model.arch: {arch!r} is not <{'|'.join(PREFIXES)}>:<name>")
-    if prefix == "python" and rest.count(":") < 1:
-        raise SourceError(f"model.arch: {arch!r} is not python:<module or file.py>:<callable>")
-
-
-def absolute_source(arch: str) -> str:
-    """``arch`` with a ``python:`` file made absolute: trials run in other folders."""
-    prefix, _, rest = arch.partition(":")
-    where, _, name = rest.rpartition(":")
-    if prefix == "python" and where.endswith(".py"):
-        return f"python:{Path(where).resolve()}:{name}"
-    return arch
+from casd_ray.errors import SourceError
+from casd_ray.models.names import OBJECTS, check_arch
 
 
 def _python_factory(target: str) -> Callable[..., nn.Module]:
@@ -104,6 +77,8 @@ def build_external(
     check_arch(arch)
     prefix, _, name = arch.partition(":")
     kw = dict(kwargs)
+    if prefix == "object":  # a module given to the Python API: a copy of it (weights unused)
+        return copy.deepcopy(OBJECTS[arch]).cpu()
     try:
         if prefix == "torchvision":
             import torchvision
@@ -140,18 +115,32 @@ def build_external(
     return model
 
 
-def source_digest(arch: str) -> str | None:
-    """SHA-256 of a ``python:`` factory's file (fingerprinted: editing it retrains the
-    teacher); None for library models, whose code is pinned by the installed version."""
-    prefix, _, rest = arch.partition(":")
-    if prefix != "python":
-        return None
-    where = rest.rpartition(":")[0]
-    if where.endswith(".py"):
-        path = Path(where)
-    else:
-        spec = importlib.util.find_spec(where)
-        path = Path(spec.origin) if spec and spec.origin else None
-    if path is None or not path.is_file():
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def architecture_digest(model: nn.Module) -> str:
+    """SHA-256 of a module's class, structure and weights: an in-memory model's identity.
+
+    The weights count: the model *is* the teacher, so a retrained model is a new teacher.
+    """
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def register_object(model: nn.Module) -> str:
+    """Register ``model``'s architecture under ``object:<sha256>`` and return that name.
+
+    A CPU copy is kept (the caller's model is never touched), so candidates of it can be
+    built anywhere in this process; Ray trials get it by :func:`register_as` from the object
+    store.
+    """
+    arch = f"object:{architecture_digest(model)}"
+    if arch not in OBJECTS:
+        OBJECTS[arch] = copy.deepcopy(model).cpu().eval()
+    return arch
+
+
+def register_as(arch: str, model: nn.Module) -> None:
+    """Make ``arch`` buildable in this process (a Ray worker) from the module shipped to it."""
+    OBJECTS.setdefault(arch, model)

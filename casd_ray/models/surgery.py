@@ -70,25 +70,8 @@ def prune_to(model: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.M
     return model.train(was)
 
 
-def kept_indices(
-    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
-) -> dict[str, Tensor]:
-    """Group -> sorted indices of the ``width`` most important channels (ties: lower index)."""
-    scores = importance(teacher, spec, criterion)
-    names = structure(student).names
-    widths = dict(zip(names, width_vector(student).astype(int).tolist(), strict=True))
-    keep = {}
-    for name, score in scores.items():
-        order = torch.argsort(score, descending=True, stable=True)
-        keep[name] = torch.sort(order[: widths[name]]).values
-    return keep
-
-
-def inherit(
-    teacher: nn.Module, spec: GraphSpec, student: GraphSpec, criterion: str = "l1"
-) -> nn.Module:
-    """A pruned copy of ``teacher`` with ``student``'s widths (the teacher is untouched)."""
-    keep = kept_indices(teacher, spec, student, criterion)
+def prune_copy(teacher: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.Module:
+    """A pruned copy of ``teacher`` keeping ``keep``'s channels (the teacher is untouched)."""
     return prune_to(copy.deepcopy(teacher), spec, keep)
 
 

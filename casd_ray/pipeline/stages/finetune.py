@@ -1,0 +1,205 @@
+"""The last training stage: the search winner and the uniform baseline, pruned and fine-tuned.
+
+Both students start from the teacher (weight inheritance) and are fine-tuned with the same
+recipe, seed and distillation, so the only difference between them is where the channels
+are: the comparison measures the search, not the training. The test split is touched here
+and nowhere else — once, for the final numbers.
+
+The stage takes the teacher and the trials table as artefacts (never the search's code).
+Each of ``winner/`` and ``uniform/`` stores the settings it was trained with inside
+``metrics.json`` (written last); a part whose settings are unchanged is reused, and an
+interrupted fine-tune resumes from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from casd_ray.artifacts.network import FILES, ONNX_FILE, Network, load_compressed
+from casd_ray.artifacts.run_folder import PARTS, SUMMARY
+from casd_ray.artifacts.trials import rank_of, select_winner
+from casd_ray.compress import space
+from casd_ray.compress.space import SpaceRules
+from casd_ray.config import DistillConfig, FinetuneConfig
+from casd_ray.data.splits import DataSplits
+from casd_ray.files import atomic_write, write_json
+from casd_ray.models.cost import cpu_latency
+from casd_ray.models.family import Spec, flops, spec_from_json
+from casd_ray.pipeline.stages.student import (
+    EVAL_BATCH,
+    StudentRecipe,
+    cost_entry,
+    part_settings,
+    reusable,
+    train_export,
+)
+from casd_ray.train import devices
+from casd_ray.train.loop import evaluate_splits
+
+
+def uniform_spec(
+    trials: pd.DataFrame, rules: SpaceRules, teacher_spec: Spec, winner: pd.Series
+) -> tuple[Spec, str | None]:
+    """The uniform-width baseline at the winner's cost, and its control trial id if any.
+
+    With repair on, the control trial (the uniform genome repaired onto the budget) is that
+    network already. Without repair (NSGA-II) the winner may sit below the budget, so the
+    uniform genome is repaired onto the winner's own cost ratio: same cost, fair comparison.
+    """
+    metric = rules.metric
+    if rules.repair and "is_control" in trials:
+        control = trials[trials["is_control"].astype(bool) & trials["widths"].notna()]
+        if not control.empty:
+            row = control.iloc[0]
+            return spec_from_json(row["widths"]), str(row["trial_id"])
+    target = float(winner[f"{metric}_ratio"])
+    genome = space.uniform_genome(teacher_spec, rules.granularity, 1.0)
+    spec, _ = space.repair(
+        teacher_spec,
+        rules.granularity,
+        genome,
+        target=target,
+        metric=metric,
+        min_channels=rules.min_channels,
+        divisible_by=rules.divisible_by,
+    )
+    return spec, None
+
+
+# --------------------------------------------------------------------------- fine-tune
+
+
+def run_finetune(
+    data: DataSplits,
+    teacher: Network,
+    trials: pd.DataFrame,
+    *,
+    finetune_cfg: FinetuneConfig,
+    distill_cfg: DistillConfig,
+    rules: SpaceRules,
+    seed: int,
+    run_dir: Path,
+    settings: dict,
+    amp: bool = True,
+    log=print,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Select the winner, fine-tune it and the uniform baseline, export both, measure all three.
+
+    ``settings`` is the stage's fingerprint; a part whose folder carries the same settings
+    plus its widths is reused, an interrupted one resumes from its ``last.pt``. Writes
+    ``winner/`` and ``uniform/`` (:mod:`casd_ray.artifacts.network`) and ``finetune.json``
+    (teacher / uniform / winner: accuracy, cost, CPU latency, search rank), which the report
+    reads.
+    Returns that summary.
+    """
+    run_dir = Path(run_dir)
+    winner_row = select_winner(trials)
+    teacher_spec = teacher.spec
+    specs = {"winner": spec_from_json(winner_row["widths"])}
+    specs["uniform"], control_id = uniform_spec(trials, rules, teacher_spec, winner_row)
+    trial_ids = {"winner": str(winner_row["trial_id"]), "uniform": control_id}
+    part = {k: part_settings(settings, s) for k, s in specs.items()}
+    todo = [k for k in PARTS if not reusable(run_dir / k, part[k])]
+    dev = torch.device(device) if device is not None else devices.pick_device(1)
+    amp = bool(amp and dev.type == "cuda")
+    f = finetune_cfg
+    for name in PARTS:
+        folder = run_dir / name
+        if name not in todo:
+            log(f"finetune: reusing {folder} (same settings)")
+            continue
+        spec = specs[name]
+        # metrics.json marks a finished export: drop it first, so a crash mid-export can
+        # never leave an old marker next to new weights.
+        (folder / "metrics.json").unlink(missing_ok=True)
+        if name == "uniform" and spec == specs["winner"]:
+            # The control trial won: same widths, recipe and seed give the same network.
+            _copy_export(run_dir / "winner", folder, trial_ids[name])
+            log("finetune: the uniform control won the search; uniform/ is a copy of winner/")
+            continue
+        log(
+            f"finetune: {name} ({flops(spec) / flops(teacher_spec):.3f} of the teacher's FLOPs, "
+            f"trial {trial_ids[name]}) for {f.epochs} epochs on {dev}"
+        )
+        train_export(
+            data,
+            teacher,
+            spec,
+            folder,
+            recipe=StudentRecipe(f, distill_cfg, rules.importance, seed, amp),
+            settings=part[name],
+            device=dev,
+            log=log,
+            label=name,
+            extra={"trial_id": trial_ids[name]},
+        )
+
+    summary = _summarize(run_dir, data, teacher, trials, trial_ids, part, dev, amp, log)
+    write_json(run_dir / SUMMARY, summary)
+    return summary
+
+
+def _copy_export(src: Path, dst: Path, trial_id: str | None) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (*FILES, ONNX_FILE):
+        if name != "metrics.json" and (src / name).is_file():
+            data = (src / name).read_bytes()
+            atomic_write(dst / name, lambda p, d=data: p.write_bytes(d))
+    metrics = json.loads((src / "metrics.json").read_text())
+    write_json(dst / "metrics.json", {**metrics, "trial_id": trial_id})
+
+
+def _summarize(
+    run_dir: Path,
+    data: DataSplits,
+    art: Network,
+    trials: pd.DataFrame,
+    trial_ids: dict[str, str | None],
+    settings: dict,
+    dev: torch.device,
+    amp: bool,
+    log,
+) -> dict:
+    """Teacher / uniform / winner side by side, with CPU latency measured the same way."""
+    teacher_spec = art.spec
+    shape = (teacher_spec.in_channels, *teacher_spec.image_size)
+    teacher = art.model.to(dev).eval()
+    t_metrics = dict(art.metrics)
+    if "test_acc" not in t_metrics or "val_acc" not in t_metrics:
+        t_metrics.update(evaluate_splits(teacher, data, dev, batch_size=EVAL_BATCH, amp=amp))
+    entries: dict[str, dict] = {
+        "teacher": {
+            "val_acc": t_metrics["val_acc"],
+            "test_acc": t_metrics["test_acc"],
+            **cost_entry(teacher, teacher_spec, teacher_spec),
+        }
+    }
+    for part in PARTS:
+        m = json.loads((run_dir / part / "metrics.json").read_text())
+        keep = ("val_acc", "test_acc", "flops", "flops_measured", "params", "params_measured")
+        entries[part] = {k: m[k] for k in keep if k in m}
+        entries[part].update(
+            flops_ratio=m["flops_ratio"],
+            params_ratio=m["params_ratio"],
+            width_summary=m.get("width_summary"),
+            search=rank_of(trials, trial_ids[part]),
+        )
+    log("finetune: measuring CPU latency (teacher, uniform, winner)")
+    models = {
+        "teacher": teacher.cpu(),
+        **{p: load_compressed(run_dir / p) for p in PARTS},
+    }
+    for name, model in models.items():
+        entries[name]["latency"] = cpu_latency(model, shape)
+    return {
+        "models": entries,
+        "flops_reduction": 1 - entries["winner"]["flops"] / entries["teacher"]["flops"],
+        "params_reduction": 1 - entries["winner"]["params"] / entries["teacher"]["params"],
+        "flops_convention": "FlopCounterMode: 2 FLOPs per multiply-add; conv and linear only",
+        "settings": settings,
+    }

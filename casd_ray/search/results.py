@@ -1,0 +1,115 @@
+"""Tune's results as the trials table: one row per trial, costs recomputed from the genome.
+
+The table's format and who may win are :mod:`casd_ray.artifacts.trials`'s; this module reads
+Tune's own records (``ExperimentAnalysis``), which only the search package may touch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from casd_ray.artifacts.trials import BUDGET_SLACK, COLUMNS
+from casd_ray.compress import space as space_mod
+from casd_ray.compress.space import SpaceRules
+from casd_ray.models.family import Spec, flops, params, spec_summary
+
+
+def trial_error(trial) -> str | None:
+    """The trial's error text from Tune's ``error.txt`` (local copy first: it is written
+    before callbacks run). Never ``trial.get_error()``: that unpickles ``error.pkl``."""
+    path = trial.error_file
+    if path and Path(path).is_file():
+        return Path(path).read_text()
+    folder = getattr(trial, "path", None)
+    if folder and (Path(folder) / "error.txt").is_file():
+        return (Path(folder) / "error.txt").read_text()
+    return "error (no error.txt)"
+
+
+def error_reason(err: BaseException | str | None) -> str | None:
+    """The last meaningful line of a trial's error: ``FloatingPointError: non-finite ...``."""
+    if err is None:
+        return None
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    lines = [ln for ln in lines if ln and not set(ln) <= set("^~ ")]
+    return lines[-1] if lines else type(err).__name__
+
+
+def trials_table(
+    source: Any, rules: SpaceRules, max_epochs: int, teacher_spec: Spec
+) -> pd.DataFrame:
+    """One row per trial (the contract's columns) from a ResultGrid or an experiment path.
+
+    Widths and costs are recomputed from the genome on the driver, so a trial that failed
+    before its first report still has them. ``completed`` means it reported all
+    ``max_epochs``; ``stopped_early`` means Tune ended it cleanly before that (ASHA).
+    """
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    if isinstance(source, ResultGrid):  # its path has no scheme: pass its filesystem
+        analysis = ExperimentAnalysis(source.experiment_path, storage_filesystem=source.filesystem)
+    else:
+        analysis = ExperimentAnalysis(str(source))
+    names = space_mod.gene_names(teacher_spec, rules.granularity)
+    control = space_mod.control_genome(rules, teacher_spec)
+    t_flops, t_params = flops(teacher_spec), params(teacher_spec)
+    target = rules.target
+    rows = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        genome = {n: float(trial.config[n]) for n in names if n in trial.config}
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        df = df if df is not None and len(df) else None
+        spec = (
+            space_mod.candidate_spec(rules, teacher_spec, genome)
+            if len(genome) == len(names)
+            else None
+        )
+        epochs = int(df["epoch"].max()) if df is not None else 0
+        best_col = "best_val_acc" if df is not None and "best_val_acc" in df else "val_acc"
+        start = trial.run_metadata.start_time
+        if df is not None:
+            first = df.iloc[0]
+            start = float(first["timestamp"]) - float(first["time_this_iter_s"])
+        end = float(df["timestamp"].iloc[-1]) if df is not None else None
+        completed = trial.status == "TERMINATED" and epochs >= max_epochs
+        f = flops(spec) if spec else None
+        p = params(spec) if spec else None
+        ratio = {"flops": f / t_flops if f else None, "params": p / t_params if p else None}
+        budget_ratio = ratio[rules.metric]
+        rows.append(
+            {
+                "trial_id": trial.trial_id,
+                "genome": json.dumps(genome, sort_keys=True),
+                "widths": spec.model_dump_json() if spec else None,
+                "width_summary": json.dumps(spec_summary(spec)) if spec else None,
+                "flops": f,
+                "params": p,
+                "flops_ratio": ratio["flops"],
+                "params_ratio": ratio["params"],
+                # the trial's running best (kept in its checkpoint), so a result lost with a
+                # dead worker does not lower it
+                "best_val_acc": float(df[best_col].max()) if df is not None else None,
+                "last_val_acc": float(df["val_acc"].iloc[-1]) if df is not None else None,
+                "last_val_loss": float(df["val_loss"].iloc[-1]) if df is not None else None,
+                "epochs": epochs,
+                "completed": completed,
+                "stopped_early": trial.status == "TERMINATED" and not completed,
+                "status": trial.status,
+                "error": error_reason(trial_error(trial)) if trial.status == "ERROR" else None,
+                "node_id": str(df["node_id"].iloc[-1]) if df is not None else None,
+                "wall_time_s": (end - start) if end is not None and start else None,
+                "start_time": start,
+                "end_time": end,
+                "is_control": bool(genome)
+                and all(abs(genome[n] - control[n]) < 1e-9 for n in names if n in genome),
+                "meets_budget": budget_ratio is not None and budget_ratio <= target + BUDGET_SLACK,
+            }
+        )
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ("flops", "params", "epochs"):
+        table[col] = table[col].astype("Int64")
+    return table

@@ -1,0 +1,75 @@
+"""The Ray instance a search runs on: join a cluster or start one, and what it can hold.
+
+Only an instance started here is shut down by the search. The dashboard, when asked for,
+listens on 127.0.0.1 and keeps Ray 2.60's token authentication on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from casd_ray.config import SearchConfig
+from casd_ray.errors import ConfigError
+
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+
+Log = Callable[[str], None]
+
+
+def dashboard_login_hint() -> str:
+    """How to log into the dashboard: Ray 2.60 keeps token authentication on by default."""
+    if os.environ.get(TOKEN_ENV):
+        where = f"the token in ${TOKEN_ENV}"
+    else:
+        path = os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token"
+        where = f"the token in {path}"
+    return f"log in with {where} (print it with `ray get-auth-token`)"
+
+
+def start_ray(address: str | None, dashboard: bool, log: Log) -> bool:
+    """Connect to or start Ray; returns whether this call started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        if address or dashboard:
+            log("ray: already initialised in this process; --address/--dashboard ignored")
+        return False
+    if address:
+        ray.init(address=address)
+        log(f"ray: joined cluster at {address}: {ray.cluster_resources()}")
+        return True
+    extra = {"dashboard_host": "127.0.0.1"} if dashboard else {}
+    # Trial workers' own output stays in Ray's session logs: what a user needs from a trial
+    # (its metrics, or its error) reaches the driver through Tune and trials.parquet, and
+    # forwarding would print a SIGTERM traceback for every trial ASHA stops.
+    ctx = ray.init(
+        include_dashboard=dashboard, logging_level=logging.WARNING, log_to_driver=False, **extra
+    )
+    if dashboard:
+        log(f"ray dashboard: http://{ctx.dashboard_url} - {dashboard_login_hint()}")
+    return True
+
+
+def check_resources(s: SearchConfig, have: dict[str, float] | None = None) -> None:
+    """Refuse a trial size the Ray instance can never hold (Tune would wait forever).
+
+    ``have``: the cluster's resources; by default what a local instance started here gets
+    (every CPU, every visible GPU), so the check runs before Ray starts or anything is written.
+    """
+    if have is None:
+        import torch
+
+        have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    for name, key, want in (
+        ("cpus_per_trial", "CPU", s.cpus_per_trial),
+        ("gpus_per_trial", "GPU", s.gpus_per_trial),
+    ):
+        if want > have.get(key, 0.0):
+            raise ConfigError(
+                f"search.{name}: {want:g} per trial, but Ray sees {have.get(key, 0.0):g} "
+                f"{key}s in total; lower search.{name}"
+            )

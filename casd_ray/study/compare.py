@@ -1,0 +1,204 @@
+"""Does the search pay for itself? Four ways to spend the same FLOPs, over several seeds.
+
+Per seed, with the same teacher, fine-tune recipe, distillation and seed for every arm:
+
+1. ``winner``: the configured search's winner (the normal pipeline);
+2. ``uniform``: every group at one keep-ratio (the search's control trial);
+3. ``random``: the winner of a random search with the same number of trials and epochs;
+4. ``global``: no search, global channel ranking (:mod:`casd_ray.compress.baselines`) with the run's
+   importance criterion.
+
+Beside them, ``picked``: what the pipeline tells a user to deploy, the winner or the uniform
+network, whichever validated higher after the identical fine-tune
+(:func:`casd_ray.report.deploy.validated_pick`; no extra training).
+
+Only the widths differ between arms (each arm's ``metrics.json`` records its settings, and
+they are equal apart from ``widths``). The result is per-seed test accuracy, mean ± std per
+arm, and the paired differences of the winner (and of picked) against each other arm with a
+95% t-interval over seeds. Test accuracy is reported, never used to choose: each search
+still selects on validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from casd_ray.artifacts.network import is_complete
+from casd_ray.artifacts.run_folder import PARTS
+from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
+from casd_ray.compress import space
+from casd_ray.compress.baselines import global_ranking_spec
+from casd_ray.config import ExperimentConfig
+from casd_ray.data.load import load_dataset
+from casd_ray.files import read_json_or_none, write_json, write_text
+from casd_ray.models.family import Spec, spec_from_json
+from casd_ray.pipeline.run import execute, fingerprints, load_teacher
+from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
+from casd_ray.report.deploy import validated_pick
+from casd_ray.train import devices
+
+ARMS = ("winner", "uniform", "random", "global")
+PICKED = "picked"  # the better of winner and uniform on validation, not a trained arm
+KEEP = ("test_acc", "val_acc", "flops", "params", "flops_ratio", "seconds", "settings")
+
+Log = Callable[[str], None]
+
+
+def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    return cfg.model_copy(update={"seed": seed, "name": f"{cfg.name}-s{seed}"})
+
+
+def random_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same search with a random searcher, on the seed run's teacher (not retrained)."""
+    return cfg.model_copy(
+        update={
+            "name": f"{cfg.name}-random",
+            "search": cfg.search.model_copy(update={"algorithm": "random"}),
+            "teacher": cfg.teacher.model_copy(update={"checkpoint": str(cfg.run_dir / "teacher")}),
+        }
+    )
+
+
+def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log) -> dict:
+    """Fine-tune ``spec`` with the run's recipe into ``run_dir/arms/name`` (reused if done)."""
+    folder = cfg.run_dir / "arms" / name
+    settings = part_settings(fingerprints(cfg)["finetune"], spec)
+    saved = read_json_or_none(folder / "metrics.json")
+    if is_complete(folder) and isinstance(saved, dict) and saved.get("settings") == settings:
+        log(f"compare: reusing {folder}")
+        return saved
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    return train_export(
+        load_dataset(cfg.data, cfg.seed),
+        load_teacher(cfg, cfg.run_dir / "teacher"),
+        spec,
+        folder,
+        recipe=StudentRecipe(cfg.finetune, cfg.distill, rules.importance, cfg.seed, cfg.search.amp),
+        settings=settings,
+        device=devices.pick_device(1),
+        log=log,
+        label=name,
+    )
+
+
+def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
+    """All four arms for one (already seeded) config; every stage is reused when done."""
+    execute(cfg, ["teacher", "search", "finetune", "report"], log=log)
+    run = cfg.run_dir
+    arms = {p: json.loads((run / p / "metrics.json").read_text()) for p in PARTS}
+    rnd = random_config(cfg)
+    execute(rnd, ["teacher", "search"], log=log)
+    row = select_winner(read_trials(rnd.run_dir / TRIALS_FILE))
+    arms["random"] = _arm(cfg, spec_from_json(row["widths"]), "random", log)
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    teacher = load_teacher(cfg, run / "teacher")
+    spec = global_ranking_spec(
+        teacher.model,
+        teacher.spec,
+        target=rules.target,
+        metric=rules.metric,
+        criterion=rules.importance,
+        min_channels=rules.min_channels,
+        divisible_by=rules.divisible_by,
+    )
+    arms["global"] = _arm(cfg, spec, "global", log)
+    out = {a: {k: arms[a].get(k) for k in KEEP} for a in ARMS}
+    pick = validated_pick({p: arms[p] for p in PARTS})
+    out[PICKED] = {**out[pick], "part": pick}
+    trial_s = float(read_trials(run / TRIALS_FILE)["wall_time_s"].fillna(0).sum())
+    out["search_cost"] = {  # what a user weighs the gain against
+        "trial_seconds": round(trial_s, 1),
+        "finetune_seconds": arms["winner"].get("seconds"),
+        "multiple": round(trial_s / arms["winner"]["seconds"], 2)
+        if arms["winner"].get("seconds")
+        else None,
+    }
+    return out
+
+
+def _paired(d: np.ndarray) -> dict:
+    """Mean of paired differences with a 95% t-interval over seeds (None for one seed)."""
+    entry = {"diffs": d.tolist(), "mean": float(d.mean()), "ci95": None}
+    if len(d) > 1:
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        entry["ci95"] = [float(d.mean() - half), float(d.mean() + half)]
+    return entry
+
+
+def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
+    """Mean ± std per arm and paired differences (winner − other, picked − other) with 95%
+    t-intervals."""
+    seeds = sorted(per_seed)
+    names = [*ARMS, PICKED]
+    acc = {a: np.array([per_seed[s][a]["test_acc"] for s in seeds], dtype=float) for a in names}
+    out: dict = {"seeds": seeds, "arms": {}}
+    for a in names:
+        out["arms"][a] = {
+            "test_acc": acc[a].tolist(),
+            "mean": float(acc[a].mean()),
+            "std": float(acc[a].std(ddof=1)) if len(seeds) > 1 else None,
+        }
+    for lead in ("winner", PICKED):
+        out[f"{lead}_minus"] = {a: _paired(acc[lead] - acc[a]) for a in ARMS[1:]}
+    return out
+
+
+def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
+    """The comparison as Markdown tables (percent test accuracy)."""
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.2f}"
+
+    seeds = summary["seeds"]
+    lines = [
+        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | FLOPs ratio |",
+        "|---|" + "---:|" * (len(seeds) + 2),
+    ]
+    for a in summary["arms"]:
+        m = summary["arms"][a]
+        ratio = per_seed[seeds[0]][a]["flops_ratio"]
+        lines.append(
+            f"| {a} | "
+            + " | ".join(pct(v) for v in m["test_acc"])
+            + f" | {pct(m['mean'])} ± {pct(m['std'])} | {ratio:.3f} |"
+        )
+    for lead in ("winner", PICKED):
+        lines += ["", f"| {lead} − | mean (points) | 95% CI |", "|---|---:|---|"]
+        for a, e in summary[f"{lead}_minus"].items():
+            ci = "–" if e["ci95"] is None else f"[{pct(e['ci95'][0])}, {pct(e['ci95'][1])}]"
+            lines.append(f"| {a} | {pct(e['mean'])} | {ci} |")
+    parts = ", ".join(f"{s}: {per_seed[s][PICKED]['part']}" for s in seeds)
+    lines += [
+        "",
+        "picked = the network the run says to deploy, the winner or uniform, whichever "
+        f"validated higher after the identical fine-tune (per seed: {parts}).",
+    ]
+    cost = [per_seed[s]["search_cost"]["multiple"] for s in seeds]
+    lines += [
+        "",
+        "Search cost (sum of trial seconds / the winner's fine-tune seconds), per seed: "
+        + ", ".join("–" if c is None else f"{c:.1f}×" for c in cost),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: ExperimentConfig, seeds: Sequence[int], log: Log = print) -> Path:
+    """Run every arm for every seed; write ``<output_dir>/<name>-compare.{json,md}``."""
+    if cfg.teacher.checkpoint and cfg.data.split_seed is None and len(seeds) > 1:
+        log(
+            "compare: one teacher.checkpoint for every seed, but each seed carves its own "
+            "validation split: the teacher has trained on some seeds' validation images; set "
+            "data.split_seed to the seed the teacher was trained with"
+        )
+    per_seed = {s: run_seed(seed_config(cfg, s), log) for s in seeds}
+    summary = summarize(per_seed)
+    base = Path(cfg.output_dir) / f"{cfg.name}-compare"
+    write_json(base.with_suffix(".json"), {"summary": summary, "per_seed": per_seed})
+    write_text(base.with_suffix(".md"), render(summary, per_seed))
+    return base.with_suffix(".md")
