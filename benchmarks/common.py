@@ -11,7 +11,8 @@ from pathlib import Path
 import ray
 
 from casd_ray.artifacts.network import Network, load_network
-from casd_ray.config import ExperimentConfig, SearchConfig, load_config
+from casd_ray.config import ExperimentConfig, SearchConfig
+from casd_ray.config_file import load_config
 from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.pipeline.run import execute

@@ -37,7 +37,8 @@ from casd_ray.artifacts.network import load_network
 from casd_ray.compress import space
 from casd_ray.compress.baselines import global_ranking_spec
 from casd_ray.compress.inherit import inherit
-from casd_ray.config import DataConfig, load_config
+from casd_ray.config import DataConfig
+from casd_ray.config_file import load_config
 from casd_ray.data.batches import to_tensors
 from casd_ray.data.load import load_dataset
 from casd_ray.models.family import flops

@@ -25,7 +25,8 @@ from torch import nn
 
 from casd_ray.artifacts.network import ONNX_FILE, load_compressed
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
-from casd_ray.config import ExperimentConfig, load_config, validate_config
+from casd_ray.config import ExperimentConfig
+from casd_ray.config_file import load_config, validate_config
 from casd_ray.data.memory import digest, from_user
 from casd_ray.errors import ArtifactError, ConfigError
 from casd_ray.files import read_json, write_json

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from casd_ray.config import load_config
+from casd_ray.config_file import load_config
 from casd_ray.errors import ConfigError, UserError
 from casd_ray.pipeline.plan import STAGES
 

@@ -402,7 +402,7 @@ def smoke_overrides(config_path: Path, base: Path) -> list[str]:
     one epoch on ~100 images with two search trials. A source model (``torchvision:``…) is
     kept as it is: its groups and cost model are what the smoke run checks.
     """
-    from casd_ray.config import load_config
+    from casd_ray.config_file import load_config
 
     cfg = load_config(config_path)
     dataset = cfg.data.dataset

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from casd_ray.cli import main
-from casd_ray.config import ExperimentConfig, load_config, save_config
+from casd_ray.config import ExperimentConfig
+from casd_ray.config_file import load_config, save_config
 from casd_ray.errors import ConfigError
 
 EXPERIMENTS = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))

@@ -20,7 +20,7 @@ from PIL import Image
 from casd_ray import load_compressed
 from casd_ray.artifacts.network import load_torchscript
 from casd_ray.artifacts.trials import COLUMNS
-from casd_ray.config import load_config
+from casd_ray.config_file import load_config
 
 CONFIG = Path(__file__).parent.parent / "experiments" / "fashion_mnist_resnet56.yaml"
 

@@ -17,7 +17,7 @@ from conftest import rules_of, smoke_overrides
 
 from casd_ray.cli import main
 from casd_ray.compress import space
-from casd_ray.config import load_config
+from casd_ray.config_file import load_config
 from casd_ray.models.family import spec_for
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))

@@ -28,7 +28,8 @@ from torch import nn
 
 from casd_ray import errors
 from casd_ray.compress import inherit, space
-from casd_ray.config import ExperimentConfig, validate_config
+from casd_ray.config import ExperimentConfig
+from casd_ray.config_file import validate_config
 from casd_ray.errors import ConfigError
 from casd_ray.models.family import build_model, flops, params, spec_for
 

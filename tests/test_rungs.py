@@ -102,7 +102,7 @@ def test_first_generation_is_never_stopped():
 
 
 def test_control_is_never_stopped_but_counts():
-    sched = SearchASHA(CONTROL, None, reduction_factor=2, **{**ASHA, "max_t": 4})
+    sched = SearchASHA([CONTROL], None, reduction_factor=2, **{**ASHA, "max_t": 4})
     good = [trial(i) for i in range(4)]
     ctrl = trial(99, dict(CONTROL))
     for t in [*good, ctrl]:
@@ -123,8 +123,55 @@ def test_control_is_never_stopped_but_counts():
 
 
 def test_make_scheduler_follows_the_search_section():
-    assert isinstance(make_scheduler(SearchConfig(scheduler="fifo"), CONTROL), FIFOScheduler)
-    s = make_scheduler(SearchConfig(generation_size=4, max_epochs=3, grace_period=5), CONTROL)
-    assert isinstance(s, SearchASHA) and s.generation_size == 4 and s.control == CONTROL
+    assert isinstance(make_scheduler(SearchConfig(scheduler="fifo"), [CONTROL]), FIFOScheduler)
+    s = make_scheduler(SearchConfig(generation_size=4, max_epochs=3, grace_period=5), [CONTROL])
+    assert isinstance(s, SearchASHA) and s.generation_size == 4 and s.controls == [CONTROL]
     assert s._max_t == 3  # grace period clipped to max_epochs inside
-    assert make_scheduler(SearchConfig(keep_control=False), CONTROL).control is None
+    assert make_scheduler(SearchConfig(keep_control=False), [CONTROL]).controls == []
+    screened = make_scheduler(
+        SearchConfig(scheduler="fifo", num_samples=40, screen={"promote": 5}), [CONTROL]
+    )
+    assert isinstance(screened, SearchASHA) and (screened.promote, screened.num_samples) == (5, 40)
+
+
+def screen_all(sched, scores: list[float], controls: dict[int, dict] | None = None) -> list[int]:
+    """Rung-0 reports in proposal order; the indices promoted."""
+    trials = [trial(i, (controls or {}).get(i)) for i in range(len(scores))]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    out = []
+    for i, (t, score) in enumerate(zip(trials, scores, strict=True)):
+        if sched.on_trial_result(None, t, {"epoch": 0, "objective": score}) == sched.CONTINUE:
+            out.append(i)
+    return out
+
+
+RUNG0 = dict(metric="objective", mode="max", time_attr="epoch", max_t=3, grace_period=3)
+
+
+def test_rung0_promotes_exactly_the_quota_controls_included():
+    rng = random.Random(0)
+    for n, k in ((60, 6), (100, 8), (30, 29), (10, 1)):
+        scores = [rng.random() for _ in range(n)]
+        sched = SearchASHA([CONTROL], promote=k, num_samples=n, **RUNG0)
+        promoted = screen_all(sched, scores, {0: dict(CONTROL)})
+        assert len(promoted) == k and promoted[0] == 0, (n, k)  # the control goes first
+
+
+def test_rung0_promotes_high_scores_and_stops_low_ones():
+    n, k = 100, 8
+    scores = [0.5] * n
+    scores[40], scores[70] = 0.99, 0.98  # clearly the best two, arriving mid-search
+    sched = SearchASHA([], promote=k, num_samples=n, **RUNG0)
+    promoted = screen_all(sched, scores)
+    assert {40, 70} <= set(promoted)
+    assert sched.on_trial_result(None, trial(40), {"epoch": 0, "objective": 0.99}) == "CONTINUE"
+    # a promoted trial then runs to the end (FIFO after rung 0: grace period = max_t)
+    assert sched.on_trial_result(None, trial(40), {"epoch": 1, "objective": 1.5}) == "CONTINUE"
+
+
+def test_without_rung0_a_zero_epoch_report_continues():
+    sched = SearchASHA([], **RUNG0)
+    t = trial(0)
+    sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, t, {"epoch": 0, "objective": 0.0}) == sched.CONTINUE

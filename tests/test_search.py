@@ -19,7 +19,8 @@ from ray import cloudpickle
 
 from casd_ray.artifacts.network import read_spec
 from casd_ray.artifacts.trials import TRIALS_FILE, best_completed, pareto_front
-from casd_ray.config import ExperimentConfig, save_config
+from casd_ray.config import ExperimentConfig
+from casd_ray.config_file import save_config
 from casd_ray.errors import BudgetError, ConfigError
 from casd_ray.models.family import flops
 from casd_ray.models.resnet import WidthSpec

@@ -19,7 +19,8 @@ from conftest import ensure_teacher, kill_search_midway, tiny_search_cfg
 
 from casd_ray import errors
 from casd_ray.artifacts.trials import TRIALS_FILE
-from casd_ray.config import ExperimentConfig, save_config
+from casd_ray.config import ExperimentConfig
+from casd_ray.config_file import save_config
 from casd_ray.errors import UntrustedRunError
 from casd_ray.pipeline.run import execute
 from casd_ray.search import restore_point, trust

@@ -38,11 +38,12 @@ class Recorder:
         self.metrics: list[dict] = []
         self.checkpoints: list[Path] = []
 
-    def __call__(self, metrics: dict, *, checkpoint: tune.Checkpoint) -> None:
-        keep = self.root / f"ckpt{len(self.metrics)}"
-        shutil.copytree(checkpoint.path, keep)  # the trial deletes its temp dir after report
+    def __call__(self, metrics: dict, *, checkpoint: tune.Checkpoint | None = None) -> None:
+        if checkpoint is not None:  # rung 0 reports without one
+            keep = self.root / f"ckpt{len(self.metrics)}"
+            shutil.copytree(checkpoint.path, keep)  # the trial deletes its dir after report
+            self.checkpoints.append(keep)
         self.metrics.append(dict(metrics))
-        self.checkpoints.append(keep)
         if self.stop_after is not None and len(self.metrics) >= self.stop_after:
             raise KeyboardInterrupt("driver killed")
 
@@ -317,3 +318,58 @@ def _epoch_batches(data, plan):
         x, y, batch_size=plan.batch_size, seed=plan.seed, epoch=0, augment=data["augment"],
         mean=data["mean"], std=data["std"],
     )  # fmt: skip
+
+
+def _screening(setup, **screen):
+    cfg = setup[0]
+    search = cfg.search.model_copy(
+        update={"screen": cfg.search.screen.model_copy(update={"promote": 2, **screen})}
+    )
+    return cfg.model_copy(update={"search": search})
+
+
+class StopAtRung0(Exception):
+    pass
+
+
+def test_rung0_is_deterministic_for_a_fixed_seed(setup, tmp_path):
+    """Rung 0 (inherit, adaptive BN on the seed's batches, a fixed validation subset) gives
+    the same score every time for one seed and genome: candidates are compared on common
+    random numbers, and a restarted trial screens to the same decision."""
+    genome = {"stage0": 0.3, "stage1": 1.0, "stage2": 0.6}
+    scores = []
+    for score in ("acc", "acc", "kd"):
+        got: list[dict] = []
+
+        def stop(metrics, checkpoint=None, got=got):
+            got.append(metrics)
+            raise StopAtRung0
+
+        cfg = _screening(setup, val_images=30, bn_batches=2, score=score)
+        with pytest.raises(StopAtRung0):
+            _run(setup, cfg=cfg, genome=genome, report=stop, get_checkpoint=lambda: None)
+        assert got[0]["epoch"] == 0 and "rung0_score" in got[0]
+        assert got[0]["objective"] == got[0]["rung0_score"]  # rung 0: fidelity 0 + score
+        scores.append((got[0]["rung0_score"], got[0]["val_acc"], got[0]["rung0_kd_loss"]))
+    assert scores[0] == scores[1]
+    assert scores[2][0] == pytest.approx(1 / (1 + scores[2][2]))  # the KD-loss score
+
+
+def test_a_promoted_candidate_continues_in_the_same_trial(setup, tmp_path, monkeypatch):
+    """After rung 0 the trial goes on distilling the network it screened: one set-up (one
+    inheritance), rung 0 then every epoch reported by the same trial."""
+    import casd_ray.search.trial as trial_module
+
+    calls = []
+    real = trial_module.inherit
+    monkeypatch.setattr(trial_module, "inherit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rec = Recorder(tmp_path)
+    _run(setup, cfg=_screening(setup, val_images=30, bn_batches=2), report=rec,
+         get_checkpoint=lambda: None)  # fmt: skip
+    assert [m["epoch"] for m in rec.metrics] == [0, 1, 2, 3]
+    assert len(calls) == 1
+    assert len({m["setup_seconds"] for m in rec.metrics}) == 1
+    assert len({m["started_at"] for m in rec.metrics}) == 1
+    objectives = [m["objective"] for m in rec.metrics]
+    assert objectives == sorted(objectives)  # each fidelity outranks the one before
+    assert len(rec.checkpoints) == 3  # rung 0 needs no checkpoint: it is cheap to redo

@@ -42,7 +42,11 @@ COLUMNS = [
     "end_time",
     "is_control",
     "meets_budget",
+    "control",  # which free allocation the trial is (uniform, global, torch_pruning), or None
+    "rung0_score",  # the screening score (search.screen), or None
 ]
+# Columns added later: a table written before them is read with them empty.
+ADDED = ("control", "rung0_score")
 
 
 BUDGET_SLACK = 1e-9  # float slack when comparing a cost ratio with the budget
@@ -69,6 +73,9 @@ def read_trials(path: Path) -> pd.DataFrame:
             f"{path}: not a readable parquet table ({type(err).__name__}); "
             "rerun the same command to rebuild it from the search"
         ) from None
+    for col in ADDED:
+        if col not in df.columns:
+            df[col] = None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ArtifactError(

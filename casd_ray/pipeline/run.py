@@ -31,7 +31,8 @@ from casd_ray.artifacts.network import load_network
 from casd_ray.artifacts.run_folder import SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.compress import space
-from casd_ray.config import ExperimentConfig, save_config
+from casd_ray.config import ExperimentConfig
+from casd_ray.config_file import save_config
 from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError

@@ -30,6 +30,11 @@ class ProgressCallback(tune.Callback):
         self.best: tuple[float, str] | None = None
         self.max_epochs, self.total = search_cfg.max_epochs, search_cfg.num_samples
         self.target, self.metric = rules.target, rules.metric
+        self.screened, self.best_rung0 = 0, float("-inf")
+
+    # Candidates stopped at rung 0 take seconds each and come by the hundred: one line per
+    # SCREEN_EVERY of them, not one each.
+    SCREEN_EVERY = 25
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "log": None}
@@ -54,6 +59,16 @@ class ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         res = trial.last_result or {}
         epochs = int(res.get("epoch", 0))
+        if epochs == 0 and "rung0_score" in res:
+            self.screened += 1
+            self.best_rung0 = max(self.best_rung0, float(res["rung0_score"]))
+            if self.screened % self.SCREEN_EVERY == 0:
+                self._emit(
+                    f"rung 0: {self.screened} candidates stopped after screening (best "
+                    f"rung-0 score {self.best_rung0:.4f}) | "
+                    f"{self._counts(trials, trial, 'TERMINATED')}"
+                )
+            return
         acc = float(res.get("best_val_acc", float("nan")))
         full = epochs >= self.max_epochs
         ok = float(res.get(f"{self.metric}_ratio", math.inf)) <= self.target + BUDGET_SLACK

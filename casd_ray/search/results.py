@@ -15,7 +15,7 @@ import pandas as pd
 from casd_ray.artifacts.trials import BUDGET_SLACK, COLUMNS
 from casd_ray.compress import space as space_mod
 from casd_ray.compress.space import SpaceRules
-from casd_ray.models.family import Spec, flops, params, spec_summary
+from casd_ray.models.family import Spec, flops, params, spec_from_json, spec_summary
 
 
 def trial_error(trial) -> str | None:
@@ -39,14 +39,27 @@ def error_reason(err: BaseException | str | None) -> str | None:
     return lines[-1] if lines else type(err).__name__
 
 
+def _last(df: pd.DataFrame | None, column: str) -> Any:
+    if df is None or column not in df or df[column].isna().all():
+        return None
+    return df[column].dropna().iloc[-1]
+
+
+def _first(df: pd.DataFrame | None, column: str) -> float | None:
+    if df is None or column not in df or df[column].isna().all():
+        return None
+    return float(df[column].dropna().iloc[0])
+
+
 def trials_table(
     source: Any, rules: SpaceRules, max_epochs: int, teacher_spec: Spec
 ) -> pd.DataFrame:
     """One row per trial (the contract's columns) from a ResultGrid or an experiment path.
 
-    Widths and costs are recomputed from the genome on the driver, so a trial that failed
-    before its first report still has them. ``completed`` means it reported all
-    ``max_epochs``; ``stopped_early`` means Tune ended it cleanly before that (ASHA).
+    Widths are what the trial reported it trained (a control trains its allocation's exact
+    widths); a trial that failed before its first report gets them recomputed from its
+    genome. ``completed`` means it reported all ``max_epochs``; ``stopped_early`` means Tune
+    ended it cleanly before that (at rung 0 or an ASHA rung).
     """
     from ray.tune import ExperimentAnalysis, ResultGrid
 
@@ -63,11 +76,13 @@ def trials_table(
         genome = {n: float(trial.config[n]) for n in names if n in trial.config}
         df = analysis.trial_dataframes.get(trial.trial_id)
         df = df if df is not None and len(df) else None
-        spec = (
-            space_mod.candidate_spec(rules, teacher_spec, genome)
-            if len(genome) == len(names)
-            else None
-        )
+        reported = _last(df, "genome_widths")
+        if reported:
+            spec = spec_from_json(reported)
+        elif len(genome) == len(names):
+            spec = space_mod.candidate_spec(rules, teacher_spec, genome)
+        else:
+            spec = None
         epochs = int(df["epoch"].max()) if df is not None else 0
         best_col = "best_val_acc" if df is not None and "best_val_acc" in df else "val_acc"
         start = trial.run_metadata.start_time
@@ -107,6 +122,8 @@ def trials_table(
                 "is_control": bool(genome)
                 and all(abs(genome[n] - control[n]) < 1e-9 for n in names if n in genome),
                 "meets_budget": budget_ratio is not None and budget_ratio <= target + BUDGET_SLACK,
+                "control": _last(df, "control") or None,
+                "rung0_score": _first(df, "rung0_score"),
             }
         )
     table = pd.DataFrame(rows, columns=COLUMNS)

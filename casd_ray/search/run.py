@@ -31,6 +31,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,16 @@ from ray import tune
 from casd_ray.artifacts.network import Network
 from casd_ray.artifacts.trials import TRIALS_FILE, best_completed, write_table
 from casd_ray.compress import space as space_mod
+from casd_ray.compress.controls import control_points, control_specs
 from casd_ray.compress.space import SpaceRules
 from casd_ray.config import SearchConfig
+from casd_ray.data.batches import to_tensors
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ConfigError, SearchInterrupted
 from casd_ray.models.family import Spec
 from casd_ray.models.names import OBJECTS
 from casd_ray.search import progress, restore_point
-from casd_ray.search.packing import pack_data, pack_teacher
+from casd_ray.search.packing import batching_of, pack_data, pack_teacher
 from casd_ray.search.progress import ProgressCallback
 from casd_ray.search.results import trials_table
 from casd_ray.search.rungs import make_scheduler
@@ -90,6 +93,20 @@ def _shared_logits(
     return logits
 
 
+def _val_logits(packed: dict, teacher: Network, plan: TrialPlan) -> np.ndarray | None:
+    """The teacher's logits on rung 0's validation subset, once for every trial."""
+    if plan.screen is None:
+        return None
+    import torch
+
+    n = min(plan.screen_val_images, len(packed["y_val"]))
+    batching = batching_of(packed, 1024, plan.seed)
+    x, y = to_tensors(packed["x_val"][:n], packed["y_val"][:n], "cpu")
+    model = teacher.model.eval()
+    with torch.no_grad():
+        return torch.cat([model(xb).float() for xb, _ in batching.evaluation(x, y)]).numpy()
+
+
 def _sources(spec: Spec) -> dict:
     """In-memory architectures a trial must be able to build (a model given to the Python
     API): shipped through the object store with the teacher."""
@@ -124,7 +141,7 @@ def _tuner(
         param_space=tune_search_space(bounds),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(s, plan.seed, bounds, points),
-            scheduler=make_scheduler(s, points[0]),
+            scheduler=make_scheduler(s, points),
             num_samples=s.num_samples,
             # a finished trial's worker (torch imported, data mapped) runs the next
             reuse_actors=True,
@@ -180,7 +197,13 @@ def run_search(
     store = SearchStorage.of(run_dir, s.storage_path)
     space_mod.check_budget(rules, teacher.spec)
     bounds = space_mod.search_bounds(rules, teacher.spec)
-    points = [space_mod.control_genome(rules, teacher.spec)]
+    names = ["uniform", *(c for c in s.controls if c != "uniform")]
+    specs = control_specs(teacher.model, teacher.spec, rules, names, log)
+    controls = control_points(rules, teacher.spec, specs)
+    plan = replace(
+        plan, controls=tuple((n, tuple(sorted(g.items())), sp.to_json()) for n, g, sp in controls)
+    )
+    points = [g for _, g, _ in controls]
     if not rules.repair:
         log("search: no budget repair (multi-objective or space.repair off): cost varies")
     restore = resume and tune.Tuner.can_restore(store.uri)
@@ -214,6 +237,7 @@ def run_search(
                 teacher_spec_json=teacher.spec.to_json(),
                 plan=plan,
                 teacher_logits=_shared_logits(packed, teacher, s, plan, log),
+                val_logits=_val_logits(packed, teacher, plan),
                 sources=_sources(teacher.spec),
             ),
             trial_resources(s),

@@ -1,9 +1,18 @@
-"""How long each candidate trains: Ray Tune's ASHA with two rules a width search needs.
+"""How long each candidate trains: rung 0 (screening), then Ray Tune's ASHA, with the rules a
+width search needs.
 
-1. **The control is never stopped** (``search.keep_control``). The uniform-width trial is the
-   yardstick of every search: the report compares the winner with it and ranks it among the
-   trials, and a control stopped at the first rung says little. Its results still enter the
-   rungs, so it sets the bar for the other trials as before.
+0. **Rung 0: screen many, distil few** (``search.screen.promote``). Every candidate first
+   reports a score with no training (epoch 0, :mod:`casd_ray.search.screening`). Exactly
+   ``promote`` candidates go on to distillation, the controls among them: a candidate is
+   promoted when its rung-0 score is within the top ``promote / num_samples`` of the scores
+   seen so far (at least the best), and the last candidates are promoted regardless when
+   the quota would otherwise go unfilled. The search's compute is then fixed in advance —
+   ``num_samples`` rung-0 scores plus ``promote`` distillations — which is what makes an
+   equal-compute comparison exact.
+1. **The controls are never stopped** (``search.keep_control``). The free allocations
+   (:mod:`casd_ray.compress.controls`) are the yardstick of every search: the report compares
+   the winner with them, and a control stopped early says little. Their results still enter
+   the rungs, so they set the bar for the other trials.
 2. **Decisions that do not depend on timing** (``search.generation_size``). Plain ASHA compares
    a trial arriving at a rung with whichever trials happened to arrive there before it, so the
    same seed on a busy and an idle machine stops different trials (seen with ``make demo``:
@@ -50,37 +59,73 @@ class _GenerationBracket(_Bracket):
 
 
 class SearchASHA(ASHAScheduler):
-    """ASHA that may keep the control (rule 1) and decide by generations (rule 2).
+    """Rung 0 (rule 0), then ASHA that keeps the controls (rule 1) and may decide by
+    generations (rule 2).
 
-    ``control``: the control's genome (``None``: it may be stopped like any trial);
-    ``generation_size``: trials per generation (``None``: Ray's asynchronous ASHA).
+    ``controls``: the controls' genomes (empty: every trial may be stopped);
+    ``generation_size``: trials per generation (``None``: Ray's asynchronous ASHA);
+    ``promote``: candidates that pass rung 0 out of ``num_samples`` (``None``: no rung 0).
     """
 
     def __init__(
         self,
-        control: dict[str, float] | None = None,
+        controls: list[dict[str, float]] | None = None,
         generation_size: int | None = None,
+        *,
+        promote: int | None = None,
+        num_samples: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.control = dict(control) if control else None
+        self.controls = [dict(c) for c in controls or []]
         self.generation_size = generation_size
         self.generation: dict[str, int] = {}  # trial id -> generation, in the order added
+        self.order: dict[str, int] = {}  # trial id -> index in proposal order
+        self.promote, self.num_samples = promote, num_samples
+        self.rung0: dict[str, float] = {}  # trial id -> rung-0 score
+        self.promoted: list[str] = []
         if generation_size:
             self._brackets = [_GenerationBracket(b, self.generation) for b in self._brackets]
 
     def _is_control(self, config: dict) -> bool:
-        return self.control is not None and all(
-            abs(float(config.get(k, math.nan)) - v) < 1e-9 for k, v in self.control.items()
+        return any(
+            all(abs(float(config.get(k, math.nan)) - v) < 1e-9 for k, v in c.items())
+            for c in self.controls
         )
+
+    def _screen(self, trial: Any, score: float) -> str:
+        """Rule 0: promote, or stop at rung 0 (see the module docstring)."""
+        tid = trial.trial_id
+        if tid in self.rung0:  # a trial restarted from scratch reports rung 0 again
+            return self.CONTINUE if tid in self.promoted else self.STOP
+        mine = self.generation.get(tid, 0)
+        pool = [
+            v for t, v in self.rung0.items()
+            if not self.generation_size or self.generation.get(t, 0) < mine
+        ]  # fmt: skip
+        self.rung0[tid] = score
+        need = self.promote - len(self.promoted)
+        left = self.num_samples - 1 - self.order.get(tid, len(self.order))  # after this one
+        quota = max(1, math.ceil(self.promote * (len(pool) + 1) / max(self.num_samples, 1)))
+        rank = 1 + sum(v >= score for v in pool)  # a tie does not earn a place
+        keep = self._is_control(trial.config) or (need > 0 and (rank <= quota or left < need))
+        if keep:
+            self.promoted.append(tid)
+            return self.CONTINUE
+        return self.STOP
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         # Tune adds trials in the order the searcher proposed them (the limiter's order)
         if trial.trial_id not in self.generation:
+            self.order[trial.trial_id] = len(self.order)
             self.generation[trial.trial_id] = len(self.generation) // (self.generation_size or 1)
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result.get(self._time_attr, 1) == 0:  # rung 0
+            if self.promote is None:
+                return self.CONTINUE
+            return self._screen(trial, float(result[self._metric]))
         decision = super().on_trial_result(tune_controller, trial, result)
         unfinished = result.get(self._time_attr, 0) < self._max_t
         if decision == self.STOP and unfinished and self._is_control(trial.config):
@@ -89,17 +134,25 @@ class SearchASHA(ASHAScheduler):
         return decision
 
 
-def make_scheduler(s: SearchConfig, control: dict[str, float]) -> TrialScheduler:
-    """The search section's scheduler: FIFO, or ASHA with the rules above."""
-    if s.scheduler == "fifo":
+METRIC = "objective"  # fidelity reached + score there (casd_ray.search.trial_plan.objective)
+
+
+def make_scheduler(s: SearchConfig, controls: list[dict[str, float]]) -> TrialScheduler:
+    """The search section's scheduler: rung 0 when ``search.screen.promote`` is set, then FIFO
+    (every promoted trial runs ``max_epochs``) or ASHA with the rules above."""
+    promote = s.screen.promote
+    if s.scheduler == "fifo" and promote is None:
         return FIFOScheduler()
+    grace = s.max_epochs if s.scheduler == "fifo" else min(s.grace_period, s.max_epochs)
     return SearchASHA(
-        control if s.keep_control else None,
+        controls if s.keep_control else None,
         s.generation_size,
-        metric="val_acc",
+        promote=None if promote is None else min(promote, s.num_samples),
+        num_samples=s.num_samples,
+        metric=METRIC,
         mode="max",
         time_attr="epoch",
         max_t=s.max_epochs,
-        grace_period=min(s.grace_period, s.max_epochs),
+        grace_period=grace,
         reduction_factor=s.reduction_factor,
     )

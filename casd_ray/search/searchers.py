@@ -12,7 +12,7 @@ How the search uses this (Ray 2.60)::
     searcher = build_searcher(cfg.search, cfg.seed, space, points)
     tune.Tuner(trainable, param_space=tune_search_space(space),
                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=ASHAScheduler(
-                   metric="val_acc", mode="max", ...), num_samples=...))   # no metric/mode
+                   metric="objective", mode="max", ...), num_samples=...))   # no metric/mode
 
 Multi-objective (``optuna-nsga2``): the metric LIST goes on the searcher only. Ray 2.60's
 ``OptunaSearch.set_search_properties`` does ``if metric: self._metric = metric`` and then
@@ -37,7 +37,10 @@ from ray.tune.search.optuna import OptunaSearch
 from casd_ray.config import SearchConfig
 from casd_ray.search.evolution import Bounds, RegularizedEvolution, validate_points
 
-METRIC, MODE = "val_acc", "max"
+# Single-objective searchers rank by the fidelity a trial reached plus its score there
+# (casd_ray.search.trial_plan.objective): a candidate trained longer outranks one stopped
+# earlier, and within a rung the score decides; rung-0-only trials teach them too.
+METRIC, MODE = "objective", "max"
 MULTI_METRIC, MULTI_MODE = ["val_acc", "flops"], ["max", "min"]
 
 Builder = Callable[[SearchConfig, int, Bounds, list[dict[str, float]]], Searcher]

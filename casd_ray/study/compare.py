@@ -1,12 +1,18 @@
-"""Does the search pay for itself? Four ways to spend the same FLOPs, over several seeds.
+"""Does the search pay for itself? Ways to spend the same FLOPs, over several seeds.
 
 Per seed, with the same teacher, fine-tune recipe, distillation and seed for every arm:
 
 1. ``winner``: the configured search's winner (the normal pipeline);
 2. ``uniform``: every group at one keep-ratio (the search's control trial);
-3. ``random``: the winner of a random search with the same number of trials and epochs;
-4. ``global``: no search, global channel ranking (:mod:`casd_ray.compress.baselines`) with the run's
-   importance criterion.
+3. ``random``: the winner of a random search at equal compute: the same search section with
+   the random searcher, so the same number of candidates screened and distilled (exactly
+   so with ``search.screen.promote`` and FIFO after rung 0);
+4. ``global``: no search, global channel ranking (:mod:`casd_ray.compress.baselines`) with the
+   run's importance criterion;
+5. ``torch_pruning``: no search, what Torch-Pruning alone gives — its global pruning with its
+   own importance and channel choice — fine-tuned with the same distillation;
+6. ``uniform_ce``: the uniform network fine-tuned on the labels alone (what distillation is
+   worth).
 
 Beside them, ``picked``: what the pipeline tells a user to deploy, the winner or the uniform
 network, whichever validated higher after the identical fine-tune
@@ -33,7 +39,7 @@ from casd_ray.artifacts.network import is_complete
 from casd_ray.artifacts.run_folder import PARTS
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
 from casd_ray.compress import space
-from casd_ray.compress.baselines import global_ranking_spec
+from casd_ray.compress.baselines import global_ranking_spec, torch_pruning_allocation
 from casd_ray.config import ExperimentConfig
 from casd_ray.data.load import load_dataset
 from casd_ray.files import read_json_or_none, write_json, write_text
@@ -43,7 +49,11 @@ from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train
 from casd_ray.report.deploy import validated_pick
 from casd_ray.train import devices
 
-ARMS = ("winner", "uniform", "random", "global")
+ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
+# The reference fine-tune a search's cost is measured against: experiments/cifar10_resnet20's
+# own recipe (5 epochs on 45k images). Cost is linear in images, so any run's fine-tune time
+# scales to it.
+REFERENCE_FINETUNE_IMAGES = 5 * 45_000
 PICKED = "picked"  # the better of winner and uniform on validation, not a trained arm
 KEEP = ("test_acc", "val_acc", "flops", "params", "flops_ratio", "seconds", "settings")
 
@@ -65,10 +75,13 @@ def random_config(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log) -> dict:
-    """Fine-tune ``spec`` with the run's recipe into ``run_dir/arms/name`` (reused if done)."""
+def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log, start: dict | None = None) -> dict:
+    """Fine-tune ``spec`` with the run's recipe into ``run_dir/arms/name`` (reused if done);
+    ``start``: another tool's pruned weights instead of inheriting from the teacher."""
     folder = cfg.run_dir / "arms" / name
     settings = part_settings(fingerprints(cfg)["finetune"], spec)
+    if start is not None:
+        settings["start"] = name
     saved = read_json_or_none(folder / "metrics.json")
     if is_complete(folder) and isinstance(saved, dict) and saved.get("settings") == settings:
         log(f"compare: reusing {folder}")
@@ -84,7 +97,29 @@ def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log) -> dict:
         device=devices.pick_device(1),
         log=log,
         label=name,
+        start=start,
     )
+
+
+def _search_cost(run: Path, finetune: dict, images: int) -> dict:
+    """A search's compute: its trials' seconds, as a multiple of one fine-tune of this run
+    and of the reference recipe (the same seconds per image)."""
+    trials = read_trials(run / TRIALS_FILE)
+    trial_s = float(trials["wall_time_s"].fillna(0).sum())
+    ft_s = finetune.get("seconds")
+    ft_images = finetune.get("epochs", 0) * images
+    per_image = ft_s / ft_images if ft_s and ft_images else None
+    return {
+        "trial_seconds": round(trial_s, 1),
+        "trials": len(trials),
+        "distilled": int((trials["epochs"].fillna(0) > 0).sum()),
+        "trial_epochs": int(trials["epochs"].fillna(0).sum()),
+        "finetune_seconds": ft_s,
+        "multiple": round(trial_s / ft_s, 2) if ft_s else None,
+        "multiple_of_reference": round(trial_s / (per_image * REFERENCE_FINETUNE_IMAGES), 2)
+        if per_image
+        else None,
+    }
 
 
 def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
@@ -108,17 +143,21 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
         divisible_by=rules.divisible_by,
     )
     arms["global"] = _arm(cfg, spec, "global", log)
+    tp_spec, tp_state = torch_pruning_allocation(
+        teacher.model, teacher.spec, target=rules.target, metric=rules.metric
+    )
+    arms["torch_pruning"] = _arm(cfg, tp_spec, "torch_pruning", log, start=tp_state)
+    ce = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"alpha": 0.0})})
+    uniform = spec_from_json(json.dumps(arms["uniform"]["settings"]["widths"]))
+    arms["uniform_ce"] = _arm(ce, uniform, "uniform_ce", log)
     out = {a: {k: arms[a].get(k) for k in KEEP} for a in ARMS}
     pick = validated_pick({p: arms[p] for p in PARTS})
     out[PICKED] = {**out[pick], "part": pick}
-    trial_s = float(read_trials(run / TRIALS_FILE)["wall_time_s"].fillna(0).sum())
-    out["search_cost"] = {  # what a user weighs the gain against
-        "trial_seconds": round(trial_s, 1),
-        "finetune_seconds": arms["winner"].get("seconds"),
-        "multiple": round(trial_s / arms["winner"]["seconds"], 2)
-        if arms["winner"].get("seconds")
-        else None,
-    }
+    data_json = read_json_or_none(run / "teacher" / "data.json") or {}
+    images = int(data_json.get("sizes", {}).get("train", 0))
+    # what a user weighs the gain against: the search's compute, and the equal-compute arm's
+    out["search_cost"] = _search_cost(run, arms["winner"], images)
+    out["random_cost"] = _search_cost(rnd.run_dir, arms["winner"], images)
     return out
 
 
@@ -179,11 +218,18 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
         "picked = the network the run says to deploy, the winner or uniform, whichever "
         f"validated higher after the identical fine-tune (per seed: {parts}).",
     ]
-    cost = [per_seed[s]["search_cost"]["multiple"] for s in seeds]
+
+    def costs(key: str, field: str) -> str:
+        values = [per_seed[s].get(key, {}).get(field) for s in seeds]
+        return ", ".join("–" if c is None else f"{c:.2f}×" for c in values)
+
     lines += [
         "",
         "Search cost (sum of trial seconds / the winner's fine-tune seconds), per seed: "
-        + ", ".join("–" if c is None else f"{c:.1f}×" for c in cost),
+        + costs("search_cost", "multiple"),
+        "Search cost / one fine-tune of the reference recipe (5 epochs on 45k images, at this "
+        "run's seconds per image), per seed: " + costs("search_cost", "multiple_of_reference"),
+        "The random arm's search, likewise: " + costs("random_cost", "multiple_of_reference"),
     ]
     return "\n".join(lines) + "\n"
 

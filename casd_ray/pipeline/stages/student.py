@@ -23,7 +23,7 @@ from casd_ray.data.batches import to_tensors
 from casd_ray.data.splits import DataSplits
 from casd_ray.files import read_json_or_none
 from casd_ray.models.cost import measure_flops
-from casd_ray.models.family import Spec, flops, params, spec_summary
+from casd_ray.models.family import Spec, build_model, flops, params, spec_summary
 from casd_ray.train import devices
 from casd_ray.train.bn import recalibrate_bn
 from casd_ray.train.kd import KD, SoftTargets, shared_teacher_logits
@@ -69,6 +69,7 @@ def finetune_student(
     device: torch.device,
     log=print,
     label: str = "student",
+    start: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Prune ``spec`` from the teacher and distill it for ``recipe.finetune.epochs``.
 
@@ -76,10 +77,17 @@ def finetune_student(
     the same settings, so a long paper-scale fine-tune survives an interruption. The
     teacher's logits for the recipe's batches are computed once and shared by every network
     fine-tuned with the same recipe (:func:`casd_ray.train.kd.shared_teacher_logits`).
+    ``start``: the weights of a student pruned by another tool (its own channel choice)
+    instead of inheriting the teacher's most important channels. ``distill.alpha`` 0 trains
+    on the labels alone (no teacher at all).
     """
     f, d = recipe.finetune, recipe.distill
     t_model = devices.prepare_model(teacher.model, device).eval()
-    student = inherit(t_model, teacher.spec, spec, criterion=recipe.importance)
+    if start is None:
+        student = inherit(t_model, teacher.spec, spec, criterion=recipe.importance)
+    else:
+        student = build_model(spec)
+        student.load_state_dict(start)
     student = devices.prepare_model(student, device)
     x, y = to_tensors(data.x_train, data.y_train, device)
     xv, yv = to_tensors(data.x_val, data.y_val, device)
@@ -92,10 +100,14 @@ def finetune_student(
     )
     amp = bool(recipe.amp and device.type == "cuda")
     batching = data.batching(f.batch_size, recipe.seed)
-    logits = shared_teacher_logits(
-        t_model, x, y, classes=data.num_classes, epochs=f.epochs, batching=batching, amp=amp,
-        log=lambda m: log(f"finetune: {m}"), what="every network fine-tuned with this recipe",
-    )  # fmt: skip
+    targets = None
+    if d.alpha > 0:
+        logits = shared_teacher_logits(
+            t_model, x, y, classes=data.num_classes, epochs=f.epochs, batching=batching,
+            amp=amp, log=lambda m: log(f"finetune: {m}"),
+            what="every network fine-tuned with this recipe",
+        )  # fmt: skip
+        targets = SoftTargets(KD(d.temperature, d.alpha), model=t_model, logits=logits)
     ckpt = Checkpoint(folder / "last.pt", settings)
     history = resume(ckpt, student, opt, sched, log=log, label=label)
     if not history and d.bn_recalibration_batches > 0:
@@ -110,7 +122,7 @@ def finetune_student(
         batching=batching,
         checkpoint=ckpt,
         history=history,
-        targets=SoftTargets(KD(d.temperature, d.alpha), model=t_model, logits=logits),
+        targets=targets,
         amp=amp,
         eval_batch_size=EVAL_BATCH,
         log=log,
@@ -146,6 +158,7 @@ def train_export(
     log=print,
     label: str = "student",
     extra: dict | None = None,
+    start: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Prune ``spec`` from the teacher, fine-tune it with the recipe, evaluate, export.
 
@@ -154,7 +167,7 @@ def train_export(
     folder).
     """
     model, history = finetune_student(
-        recipe, data, teacher, spec, folder, settings, device, log, label
+        recipe, data, teacher, spec, folder, settings, device, log, label, start
     )
     amp = bool(recipe.amp and device.type == "cuda")
     metrics = {
