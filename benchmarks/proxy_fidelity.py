@@ -6,7 +6,7 @@ teacher and scored by every proxy a search could rank them with:
 
 - ``r0``: no training — inherit (L1 or BN-γ), adaptive BN on k training batches, evaluate on a
   fixed validation subset (accuracy, and the KD loss against the teacher's logits);
-- ``steps``: a few hundred distillation steps, Precise BN, then the same evaluation;
+- ``steps``: a few hundred distillation steps, adaptive BN, then the same evaluation;
 - ``ep1`` / ``ep3``: the search's own trial recipe (``search.*``) after 1 and 3 epochs;
 
 then fine-tuned with the final recipe (``finetune.*``). Printed: Kendall τ and Spearman ρ of
@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,8 +55,7 @@ SCREENS = {  # name -> (criterion, BN batches, distillation steps)
     "r0_l1_bn20": ("l1", 20, 0),
     "r0_l1_bn50": ("l1", 50, 0),
     "r0_gamma_bn20": ("bn_gamma", 20, 0),
-    "steps100_l1": ("l1", 20, 100),
-    "steps300_l1": ("l1", 20, 300),
+    "steps200_l1": ("l1", 20, 200),
 }
 
 
@@ -114,7 +114,7 @@ def score_candidate(job: dict, shared: dict) -> dict:
                                                                  cfg.distill.alpha))  # fmt: skip
         res = screen(
             student, xp, yp, xv[:n_val], yv[:n_val], batching=batching, recipe=recipe,
-            val_logits=val_logits, teacher=t_model, amp=amp,
+            val_logits=val_logits, targets=SoftTargets(recipe.kd, model=t_model), amp=amp,
         )  # fmt: skip
         row[f"{name}_acc"], row[f"{name}_kd"] = res["acc"], -res["kd_loss"]
         row[f"{name}_s"] = time.perf_counter() - t0
@@ -164,7 +164,7 @@ def _worker(rank: int, jobs: list[dict], shared_args: dict, out_dir: str) -> Non
         if i % shared_args["workers"] != rank:
             continue
         row = score_candidate(job, shared)
-        with open(Path(out_dir) / f"rows-{rank}.jsonl", "a") as fh:
+        with open(Path(out_dir) / "rows.jsonl", "a") as fh:  # one short append per line
             fh.write(json.dumps(row) + "\n")
         print(f"[{rank}] {job['seed']} {job['name']}: final val {row['final_val_acc']:.4f} "
               f"({row['final_s']:.0f}s)", flush=True)  # fmt: skip
@@ -235,7 +235,7 @@ def main() -> None:
     data = load_dataset(DataConfig(**{**cfg.data.model_dump(), "root": a.data_root}), 0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_file = out / "data.npz"
+    data_file = Path(tempfile.mkdtemp(prefix="casd-fidelity-")) / "data.npz"
     np.savez(data_file, data=np.array(data, dtype=object))
     teacher = load_network(a.teacher)
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
@@ -247,8 +247,7 @@ def main() -> None:
     shared = {"config": a.config, "overrides": overrides, "data_file": str(data_file),
               "teacher": a.teacher, "device": a.device, "val_subset": a.val_subset,
               "workers": a.workers, "threads": a.threads}  # fmt: skip
-    for f in out.glob("rows-*.jsonl"):
-        f.unlink()
+    (out / "rows.jsonl").unlink(missing_ok=True)
     t0 = time.time()
     if a.workers == 1:
         _worker(0, jobs, shared, str(out))
@@ -257,7 +256,7 @@ def main() -> None:
 
         mp.start_processes(_worker, args=(jobs, shared, str(out)), nprocs=a.workers,
                            start_method="spawn")  # fmt: skip
-    rows = [json.loads(ln) for f in sorted(out.glob("rows-*.jsonl")) for ln in f.open()]
+    rows = [json.loads(ln) for ln in (out / "rows.jsonl").open()]
     table = fidelity(rows)
     data_file.unlink()
     (out / "fidelity.json").write_text(json.dumps({"rows": rows, "fidelity": table,

@@ -40,7 +40,7 @@ class ScreenRecipe:
 
 
 def _distil_steps(
-    student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, batching: Batching,
+    student: nn.Module, targets: SoftTargets, x: Tensor, y: Tensor, batching: Batching,
     recipe: ScreenRecipe, amp: bool,
 ) -> int:  # fmt: skip
     """``recipe.steps`` distillation steps on a cosine schedule, over as many epochs of the
@@ -51,7 +51,6 @@ def _distil_steps(
         student, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
     sched = make_scheduler(opt, epochs=1, steps_per_epoch=recipe.steps)
-    targets = SoftTargets(recipe.kd, model=teacher)
     left, images = recipe.steps, 0
     for epoch in range(epochs):
         res = train_one_epoch(
@@ -95,17 +94,19 @@ def screen(
     batching: Batching,
     recipe: ScreenRecipe,
     val_logits: Tensor,
-    teacher: nn.Module | None = None,
+    targets: SoftTargets | None = None,
     amp: bool = False,
 ) -> dict[str, float]:
     """Score ``student`` (already inherited from the teacher) at rung 0; it is modified in
     place (BN statistics, and weights when ``recipe.steps``). ``val_logits``: the teacher's
-    logits on ``x_val`` (computed once per search)."""
+    logits on ``x_val`` (computed once per search); ``targets``: the teacher's soft targets
+    for the distillation steps (the search's shared logits of the same batches, or the
+    teacher itself)."""
     images = 0
     if recipe.steps:
-        if teacher is None:
+        if targets is None:
             raise ValueError("screening with distillation steps needs the teacher")
-        images += _distil_steps(student, teacher, x, y, batching, recipe, amp)
+        images += _distil_steps(student, targets, x, y, batching, recipe, amp)
     recalibrate_bn(student, batching.epoch(x, y, 0), recipe.bn_batches)
     images += min(recipe.bn_batches * batching.batch_size, len(x)) + 2 * len(x_val)
     res = evaluate(

@@ -203,10 +203,14 @@ def distill_trial(
     steps = batching.steps(len(x_train))
     run = _start(s, teacher, teacher_spec, student_spec, state, device, steps, batches)
     # With shared logits the teacher is only the source of the inherited weights: it is never
-    # moved to the trial's device or run.
+    # moved to the trial's device or run (unless rung 0's steps outrun the shared epochs).
+    screen_epochs = 0
+    if s.screen is not None and s.screen.steps:
+        screen_epochs = -(-s.screen.steps // max(1, batching.steps(len(x_train))))
+    run_teacher = teacher_logits is None or screen_epochs > len(teacher_logits)
     targets = SoftTargets(
         s.kd,
-        model=None if teacher_logits is not None else devices.prepare_model(teacher, device),
+        model=devices.prepare_model(teacher, device) if run_teacher else None,
         logits=teacher_logits,
     )
 
@@ -226,7 +230,7 @@ def distill_trial(
             run.student, x_train, y_train, x_val[:n], y_val[:n], batching=batching,
             recipe=s.screen,
             val_logits=_val_logits(val_logits, n, device, teacher, x_val[:n], y_val[:n], batching),
-            teacher=targets.model or devices.prepare_model(teacher, device), amp=amp,
+            targets=targets, amp=amp,
         )  # fmt: skip
         score = rung0_score(res, s.screen_score)
         metrics = {

@@ -46,8 +46,13 @@ class SoftTargets:
     logits: np.ndarray | None = None
 
     def for_epoch(self, epoch: int, device: torch.device) -> Tensor | None:
-        """This epoch's precomputed logits on ``device`` (None: run the model per batch)."""
-        return None if self.logits is None else epoch_logits(self.logits, epoch, device)
+        """This epoch's precomputed logits on ``device`` (None: run the model per batch,
+        also for an epoch beyond the precomputed ones)."""
+        if self.logits is None or epoch >= len(self.logits):
+            if self.model is None:
+                raise ValueError(f"no teacher logits for epoch {epoch} and no teacher to run")
+            return None
+        return epoch_logits(self.logits, epoch, device)
 
 
 def distillation_loss(
