@@ -21,10 +21,10 @@ import time
 
 from common import SMOKE, config_parser, prepare
 
-from casd_ray.compress import space
 from casd_ray.pipeline.plan import fingerprints
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
 from casd_ray.train import devices, kd
+from casd_ray.widths import space
 
 
 def main() -> None:

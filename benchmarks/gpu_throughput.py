@@ -26,12 +26,12 @@ import time
 import numpy as np
 import torch
 
-from casd_ray.compress import space
 from casd_ray.data.batches import Batching, to_tensors
 from casd_ray.models.family import build_model, spec_for
 from casd_ray.train.kd import KD, SoftTargets
 from casd_ray.train.loop import train_one_epoch
 from casd_ray.train.recipe import make_optimizer
+from casd_ray.widths import space
 
 N_IMAGES = 10_000  # one search epoch on the 10k proxy
 

@@ -2,7 +2,7 @@
 
 Issue #10 asks for one mechanism for every model unless the generic one is measurably worse.
 Both paths get the same teacher and the same random candidates: the hand-written one
-(:mod:`casd_ray.compress.inherit`, ``WidthSpec``) and the generic one (:mod:`casd_ray.models.graph`,
+(:mod:`casd_ray.widths.inherit`, ``WidthSpec``) and the generic one (:mod:`casd_ray.models.graph`,
 the same network given as ``python:benchmarks/inheritance_paths.py:preact``). Printed per
 depth: whether kept indices and student outputs are identical, and the time per student
 (inherit) and per cost evaluation (what budget repair calls ~20 times per candidate).
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from casd_ray.compress import space
-from casd_ray.compress.inherit import inherit, kept_indices
 from casd_ray.models.family import build_model, flops, group_widths, spec_for
 from casd_ray.models.resnet import PreActResNet, standard_spec
 from casd_ray.models.resnet_family import wiring
+from casd_ray.widths import space
+from casd_ray.widths.inherit import inherit, kept_indices
 
 HERE = Path(__file__).resolve()
 

@@ -35,9 +35,6 @@ import numpy as np
 import torch
 
 from casd_ray.artifacts.network import load_network
-from casd_ray.compress import space
-from casd_ray.compress.baselines import global_ranking_spec
-from casd_ray.compress.inherit import inherit
 from casd_ray.config import DataConfig
 from casd_ray.config_file import load_config
 from casd_ray.data.batches import to_tensors
@@ -49,6 +46,9 @@ from casd_ray.train.bn import recalibrate_bn
 from casd_ray.train.kd import KD, SoftTargets
 from casd_ray.train.loop import evaluate, train_one_epoch
 from casd_ray.train.recipe import make_optimizer, make_scheduler
+from casd_ray.widths import space
+from casd_ray.widths.baselines import global_ranking_spec
+from casd_ray.widths.inherit import inherit
 
 SCREENS = {  # name -> (criterion, BN batches, distillation steps)
     "r0_l1_bn5": ("l1", 5, 0),

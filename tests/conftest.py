@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from casd_ray.compress import space
+from casd_ray.widths import space
 
 CIFAR_LAYOUT = {
     # dataset: (folder, train files, test files, meta file, meta key, label key, classes)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from casd_ray import errors
-from casd_ray.compress import space
-from casd_ray.compress.baselines import global_order, global_ranking_spec
-from casd_ray.compress.inherit import inherit
 from casd_ray.models.family import build_model, group_widths, spec_for, with_group_widths
 from casd_ray.models.resnet_family import wiring
+from casd_ray.widths import space
+from casd_ray.widths.baselines import global_order, global_ranking_spec
+from casd_ray.widths.inherit import inherit
 
 SPEC = spec_for("resnet20", width=8)
 

@@ -16,9 +16,9 @@ import ray
 from conftest import rules_of, smoke_overrides
 
 from casd_ray.cli import main
-from casd_ray.compress import space
 from casd_ray.config_file import load_config
 from casd_ray.models.family import spec_for
+from casd_ray.widths import space
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
 SHAPES = {  # (in_channels, classes, image size) of each dataset, without loading it

@@ -12,12 +12,12 @@ from conftest import finetune_stage, rules_of, tiny_config
 
 from casd_ray.artifacts.network import FILES, ONNX_FILE, load_compressed, load_torchscript
 from casd_ray.artifacts.trials import rank_of, read_trials, select_winner
-from casd_ray.compress import space
 from casd_ray.errors import ArtifactError, SelectionError
 from casd_ray.models.family import flops, spec_for
 from casd_ray.models.resnet import WidthSpec
 from casd_ray.pipeline.stages.finetune import uniform_spec
 from casd_ray.train import kd
+from casd_ray.widths import space
 
 
 def _table(**cols) -> pd.DataFrame:

@@ -103,7 +103,7 @@ def _top(m: str) -> str:
 ALLOWED = {
     "models": {"errors"},
     "data": {"config", "errors"},
-    "compress": {"models", "config", "errors"},
+    "widths": {"models", "config", "errors"},
     "train": {"data", "files", "errors"},
     "artifacts": {"models", "files", "errors"},
     "report": {"artifacts", "files", "errors"},

@@ -27,8 +27,6 @@ from torch import nn
 from casd_ray import load_compressed
 from casd_ray.artifacts.network import load_torchscript
 from casd_ray.cli import main
-from casd_ray.compress import space
-from casd_ray.compress.inherit import inherit, kept_indices
 from casd_ray.models.cost import measure_flops
 from casd_ray.models.family import (
     build_model,
@@ -43,6 +41,8 @@ from casd_ray.models.family import (
 from casd_ray.models.graph import GraphSpec
 from casd_ray.models.resnet import PreActResNet, standard_spec
 from casd_ray.models.resnet_family import wiring
+from casd_ray.widths import space
+from casd_ray.widths.inherit import inherit, kept_indices
 
 HERE = Path(__file__).resolve()
 TOY = f"python:{HERE}:ToyNet"
@@ -339,7 +339,7 @@ def test_casd_ray_run_compresses_the_model(
 
 
 def test_global_ranking_baseline_works_on_a_source_model():
-    from casd_ray.compress.baselines import global_ranking_spec
+    from casd_ray.widths.baselines import global_ranking_spec
 
     spec = teacher_spec("torchvision:mobilenet_v2")
     teacher = build_model(spec).eval()

@@ -27,11 +27,11 @@ from pydantic import BaseModel
 from torch import nn
 
 from casd_ray import errors
-from casd_ray.compress import inherit, space
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import validate_config
 from casd_ray.errors import ConfigError
 from casd_ray.models.family import build_model, flops, params, spec_for
+from casd_ray.widths import inherit, space
 
 SETTINGS = settings(
     deadline=None,

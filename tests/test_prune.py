@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from casd_ray.compress import inherit, space
 from casd_ray.models.family import build_model, group_widths, spec_for
 from casd_ray.train.bn import recalibrate_bn
+from casd_ray.widths import inherit, space
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,10 +11,10 @@ from dataclasses import FrozenInstanceError
 import pytest
 
 from casd_ray import errors
-from casd_ray.compress import space
 from casd_ray.config import ExperimentConfig
 from casd_ray.models.family import group_widths, spec_for, with_group_widths
 from casd_ray.models.resnet import WidthSpec, channel_groups
+from casd_ray.widths import space
 
 R20 = spec_for("resnet20")
 R164 = spec_for("resnet164")

@@ -14,7 +14,6 @@ from conftest import rules_of
 from ray import tune
 
 from casd_ray.artifacts.network import numpy_to_state
-from casd_ray.compress import space
 from casd_ray.config import ExperimentConfig
 from casd_ray.data.batches import to_tensors, train_batches
 from casd_ray.data.load import load_dataset
@@ -26,6 +25,7 @@ from casd_ray.search.trial_plan import pack_logits, trial_plan
 from casd_ray.train import kd, loop, recipe
 from casd_ray.train.bn import recalibrate_bn
 from casd_ray.train.recipe import steps_per_epoch
+from casd_ray.widths import space
 
 METRICS = {"val_acc", "val_loss", "flops", "params", "flops_ratio", "params_ratio", "epoch"}
 

@@ -30,7 +30,6 @@ from torch import nn
 from casd_ray.artifacts.network import load_network
 from casd_ray.artifacts.run_folder import SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
-from casd_ray.compress import space
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import save_config
 from casd_ray.data.load import load_dataset
@@ -54,6 +53,7 @@ from casd_ray.report.build import build_report
 from casd_ray.search.run import rebuild_table, run_search
 from casd_ray.search.session import check_resources
 from casd_ray.search.trial_plan import trial_plan
+from casd_ray.widths import space
 
 __all__ = ["STAGES", "execute", "fingerprints", "load_teacher", "report"]
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from ray import tune
 
 from casd_ray.artifacts.trials import BUDGET_SLACK
-from casd_ray.compress.space import SpaceRules
 from casd_ray.config import SearchConfig
 from casd_ray.search.results import error_reason, trial_error
+from casd_ray.widths.space import SpaceRules
 
 Log = Callable[[str], None]
 

@@ -13,9 +13,9 @@ from typing import Any
 import pandas as pd
 
 from casd_ray.artifacts.trials import BUDGET_SLACK, COLUMNS
-from casd_ray.compress import space as space_mod
-from casd_ray.compress.space import SpaceRules
 from casd_ray.models.family import Spec, flops, params, spec_from_json, spec_summary
+from casd_ray.widths import space as space_mod
+from casd_ray.widths.space import SpaceRules
 
 
 def trial_error(trial) -> str | None:

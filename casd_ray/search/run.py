@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,9 +42,6 @@ from ray import tune
 
 from casd_ray.artifacts.network import Network
 from casd_ray.artifacts.trials import TRIALS_FILE, best_completed, write_table
-from casd_ray.compress import space as space_mod
-from casd_ray.compress.controls import control_points, control_specs
-from casd_ray.compress.space import SpaceRules
 from casd_ray.config import SearchConfig
 from casd_ray.data.batches import to_tensors
 from casd_ray.data.splits import DataSplits
@@ -61,6 +59,9 @@ from casd_ray.search.storage import SearchStorage
 from casd_ray.search.trial import distill_trial, trial_resources
 from casd_ray.search.trial_plan import TrialPlan, pack_logits
 from casd_ray.train.kd import LOGITS_MAX_BYTES, logits_dtype
+from casd_ray.widths import space as space_mod
+from casd_ray.widths.controls import control_points, control_specs
+from casd_ray.widths.space import SpaceRules
 
 Log = Callable[[str], None]
 
@@ -109,9 +110,24 @@ def _val_logits(packed: dict, teacher: Network, plan: TrialPlan) -> np.ndarray |
 
 def _sources(spec: Spec) -> dict:
     """In-memory architectures a trial must be able to build (a model given to the Python
-    API): shipped through the object store with the teacher."""
+    API): shipped through the object store with the teacher.
+
+    Ray pickles a class by reference when its module is importable here; a worker may not
+    import it (a notebook's helper file, a test module, a script's folder): such modules are
+    pickled by value, their code travelling with the model. Installed packages stay by
+    reference.
+    """
     arch = getattr(spec, "arch", "")
-    return {arch: OBJECTS[arch]} if arch in OBJECTS else {}
+    if arch not in OBJECTS:
+        return {}
+    module = sys.modules.get(type(OBJECTS[arch]).__module__)
+    where = getattr(module, "__file__", None) or ""
+    installed = any(part in where for part in ("site-packages", "dist-packages"))
+    if module is not None and module.__name__ != "__main__" and where and not installed:
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(module)
+    return {arch: OBJECTS[arch]}
 
 
 def _tuner(

@@ -10,7 +10,7 @@ width search needs.
    ``num_samples`` rung-0 scores plus ``promote`` distillations — which is what makes an
    equal-compute comparison exact.
 1. **The controls are never stopped** (``search.keep_control``). The free allocations
-   (:mod:`casd_ray.compress.controls`) are the yardstick of every search: the report compares
+   (:mod:`casd_ray.widths.controls`) are the yardstick of every search: the report compares
    the winner with them, and a control stopped early says little. Their results still enter
    the rungs, so they set the bar for the other trials.
 2. **Decisions that do not depend on timing** (``search.generation_size``). Plain ASHA compares

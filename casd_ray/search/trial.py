@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from casd_ray.artifacts.network import numpy_to_state
-from casd_ray.compress.inherit import inherit
 from casd_ray.config import SearchConfig
 from casd_ray.data.batches import Batching, to_tensors
 from casd_ray.models.family import Spec, build_model, spec_from_json
@@ -40,6 +39,7 @@ from casd_ray.train.bn import recalibrate_bn
 from casd_ray.train.kd import SoftTargets
 from casd_ray.train.loop import evaluate, train_one_epoch
 from casd_ray.train.recipe import make_optimizer, make_scheduler
+from casd_ray.widths.inherit import inherit
 
 STATE_FILE = "state.pt"
 

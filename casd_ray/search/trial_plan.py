@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from casd_ray.compress import space
 from casd_ray.config import DistillConfig, SearchConfig, SpaceConfig
 from casd_ray.data.batches import to_tensors
 from casd_ray.models.family import Spec, flops, params, spec_from_json, spec_summary
@@ -24,6 +23,7 @@ from casd_ray.search.packing import batching_of
 from casd_ray.search.screening import ScreenRecipe
 from casd_ray.train import devices
 from casd_ray.train.kd import KD, teacher_logits
+from casd_ray.widths import space
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Per seed, with the same teacher, fine-tune recipe, distillation and seed for eve
 3. ``random``: the winner of a random search at equal compute: the same search section with
    the random searcher, so the same number of candidates screened and distilled (exactly
    so with ``search.screen.promote`` and FIFO after rung 0);
-4. ``global``: no search, global channel ranking (:mod:`casd_ray.compress.baselines`) with the
+4. ``global``: no search, global channel ranking (:mod:`casd_ray.widths.baselines`) with the
    run's importance criterion;
 5. ``torch_pruning``: no search, what Torch-Pruning alone gives — its global pruning with its
    own importance and channel choice — fine-tuned with the same distillation;
@@ -38,8 +38,6 @@ from scipy import stats
 from casd_ray.artifacts.network import is_complete
 from casd_ray.artifacts.run_folder import PARTS
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
-from casd_ray.compress import space
-from casd_ray.compress.baselines import global_ranking_spec, torch_pruning_allocation
 from casd_ray.config import ExperimentConfig
 from casd_ray.data.load import load_dataset
 from casd_ray.files import read_json_or_none, write_json, write_text
@@ -48,6 +46,8 @@ from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
 from casd_ray.report.deploy import validated_pick
 from casd_ray.train import devices
+from casd_ray.widths import space
+from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
 
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
 # The reference fine-tune a search's cost is measured against: experiments/cifar10_resnet20's

@@ -7,7 +7,7 @@ inter-process copies), and their order and augmentation are seeded by (seed, epo
 (:class:`~casd_ray.data.batches.Batching`), so every candidate sees identical batches and
 the teacher's logits for a batch are the same in every trial.
 
-Rule: ``train/`` never imports ``models/``, ``compress/``, ``artifacts/`` or ``search/``: a
+Rule: ``train/`` never imports ``models/``, ``widths/``, ``artifacts/`` or ``search/``: a
 loop takes any ``nn.Module``.
 """
 

@@ -24,13 +24,13 @@ from scipy import stats
 from casd_ray.artifacts.network import Network
 from casd_ray.artifacts.run_folder import PARTS
 from casd_ray.artifacts.trials import eligible
-from casd_ray.compress.space import SpaceRules
 from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.data.splits import DataSplits
 from casd_ray.files import read_json_or_none, write_json
 from casd_ray.models.family import spec_from_json
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, reusable, train_export
 from casd_ray.train import devices
+from casd_ray.widths.space import SpaceRules
 
 AUDIT_DIR = "audit"
 AUDIT_FILE = "audit.json"

@@ -22,8 +22,6 @@ import torch
 from casd_ray.artifacts.network import FILES, ONNX_FILE, Network, load_compressed
 from casd_ray.artifacts.run_folder import PARTS, SUMMARY
 from casd_ray.artifacts.trials import rank_of, select_winner
-from casd_ray.compress import space
-from casd_ray.compress.space import SpaceRules
 from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.data.splits import DataSplits
 from casd_ray.files import atomic_write, write_json
@@ -39,6 +37,8 @@ from casd_ray.pipeline.stages.student import (
 )
 from casd_ray.train import devices
 from casd_ray.train.loop import evaluate_splits
+from casd_ray.widths import space
+from casd_ray.widths.space import SpaceRules
 
 
 def uniform_spec(

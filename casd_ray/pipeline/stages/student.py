@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from casd_ray.artifacts.network import Network, is_complete, save_compressed
-from casd_ray.compress.inherit import inherit
 from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.data.batches import to_tensors
 from casd_ray.data.splits import DataSplits
@@ -29,6 +28,7 @@ from casd_ray.train.bn import recalibrate_bn
 from casd_ray.train.kd import KD, SoftTargets, shared_teacher_logits
 from casd_ray.train.loop import Checkpoint, evaluate_splits, fit, resume
 from casd_ray.train.recipe import make_optimizer, make_scheduler, steps_per_epoch
+from casd_ray.widths.inherit import inherit
 
 EVAL_BATCH = 1024
 

@@ -4,7 +4,7 @@
 importance criterion: every channel of every group is ranked on one global scale and the
 least important ones are removed until the candidate fits the budget. No candidate is
 trained to choose it, so it costs nothing beyond the final fine-tune; the uniform network
-(every group at one keep-ratio, :func:`casd_ray.compress.space.control_genome`) is the other.
+(every group at one keep-ratio, :func:`casd_ray.widths.space.control_genome`) is the other.
 
 BN γ is comparable across layers as it is (every γ scales a normalised activation); L1 norms
 of filters grow with fan-in, so for ``l1`` each group's scores are divided by their mean
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from casd_ray.compress import space
-from casd_ray.compress.inherit import channel_importance
 from casd_ray.models.family import Spec, family_of, group_widths, with_group_widths
+from casd_ray.widths import space
+from casd_ray.widths.inherit import channel_importance
 
 
 def global_order(
@@ -54,7 +54,7 @@ def global_ranking_spec(
     Returns the widest such candidate: removing one channel fewer (before rounding) would
     break the budget. Widths keep at least ``min_channels`` (rounded up to ``divisible_by``)
     and round down to multiples of ``divisible_by`` unless a group is kept whole; which
-    channels survive is decided later by :func:`casd_ray.compress.inherit.inherit` with the same
+    channels survive is decided later by :func:`casd_ray.widths.inherit.inherit` with the same
     criterion, so they are exactly the globally top-ranked ones within each group.
     """
     space.check_budget(

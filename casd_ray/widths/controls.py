@@ -1,8 +1,8 @@
 """The free allocations a search starts from: what a user gets without searching.
 
 ``uniform`` (every group at one keep-ratio), ``global`` (Network Slimming's global channel
-ranking, :func:`~casd_ray.compress.baselines.global_ranking_spec`) and ``torch_pruning``
-(Torch-Pruning's global pruning, :func:`~casd_ray.compress.baselines.torch_pruning_allocation`)
+ranking, :func:`~casd_ray.widths.baselines.global_ranking_spec`) and ``torch_pruning``
+(Torch-Pruning's global pruning, :func:`~casd_ray.widths.baselines.torch_pruning_allocation`)
 are tried first by every searcher (``points_to_evaluate``: TPE and evolution learn from them)
 and never stopped early, so a search can only add to them, and the report says by how much.
 
@@ -18,10 +18,10 @@ from collections.abc import Callable
 import numpy as np
 from torch import nn
 
-from casd_ray.compress import space
-from casd_ray.compress.baselines import global_ranking_spec, torch_pruning_allocation
-from casd_ray.compress.space import SpaceRules
 from casd_ray.models.family import Spec, family_of
+from casd_ray.widths import space
+from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
+from casd_ray.widths.space import SpaceRules
 
 
 def genome_of(rules: SpaceRules, teacher_spec: Spec, spec: Spec) -> dict[str, float]:
@@ -76,7 +76,7 @@ def control_points(
     rules: SpaceRules, teacher_spec: Spec, specs: dict[str, Spec]
 ) -> list[tuple[str, dict[str, float], Spec]]:
     """(name, genome, exact spec) of every control; uniform's genome is the repair scale's
-    (:func:`~casd_ray.compress.space.control_genome`), so it repairs to itself."""
+    (:func:`~casd_ray.widths.space.control_genome`), so it repairs to itself."""
     out = []
     for name, spec in specs.items():
         if name == "uniform":
