@@ -14,7 +14,14 @@ from casd_ray.study.compare import ARMS, summarize
 
 def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
     data = write_fake_fashion_mnist(tmp_path / "data", n=160, n_test=40)
-    config = write_run_config(tmp_path / "c.yaml", tmp_path / "runs", data, name="cmp")
+    config = write_run_config(
+        tmp_path / "c.yaml",
+        tmp_path / "runs",
+        data,
+        name="cmp",
+        # rung 0 then FIFO: both searches screen 6 candidates and distil exactly 3
+        search={"num_samples": 6, "scheduler": "fifo", "screen": {"promote": 3, "steps": 2}},
+    )
     assert main(["compare", str(config), "--seeds", "0", "1"]) == 0
     out = capsys.readouterr().out
     assert "| winner − | mean (points) | 95% CI |" in out
@@ -22,13 +29,23 @@ def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
     assert (tmp_path / "runs" / "cmp-compare.md").is_file()
     for seed in ("0", "1"):
         arms = result["per_seed"][seed]
-        assert set(arms) == {*ARMS, "picked", "search_cost"}
-        settings = [{k: v for k, v in arms[a]["settings"].items() if k != "widths"} for a in ARMS]
+        assert set(arms) == {*ARMS, "picked", "search_cost", "random_cost"}
+        same = [a for a in ARMS if a != "uniform_ce"]  # CE alone is the one recipe change
+        settings = [
+            {k: v for k, v in arms[a]["settings"].items() if k not in ("widths", "start")}
+            for a in same
+        ]
         assert all(s == settings[0] for s in settings)  # identical recipe, seed, teacher
+        assert arms["torch_pruning"]["settings"]["start"] == "torch_pruning"  # its own weights
+        assert arms["uniform_ce"]["settings"]["widths"] == arms["uniform"]["settings"]["widths"]
         for a in ARMS:
             assert 0 <= arms[a]["test_acc"] <= 1
             assert arms[a]["flops_ratio"] <= 0.5 + 1e-9
         assert arms["search_cost"]["multiple"] > 0
+        # the random arm spends what the search spends: the same candidates and epochs
+        search, rnd = arms["search_cost"], arms["random_cost"]
+        assert (rnd["trials"], rnd["distilled"]) == (search["trials"], search["distilled"])
+        assert rnd["trial_epochs"] == search["trial_epochs"]
     assert result["summary"]["winner_minus"]["uniform"]["ci95"] is not None
     for seed in ("0", "1"):  # the network a user deploys: the better of the two on validation
         arms = result["per_seed"][seed]
@@ -44,7 +61,10 @@ def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
 def test_summary_statistics():
     per_seed = {
         s: {a: {"test_acc": acc} for a, acc in zip(ARMS, accs, strict=True)}
-        for s, accs in {0: (0.91, 0.90, 0.89, 0.88), 1: (0.93, 0.90, 0.92, 0.90)}.items()
+        for s, accs in {
+            0: (0.91, 0.90, 0.89, 0.88, 0.87, 0.86),
+            1: (0.93, 0.90, 0.92, 0.90, 0.89, 0.88),
+        }.items()
     }
     for s, part in ((0, "uniform"), (1, "winner")):
         per_seed[s]["picked"] = {**per_seed[s][part], "part": part}

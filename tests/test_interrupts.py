@@ -200,3 +200,40 @@ def test_sigterm_exits_143_with_the_resume_command(
     assert code == 143, text[-2000:]
     assert "resume with: casd-ray run" in text and "Traceback" not in text
     assert (runs / name / kept).exists()  # the finished epochs are kept
+
+
+@pytest.mark.parametrize(
+    "name, needle, finished",
+    [
+        # before any trial has finished (all four still to come or running)
+        ("late0", "search: optuna-tpe", 0),
+        # trial 2 of 4 finished: two still to start (the case the old count got right)
+        ("late2", "| 2/4 done", 2),
+        # trial 3 of 4 finished: the last trial is starting or running, none is waiting
+        ("late3", "| 3/4 done", 3),
+    ],
+)
+def test_ctrl_c_anywhere_in_the_search_is_an_interrupt_and_counts_right(
+    setup, tmp_path, name, needle, finished
+):
+    """D2: with no trial left waiting to start, the trials running at the interrupt were
+    counted as finished: the search was recorded as done, fine-tuned and exited 0. Every
+    interrupt must exit 130, say how many trials really finished, write no trials table,
+    and the same command must resume to exactly NUM_SAMPLES trials."""
+    config, runs = setup
+    log = tmp_path / "driver.log"
+    proc = _start(config, f"name={name}", log)
+    code = _signal(proc, log, needle, signal.SIGINT)
+    text = log.read_text()
+    run = runs / name
+    assert code == 130, text[-2000:]
+    line = next(ln for ln in text.splitlines() if "search interrupted" in ln)
+    done = int(line.split("search interrupted: ")[1].split(" of ")[0])
+    assert finished <= done <= finished + 1, line  # the running trial may finish first
+    assert not (run / "trials.parquet").exists() and not (run / "winner").exists()
+
+    again = _run(config, f"name={name}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = read_trials(run / "trials.parquet")
+    assert len(trials) == NUM_SAMPLES and trials["trial_id"].is_unique
+    assert trials["completed"].all()

@@ -222,3 +222,19 @@ def test_fresh_teacher_recovers_from_a_torn_record(run_copy, capsys):
     (aside,) = (run / "previous").iterdir()
     assert (aside / "stages.json").read_text() == "{ torn"  # kept, not deleted
     assert json.loads((run / "stages.json").read_text())["finetune"]["status"] == "done"
+
+
+def test_failed_trials_are_recorded_and_the_search_ends(tmp_path, capsys):
+    """D1: a failed trial crashed the whole search, and every rerun (the results table read
+    Ray's trial error file after Ray had shut down). Failures are data: each trial is
+    recorded with its reason, the search ends, and the next stage says what to do."""
+    data = write_fake_fashion_mnist(tmp_path / "data", n=160, n_test=40)
+    config = write_run_config(tmp_path / "c.yaml", tmp_path / "runs", data, search={"lr": 1e6})
+    for _ in range(2):  # the rerun reuses the finished search and ends the same way
+        assert cli("run", str(config)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err  # a failure is one line of the progress log, not a dump
+        assert "no completed trial" in err.splitlines()[-1]
+        trials = read_trials(tmp_path / "runs" / "r" / "trials.parquet")
+        assert len(trials) == 4 and (trials["status"] == "ERROR").all()
+        assert trials["error"].str.contains("non-finite loss").all()

@@ -18,15 +18,26 @@ from casd_ray.widths import space as space_mod
 from casd_ray.widths.space import SpaceRules
 
 
-def trial_error(trial) -> str | None:
-    """The trial's error text from Tune's ``error.txt`` (local copy first: it is written
-    before callbacks run). Never ``trial.get_error()``: that unpickles ``error.pkl``."""
-    path = trial.error_file
-    if path and Path(path).is_file():
-        return Path(path).read_text()
-    folder = getattr(trial, "path", None)
-    if folder and (Path(folder) / "error.txt").is_file():
-        return (Path(folder) / "error.txt").read_text()
+def _attr(trial: Any, name: str) -> Any:
+    """A trial attribute that may need a live Ray session (``error_file`` asks Ray for its
+    session folder): None when Ray is not running, e.g. after the search shut it down."""
+    try:
+        return getattr(trial, name, None)
+    except Exception:  # noqa: BLE001 - Ray raises AssertionError and others here
+        return None
+
+
+def trial_error(trial: Any) -> str | None:
+    """The trial's error text from Tune's ``error.txt`` (the local staging copy first: it is
+    written before callbacks run; then the trial's storage folder). Never
+    ``trial.get_error()``: that unpickles ``error.pkl``."""
+    for folder in (_attr(trial, "error_file"), _attr(trial, "path")):
+        if not folder:
+            continue
+        path = Path(folder)
+        path = path if path.name == "error.txt" else path / "error.txt"
+        if path.is_file():
+            return path.read_text()
     return "error (no error.txt)"
 
 

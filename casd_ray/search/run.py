@@ -27,11 +27,13 @@ Ray 2.60 behaviours this module is built around:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -263,7 +265,14 @@ def run_search(
             f"search: {s.algorithm}, {s.num_samples} trials, {s.scheduler}, "
             f"<= {s.max_epochs} epochs, {s.max_concurrent} concurrent; storage {store.uri}"
         )
-        results = tuner.fit()
+        with _quiet_trial_failures():
+            tuner.fit()
+        # Tune's own saved state says how far the search got: its last snapshot is taken
+        # before it stops the trials still running at an interrupt, which its in-memory
+        # results then show as TERMINATED like finished ones.
+        finished = _finished(store.uri)
+        if finished >= s.num_samples:
+            table = trials_table(store.uri, rules, s.max_epochs, teacher.spec)
     finally:
         if started:
             import ray
@@ -271,17 +280,39 @@ def run_search(
             ray.shutdown()  # its core worker leaves SIGTERM at the default (process death)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    done = results.num_terminated + results.num_errors  # after Ctrl-C the rest are pending
-    if done < s.num_samples:
+    if finished < s.num_samples:  # Ctrl-C, SIGTERM: never fine-tune a partial search
         raise SearchInterrupted(
-            f"search interrupted: {done} of {s.num_samples} trials finished; the state is "
-            f"saved in {store.uri}"
+            f"search interrupted: {finished} of {s.num_samples} trials finished; the state "
+            f"is saved in {store.uri}"
         )
-    table = trials_table(results, rules, s.max_epochs, teacher.spec)
     out = write_table(table, run_dir / TRIALS_FILE)
     store.prune_checkpoints()
     _log_summary(table, log)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_trial_failures() -> Iterator[None]:
+    """Tune logs every failed trial with a full traceback (and all of them again at the end);
+    the progress callback already says each in one line, and trials.parquet keeps the reason,
+    so a search with failures stays readable."""
+    names = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _finished(uri: str) -> int:
+    """Trials Tune's saved state records as ended (finished, stopped early or failed)."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(uri)
+    return sum(t.status in ("TERMINATED", "ERROR") for t in analysis.trials)
 
 
 def rebuild_table(
