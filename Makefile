@@ -37,17 +37,17 @@ demo: data
 	$(VENV)/bin/casd-ray run experiments/quick.yaml
 
 test: data
-	$(VENV)/bin/ruff check casd_ray tests benchmarks
-	$(VENV)/bin/ruff format --check casd_ray tests benchmarks
+	$(VENV)/bin/ruff check casd_ray tests benchmarks examples
+	$(VENV)/bin/ruff format --check casd_ray tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint:
-	$(VENV)/bin/ruff check casd_ray tests benchmarks
-	$(VENV)/bin/ruff format --check casd_ray tests benchmarks
+	$(VENV)/bin/ruff check casd_ray tests benchmarks examples
+	$(VENV)/bin/ruff format --check casd_ray tests benchmarks examples
 
 format:
-	$(VENV)/bin/ruff format casd_ray tests benchmarks
-	$(VENV)/bin/ruff check --fix casd_ray tests benchmarks
+	$(VENV)/bin/ruff format casd_ray tests benchmarks examples
+	$(VENV)/bin/ruff check --fix casd_ray tests benchmarks examples
 
 bench: $(STAMP)
 	$(PY) benchmarks/trial_overhead.py

@@ -164,3 +164,19 @@ def test_bad_arguments_are_one_line_errors(trained, tmp_path, kwargs, error, mat
         casd_ray.compress(trained, output_dir=tmp_path, log=lambda _: None, **args)
     assert "\n" not in str(err.value)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_the_torchvision_example_runs(tmp_path):
+    """examples/compress_torchvision.py, as a user runs it (its smoke size)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "compress_torchvision.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke-test", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "reloaded network gives the same outputs: True" in run.stdout
+    assert (tmp_path / "torchvision-example-deploy" / "model.ts").is_file()
