@@ -15,6 +15,9 @@ from casd_ray.files import read_json
 
 PARTS = ("winner", "uniform")
 SUMMARY = "finetune.json"
+# CPU seconds the search spent on its driver (the controls' allocations, the shared teacher
+# logits): part of the search's cost beside its trials'
+SEARCH_DRIVER = "search_driver.json"
 
 
 def read_summary(path: Path) -> dict:

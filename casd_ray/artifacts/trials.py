@@ -44,9 +44,10 @@ COLUMNS = [
     "meets_budget",
     "control",  # which free allocation the trial is (uniform, global, torch_pruning), or None
     "rung0_score",  # the screening score (search.screen), or None
+    "cpu_seconds",  # the trial's CPU time (its process), the search's cost
 ]
 # Columns added later: a table written before them is read with them empty.
-ADDED = ("control", "rung0_score")
+ADDED = ("control", "rung0_score", "cpu_seconds")
 
 
 BUDGET_SLACK = 1e-9  # float slack when comparing a cost ratio with the budget

@@ -25,7 +25,7 @@ TRAINED = STAGES[:-1]  # stages with a fingerprint (the report is always rebuilt
 RECORD = "stages.json"
 OUTPUTS = {
     "teacher": ("teacher",),
-    "search": ("search", "trials.parquet"),
+    "search": ("search", "trials.parquet", "search_driver.json"),
     "finetune": ("winner", "uniform", "finetune.json"),
     "audit": ("audit", "audit.json"),
     "report": (),

@@ -134,6 +134,7 @@ def trials_table(
                 and all(abs(genome[n] - control[n]) < 1e-9 for n in names if n in genome),
                 "meets_budget": budget_ratio is not None and budget_ratio <= target + BUDGET_SLACK,
                 "control": _last(df, "control") or None,
+                "cpu_seconds": _last(df, "cpu_seconds"),
                 "rung0_score": _first(df, "rung0_score"),
             }
         )

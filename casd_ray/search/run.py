@@ -43,11 +43,13 @@ import pandas as pd
 from ray import tune
 
 from casd_ray.artifacts.network import Network
+from casd_ray.artifacts.run_folder import SEARCH_DRIVER
 from casd_ray.artifacts.trials import TRIALS_FILE, best_completed, write_table
 from casd_ray.config import SearchConfig
 from casd_ray.data.batches import to_tensors
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ConfigError, SearchInterrupted
+from casd_ray.files import write_json
 from casd_ray.models.family import Spec
 from casd_ray.models.names import OBJECTS
 from casd_ray.search import progress, restore_point
@@ -216,7 +218,9 @@ def run_search(
     space_mod.check_budget(rules, teacher.spec)
     bounds = space_mod.search_bounds(rules, teacher.spec)
     names = ["uniform", *(c for c in s.controls if c != "uniform")]
+    cpu = time.process_time()
     specs = control_specs(teacher.model, teacher.spec, rules, names, log)
+    driver_cpu = {"controls": time.process_time() - cpu}
     controls = control_points(rules, teacher.spec, specs)
     plan = replace(
         plan, controls=tuple((n, tuple(sorted(g.items())), sp.to_json()) for n, g, sp in controls)
@@ -254,7 +258,9 @@ def run_search(
                 teacher_state=pack_teacher(teacher.model),
                 teacher_spec_json=teacher.spec.to_json(),
                 plan=plan,
-                teacher_logits=_shared_logits(packed, teacher, s, plan, log),
+                teacher_logits=_timed(
+                    driver_cpu, "teacher_logits", _shared_logits, packed, teacher, s, plan, log
+                ),
                 val_logits=_val_logits(packed, teacher, plan),
                 sources=_sources(teacher.spec),
             ),
@@ -285,10 +291,21 @@ def run_search(
             f"search interrupted: {finished} of {s.num_samples} trials finished; the state "
             f"is saved in {store.uri}"
         )
+    # what the search spent outside its trials (a resumed search: this run's part only)
+    write_json(run_dir / SEARCH_DRIVER, {k: round(v, 2) for k, v in driver_cpu.items()})
     out = write_table(table, run_dir / TRIALS_FILE)
     store.prune_checkpoints()
     _log_summary(table, log)
     return out
+
+
+def _timed(into: dict, key: str, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)``, its CPU seconds (this process) recorded as ``into[key]``."""
+    cpu = time.process_time()
+    try:
+        return fn(*args)
+    finally:
+        into[key] = time.process_time() - cpu
 
 
 @contextlib.contextmanager

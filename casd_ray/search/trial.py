@@ -98,6 +98,7 @@ class _Training:
     start_epoch: int = 0
     best: float = 0.0
     last_metrics: dict | None = None
+    cpu_before: float = 0.0  # CPU seconds of the runs before a restore
 
 
 def _start(
@@ -121,6 +122,7 @@ def _start(
         scheduler.load_state_dict(state["scheduler"])
         run.start_epoch, run.best = int(state["epoch"]), float(state["best_val_acc"])
         run.last_metrics = state.get("metrics")
+        run.cpu_before = float((run.last_metrics or {}).get("cpu_seconds", 0.0))
     elif plan.screen is None:  # (rung 0 re-estimates BN itself)
         # Adaptive BN (EagleEye): pruned channels shift the BN statistics; re-estimating them
         # makes early-rung scores rank candidates like their final accuracy.
@@ -163,7 +165,7 @@ def distill_trial(
     (for its KD score). ``sources``: in-memory architectures (``object:`` archs) to register
     before anything is built. Returns the last metrics (handy in tests; Tune ignores it).
     """
-    entered, started_at = time.perf_counter(), time.time()
+    entered, started_at, cpu0 = time.perf_counter(), time.time(), time.process_time()
     from ray import tune
 
     if report is None:  # inside Tune: one "checkpoint created" INFO line per epoch is noise
@@ -241,6 +243,7 @@ def distill_trial(
             "rung0_kd_loss": float(res["kd_loss"]),
             "objective": objective(0, score),
             "epoch_seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - cpu0,
             "epoch": 0,
             "max_epochs": s.max_epochs,
             **static,
@@ -267,6 +270,9 @@ def distill_trial(
             "train_acc": float(train["acc"]),
             "images_per_s": float(train["images_per_s"]),
             "epoch_seconds": time.perf_counter() - t0,
+            # this run of the trial's CPU time so far (its process: all of its threads):
+            # what a search costs, whatever else the machine was doing
+            "cpu_seconds": time.process_time() - cpu0 + (run.cpu_before or 0.0),
             "epoch": epoch + 1,  # 1-based: ASHA's time_attr, max_t = max_epochs
             "max_epochs": s.max_epochs,
             "objective": objective(epoch + 1, float(val["acc"])),

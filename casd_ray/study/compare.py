@@ -36,7 +36,7 @@ import numpy as np
 from scipy import stats
 
 from casd_ray.artifacts.network import is_complete
-from casd_ray.artifacts.run_folder import PARTS
+from casd_ray.artifacts.run_folder import PARTS, SEARCH_DRIVER
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
 from casd_ray.config import ExperimentConfig
 from casd_ray.data.load import load_dataset
@@ -55,7 +55,9 @@ ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
 # scales to it.
 REFERENCE_FINETUNE_IMAGES = 5 * 45_000
 PICKED = "picked"  # the better of winner and uniform on validation, not a trained arm
-KEEP = ("test_acc", "val_acc", "flops", "params", "flops_ratio", "seconds", "settings")
+KEEP = (
+    "test_acc", "val_acc", "flops", "params", "flops_ratio", "seconds", "cpu_seconds", "settings",
+)  # fmt: skip
 
 Log = Callable[[str], None]
 
@@ -102,15 +104,20 @@ def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log, start: dict | N
 
 
 def _search_cost(run: Path, finetune: dict, images: int) -> dict:
-    """A search's compute: its trials' seconds, as a multiple of one fine-tune of this run
-    and of the reference recipe (the same seconds per image)."""
+    """A search's compute as a multiple of one fine-tune, in CPU-seconds (its trials'
+    processes, whatever else the machine did; wall seconds where CPU time is not recorded),
+    of this run's recipe and of the reference recipe (the same CPU-seconds per image)."""
     trials = read_trials(run / TRIALS_FILE)
-    trial_s = float(trials["wall_time_s"].fillna(0).sum())
-    ft_s = finetune.get("seconds")
+    cpu = trials["cpu_seconds"].astype(float)
+    trial_s = float(cpu.sum()) if cpu.notna().all() else float(trials["wall_time_s"].sum())
+    driver = read_json_or_none(run / SEARCH_DRIVER) or {}
+    trial_s += float(sum(driver.values()))
+    ft_s = finetune.get("cpu_seconds") or finetune.get("seconds")
     ft_images = finetune.get("epochs", 0) * images
     per_image = ft_s / ft_images if ft_s and ft_images else None
     return {
         "trial_seconds": round(trial_s, 1),
+        "driver_seconds": driver,
         "trials": len(trials),
         "distilled": int((trials["epochs"].fillna(0) > 0).sum()),
         "trial_epochs": int(trials["epochs"].fillna(0).sum()),
@@ -225,7 +232,7 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
 
     lines += [
         "",
-        "Search cost (sum of trial seconds / the winner's fine-tune seconds), per seed: "
+        "Search cost (its trials' CPU-seconds / the winner's fine-tune CPU-seconds), per seed: "
         + costs("search_cost", "multiple"),
         "Search cost / one fine-tune of the reference recipe (5 epochs on 45k images, at this "
         "run's seconds per image), per seed: " + costs("search_cost", "multiple_of_reference"),

@@ -246,7 +246,7 @@ def fit(
     history = list(history or [])
     (x, y), (x_val, y_val) = train, val
     for epoch in range(len(history), epochs):
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         tr = train_one_epoch(
             model, x, y, optimizer=optimizer, scheduler=scheduler, batching=batching,
             epoch=epoch, targets=targets, label_smoothing=label_smoothing, amp=amp,
@@ -262,6 +262,7 @@ def fit(
                 "val_loss": v["loss"],
                 "val_acc": v["acc"],
                 "epoch_seconds": time.perf_counter() - began,
+                "cpu_seconds": time.process_time() - cpu,  # all threads of this process
             }
         )
         state = {

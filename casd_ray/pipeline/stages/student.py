@@ -175,6 +175,7 @@ def train_export(
         **cost_entry(model, spec, teacher.spec),
         "epochs": recipe.finetune.epochs,
         "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
+        "cpu_seconds": round(sum(h.get("cpu_seconds", 0.0) for h in history), 2),
         **(extra or {}),
         "history": history,
         "settings": settings,
