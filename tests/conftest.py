@@ -243,9 +243,10 @@ def ensure_teacher(cfg, log=lambda _: None, num_threads: int = 1):
     return load_network(cfg.run_dir / "teacher")
 
 
-def search_with(cfg, trainable, **kwargs):
+def search_with(cfg, trainable, resume: bool = False, **kwargs):
     """The search stage on the run's teacher, each trial running ``trainable`` (tests wrap
-    :func:`casd_ray.search.trial.distill_trial` to inject faults or delays); a fresh search.
+    :func:`casd_ray.search.trial.distill_trial` to inject faults or delays); a fresh search
+    unless ``resume``.
     ``kwargs`` go to ``run_search`` (e.g. ``address`` of a test cluster)."""
     from casd_ray.artifacts.network import load_network
     from casd_ray.data.load import load_dataset
@@ -258,7 +259,7 @@ def search_with(cfg, trainable, **kwargs):
         search_cfg=cfg.search,
         plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
         run_dir=cfg.run_dir,
-        resume=False,
+        resume=resume,
         trainable=trainable,
         **{"log": lambda _: None, **kwargs},
     )

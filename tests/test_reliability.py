@@ -85,7 +85,15 @@ def test_fresh_redoes_the_stage_and_keeps_the_old_one(run_copy, capsys):
     assert report["models"]["winner"]["flops_ratio"] <= 0.4 + 1e-9
     (aside,) = (run / "previous").iterdir()  # the old search, fine-tune moved, not deleted
     moved = {p.name for p in aside.iterdir()}
-    stages = {"search", "trials.parquet", "winner", "uniform", "finetune.json", "audit.json"}
+    stages = {
+        "search",
+        "search_driver.json",
+        "trials.parquet",
+        "winner",
+        "uniform",
+        "finetune.json",
+        "audit.json",
+    }
     assert stages <= moved <= stages | {"audit"}
 
 

@@ -14,15 +14,18 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import ray
-from conftest import ensure_teacher, search_with
+from conftest import ensure_teacher, finished_trials, search_with
 from ray import cloudpickle
 
 from casd_ray.config import ExperimentConfig
+from casd_ray.errors import SearchInterrupted
 from casd_ray.search.trial import distill_trial
 
 pytestmark = pytest.mark.soak
@@ -59,8 +62,8 @@ def faulty_trial(config, **kwargs):
     return distill_trial(config, report=report, **kwargs)
 
 
-def test_search_survives_injected_failures(tmp_path, image_tree, monkeypatch):
-    cfg = ExperimentConfig.model_validate(
+def soak_config(tmp_path: Path, image_tree: Path) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
         {
             "name": "soak",
             "output_dir": str(tmp_path),
@@ -79,17 +82,9 @@ def test_search_survives_injected_failures(tmp_path, image_tree, monkeypatch):
             },
         }
     )
-    ensure_teacher(cfg)
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    monkeypatch.setenv("CASD_SOAK_MARKERS", str(markers))  # Ray's workers inherit it
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        path = search_with(cfg, faulty_trial)
-    finally:
-        ray.shutdown()
-    df = pd.read_parquet(path)
+
+
+def check_every_trial_accounted_for(df: pd.DataFrame, markers: Path) -> None:
     assert len(df) == TRIALS and df["trial_id"].is_unique
     faults = df["genome"].map(lambda g: fault_of(json.loads(g))[0])
     counts = faults.value_counts().to_dict()
@@ -102,3 +97,53 @@ def test_search_survives_injected_failures(tmp_path, image_tree, monkeypatch):
         done = df[faults == fault]
         assert (done["status"] == "TERMINATED").all() and (done["epochs"] == EPOCHS).all(), fault
     assert len(list(markers.iterdir())) == int((faults == "kill").sum())  # each killed once
+
+
+def test_search_survives_injected_failures(tmp_path, image_tree, monkeypatch):
+    cfg = soak_config(tmp_path, image_tree)
+    ensure_teacher(cfg)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("CASD_SOAK_MARKERS", str(markers))  # Ray's workers inherit it
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        path = search_with(cfg, faulty_trial)
+    finally:
+        ray.shutdown()
+    check_every_trial_accounted_for(pd.read_parquet(path), markers)
+
+
+def test_search_with_failures_and_two_interrupts_resumes_to_every_trial(
+    tmp_path, image_tree, monkeypatch
+):
+    """Issue #27's soak: the same 30 faulty trials, Ctrl-C twice mid-search (each time the
+    search says it was interrupted and writes no table), resumed each time; in the end every
+    trial is accounted for exactly once, as without the interrupts."""
+    cfg = soak_config(tmp_path, image_tree)
+    ensure_teacher(cfg)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("CASD_SOAK_MARKERS", str(markers))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    exp = cfg.run_dir / "search"
+
+    def ctrl_c_after(n: int) -> None:  # the driver's own Ctrl-C once n trials have finished
+        def watch() -> None:
+            while len(finished_trials(exp)) < n:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        for i, n in enumerate((8, 18)):
+            ctrl_c_after(n)
+            with pytest.raises(SearchInterrupted, match="search interrupted"):
+                search_with(cfg, faulty_trial, resume=i > 0)
+            assert not (cfg.run_dir / "trials.parquet").exists()
+        path = search_with(cfg, faulty_trial, resume=True)
+    finally:
+        ray.shutdown()
+    check_every_trial_accounted_for(pd.read_parquet(path), markers)

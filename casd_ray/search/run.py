@@ -279,6 +279,10 @@ def run_search(
         finished = _finished(store.uri)
         if finished >= s.num_samples:
             table = trials_table(store.uri, rules, s.max_epochs, teacher.spec)
+    except KeyboardInterrupt:  # before or after fit(), where Tune's handler is not installed
+        finished = _finished(store.uri) if tune.Tuner.can_restore(store.uri) else 0
+        if finished >= s.num_samples:
+            raise
     finally:
         if started:
             import ray
