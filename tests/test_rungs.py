@@ -158,6 +158,28 @@ def test_rung0_promotes_exactly_the_quota_controls_included():
         assert len(promoted) == k and promoted[0] == 0, (n, k)  # the control goes first
 
 
+def test_rung0_quota_holds_when_reports_arrive_out_of_order():
+    """Concurrent trials report rung 0 in any order: a control arriving after the quota of
+    others was filled must not make ``promote + 1`` distilled trials (the random arm of
+    ``compare`` then spent more than the search it is compared with)."""
+    rng = random.Random(1)
+    n, k = 6, 3
+    for _ in range(50):
+        scores = [rng.random() for _ in range(n)]
+        trials = [trial(i, dict(CONTROL) if i == 0 else None) for i in range(n)]
+        sched = SearchASHA([CONTROL], promote=k, num_samples=n, **RUNG0)
+        for t in trials:
+            sched.on_trial_add(None, t)
+        order = list(range(n))
+        rng.shuffle(order)
+        kept = [
+            i for i in order
+            if sched.on_trial_result(None, trials[i], {"epoch": 0, "objective": scores[i]})
+            == sched.CONTINUE
+        ]  # fmt: skip
+        assert len(kept) == k and 0 in kept, (order, kept)
+
+
 def test_rung0_promotes_high_scores_and_stops_low_ones():
     n, k = 100, 8
     scores = [0.5] * n

@@ -212,3 +212,19 @@ def test_restore_point_puts_back_one_whole_snapshot(tmp_path, monkeypatch):
     (storage / restore_point.NAME).write_bytes(b"not a zip")
     with pytest.raises(errors.UntrustedRunError, match=f"{restore_point.NAME}: unreadable"):
         restore_point.repair(str(storage), trusted=True, log=print)
+
+
+def test_a_search_stopped_before_its_first_snapshot_is_not_restorable(tmp_path):
+    """D2 (late0): Ctrl-C after Tune wrote ``tuner.pkl`` but before its first experiment
+    snapshot. ``Tuner.can_restore`` says yes, and restoring (or counting its trials) then
+    fails with Tune's "No experiment snapshot file"; such a search has nothing to resume."""
+    from ray import tune
+
+    store = SearchStorage.of(tmp_path / "run", None)
+    folder = Path(store.uri)
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"")
+    assert tune.Tuner.can_restore(store.uri)
+    assert not store.restorable()
+    (folder / "experiment_state-2026-12-05_07-00-00.json").write_text("{}")
+    assert store.restorable()

@@ -228,7 +228,7 @@ def run_search(
     points = [g for _, g, _ in controls]
     if not rules.repair:
         log("search: no budget repair (multi-objective or space.repair off): cost varies")
-    restore = resume and tune.Tuner.can_restore(store.uri)
+    restore = resume and store.restorable()
     if restore:
         store.prepare_resume(trusted=trust_folder, log=log)  # before Tune unpickles anything
     progress.LOG[0] = log
@@ -280,7 +280,7 @@ def run_search(
         if finished >= s.num_samples:
             table = trials_table(store.uri, rules, s.max_epochs, teacher.spec)
     except KeyboardInterrupt:  # before or after fit(), where Tune's handler is not installed
-        finished = _finished(store.uri) if tune.Tuner.can_restore(store.uri) else 0
+        finished = _finished(store.uri) if store.restorable() else 0
         if finished >= s.num_samples:
             raise
     finally:

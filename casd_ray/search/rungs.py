@@ -84,6 +84,7 @@ class SearchASHA(ASHAScheduler):
         self.promote, self.num_samples = promote, num_samples
         self.rung0: dict[str, float] = {}  # trial id -> rung-0 score
         self.promoted: list[str] = []
+        self.controls_screened = 0
         if generation_size:
             self._brackets = [_GenerationBracket(b, self.generation) for b in self._brackets]
 
@@ -104,11 +105,16 @@ class SearchASHA(ASHAScheduler):
             if not self.generation_size or self.generation.get(t, 0) < mine
         ]  # fmt: skip
         self.rung0[tid] = score
-        need = self.promote - len(self.promoted)
+        control = self._is_control(trial.config)
+        self.controls_screened += control
+        # places held for the controls still to report: with concurrent trials a control
+        # may arrive after the others filled the quota, and is promoted all the same
+        held = max(0, len(self.controls) - self.controls_screened)
+        need = self.promote - len(self.promoted) - held
         left = self.num_samples - 1 - self.order.get(tid, len(self.order))  # after this one
         quota = max(1, math.ceil(self.promote * (len(pool) + 1) / max(self.num_samples, 1)))
         rank = 1 + sum(v >= score for v in pool)  # a tie does not earn a place
-        keep = self._is_control(trial.config) or (need > 0 and (rank <= quota or left < need))
+        keep = control or (need > 0 and (rank <= quota or left - held < need))
         if keep:
             self.promoted.append(tid)
             return self.CONTINUE

@@ -57,6 +57,19 @@ class SearchStorage:
         fs, path = self._fs()
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
+    def restorable(self) -> bool:
+        """Whether Tune can resume this experiment: ``tuner.pkl`` *and* a snapshot of its
+        state. An interrupt between the two leaves only ``tuner.pkl``, which
+        ``Tuner.can_restore`` accepts and ``Tuner.restore`` then refuses."""
+        fs, path = self._fs()
+        if fs.get_file_info(f"{path}/tuner.pkl").type != pafs.FileType.File:
+            return False
+        found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return any(
+            i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
+            for i in found
+        )
+
     def set_aside(self, log: Callable[[str], None]) -> None:
         """Move an old experiment under ``previous/`` beside it (never delete a user's work)."""
         if not self.exists():
