@@ -84,7 +84,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("negative GPUs", ["run", "--set", "search.gpus_per_trial=-1"], "search.gpus_per_trial:"),
     ("no fine-tune epochs", ["run", "--set", "finetune.epochs=0"], "finetune.epochs:"),
     ("--set without '='", ["run", "--set", "search.max_epochs"], "expected key=value"),
-    ("--set value not YAML", ["run", "--set", "search.num_samples=[1"], "--set search.num"),
+    ("--set value not YAML", ["run", "--set", "space.ignore=[stem"], "--set space.ignore"),
+    ("--set list for a number", ["run", "--set", "search.num_samples=[1"], "search.num_samples:"),
+    ("--set bool for a number (D15)", ["run", "--set", "search.num_samples=true"], "num_samples:"),
+    ("negative seed (D6)", ["run", "--set", "seed=-1"], "seed: "),
+    ("seed of 2**64 (D6)", ["run", "--set", "seed=18446744073709551616"], "seed: "),
+    ("split_seed -1 (D6)", ["run", "--set", "data.split_seed=-1"], "data.split_seed: "),
+    (
+        "duplicate YAML key (D8)",
+        ["run", "text:search:\n  num_samples: 2\nsearch:\n  max_epochs: 1\n"],
+        "duplicate key 'search' (line 3)",
+    ),
     ("--set into a value", ["run", "--set", "name.x=1"], "name.x: name is not a section"),
     ("more CPUs than here", ["run", "--set", "search.cpus_per_trial=999"], "cpus_per_trial"),
     (
@@ -96,6 +106,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("data root is a file", ["run", "--set", "data.root={tmp}/c.yaml"], "c.yaml"),
     ("output_dir is a file", ["run", "--set", "output_dir={tmp}/c.yaml"], "output_dir:"),
     (
+        "output_dir on a pseudo-filesystem (D13)",
+        ["run", "--set", "output_dir=/proc/casd-ray-runs"],
+        "output_dir: /proc is not writable",
+    ),
+    (
+        "storage_path of an unknown scheme (D14)",
+        ["run", "--set", "search.storage_path=foo://x"],
+        "search.storage_path: foo://x",
+    ),
+    (
+        "storage_path on a pseudo-filesystem (D14)",
+        ["run", "--set", "search.storage_path=/proc/casd-ray-search"],
+        "search.storage_path: /proc is not writable",
+    ),
+    (
         "teacher checkpoint missing",
         ["run", "--set", "teacher.checkpoint={tmp}/none.pt"],
         "teacher.checkpoint:",
@@ -105,12 +130,76 @@ CASES: list[tuple[str, list[str], str]] = [
         ["run", "--set", "teacher.checkpoint={tmp}/garbage.pt"],
         "teacher.checkpoint:",
     ),
+    (
+        "one-class image folder (D3)",
+        ["run", "--set", "data.dataset=imagefolder", "--set", "data.root={tmp}/one_class"],
+        "1 class (cat); a classifier needs at least 2",
+    ),
+    (
+        "typo in space.ignore (D7)",
+        ["run", "--set", "model.arch=python:{tmp}/tiny_net.py:Net", "--set", "space.ignore=[bdy]"],
+        "space.ignore: python:{tmp}/tiny_net.py:Net has no module 'bdy'; did you mean 'body'?",
+    ),
+    (
+        "nothing left to prune (D5)",
+        ["run", "--set", "model.arch=python:{tmp}/tiny_net.py:Net", "--set", "space.ignore=[body]"],
+        "model.arch: python:{tmp}/tiny_net.py:Net has no channel group that can be pruned",
+    ),
+    (
+        "nothing left to prune at budget 1.0 (D5)",
+        [
+            "run",
+            "--set",
+            "model.arch=python:{tmp}/tiny_net.py:Net",
+            "--set",
+            "space.ignore=[body]",
+            "--set",
+            "space.budget.target=1.0",
+        ],
+        "has no channel group that can be pruned",
+    ),  # fmt: skip
     ("--fresh of a stage not run", ["teacher", "--fresh", "search"], "--fresh search"),
     ("search before a teacher", ["search"], "needs a finished teacher"),
     ("fine-tune before a search", ["finetune"], "needs a finished teacher"),
     ("report of no folder", ["report", "{tmp}/nowhere"], "run folder not found"),
     ("report of a non-run folder", ["report", "{data}"], "config.yaml: not found"),
+    ("report with a damaged data.json (D11)", ["report", "{tmp}/damaged"], "data.json: expected"),
 ]
+
+
+TINY_NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+"""
+
+
+def _inputs(tmp: Path) -> None:
+    """Files some cases point at: a small factory, a one-class image folder, a run folder
+    whose teacher/data.json is damaged."""
+    from PIL import Image
+
+    (tmp / "tiny_net.py").write_text(TINY_NET)
+    for split in ("train", "test"):
+        folder = tmp / "one_class" / split / "cat"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (8, 8), 20 * i).save(folder / f"{i}.png")
+    (tmp / "damaged" / "teacher").mkdir(parents=True)
+    (tmp / "damaged" / "config.yaml").write_text("name: damaged\n")
+    (tmp / "damaged" / "teacher" / "data.json").write_text("[1, 2]")
 
 
 def _config(tmp: Path, data: Path) -> Path:
@@ -125,6 +214,7 @@ def _config(tmp: Path, data: Path) -> Path:
     path = tmp / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     (tmp / "garbage.pt").write_bytes(b"not a checkpoint")
+    _inputs(tmp)
     return path
 
 

@@ -21,20 +21,20 @@ only then ``config.yaml`` and the stage records are written.
 from __future__ import annotations
 
 import functools
-import os
 from functools import partial
 from pathlib import Path
 
 from torch import nn
 
-from casd_ray.artifacts.network import load_network
-from casd_ray.artifacts.run_folder import SUMMARY, read_summary
+from casd_ray.artifacts.network import load_network, verify_export
+from casd_ray.artifacts.run_folder import PARTS, SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import save_config
 from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
+from casd_ray.files import check_writable, read_json, write_json
 from casd_ray.models.family import with_ignore
 from casd_ray.pipeline.plan import (
     STAGES,
@@ -52,6 +52,7 @@ from casd_ray.pipeline.stages.teacher import load_checkpoint, make_teacher, teac
 from casd_ray.report.build import build_report
 from casd_ray.search.run import rebuild_table, run_search
 from casd_ray.search.session import check_resources
+from casd_ray.search.storage import check_storage
 from casd_ray.search.trial_plan import trial_plan
 from casd_ray.widths import space
 
@@ -67,9 +68,7 @@ def check_output(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"output_dir: {out} exists and is not a folder")
     if run.exists() and not run.is_dir():
         raise ConfigError(f"name: {run} exists and is not a folder")
-    probe = next(p for p in (run, out, *out.absolute().parents) if p.exists())
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir: {probe} is not writable")
+    check_writable(run, "output_dir")
 
 
 # --------------------------------------------------------------------------- execute
@@ -96,8 +95,10 @@ def execute(
     p = plan(cfg, [s for s in stages if s != "report"], fresh)
     run_dir = cfg.run_dir
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
-    if p.runs("search") and address is None:
-        check_resources(cfg.search)
+    if p.runs("search"):
+        check_storage(run_dir, cfg.search.storage_path)
+        if address is None:
+            check_resources(cfg.search)
     # Data and the finished teacher are read from disk at most once per command.
     dataset = (lambda: data) if data is not None else functools.cache(partial(_load_data, cfg))
     loaded: dict = {}
@@ -114,8 +115,8 @@ def execute(
             space.check_budget(rules, spec)
     # Everything is checked: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
+    set_aside_outputs(run_dir, p.discard, log)  # with the config.yaml they were made with
     save_config(cfg, run_dir / "config.yaml")
-    set_aside_outputs(run_dir, p.discard, log)
 
     total = len(stages)
     for i, stage in enumerate(stages, 1):
@@ -124,7 +125,7 @@ def execute(
         if stage == "report":
             log(f"{head}: report written: {report(run_dir)}")
             continue
-        if action == "reuse" and _output_ok(stage, cfg, rules, teacher, trust_folder, log):
+        if action == "reuse" and _output_ok(stage, cfg, rules, teacher, trust_folder, log, dataset):
             log(f"{head}: reusing {run_dir} (same settings)")
             continue
         log(f"{head}: {'resuming' if action == 'resume' else 'running'}")
@@ -178,7 +179,7 @@ def load_teacher(cfg: ExperimentConfig, folder: Path):
 
 
 def _output_ok(
-    stage: str, cfg: ExperimentConfig, rules, teacher, trust_folder: bool, log: Log
+    stage: str, cfg: ExperimentConfig, rules, teacher, trust_folder: bool, log: Log, dataset
 ) -> bool:
     """Whether a finished stage's outputs can be reused as they are.
 
@@ -188,6 +189,12 @@ def _output_ok(
     run_dir = cfg.run_dir
     if stage == "teacher":
         teacher()  # checks every teacher file (and keeps the network for the next stages)
+        data_file = run_dir / "teacher" / "data.json"
+        try:
+            read_json(data_file)
+        except ArtifactError as err:  # derived from the data: rewritten, the teacher is kept
+            log(f"teacher: {err}; rewriting it")
+            write_json(data_file, dataset().describe())
     if stage == "search":
         try:
             read_trials(run_dir / TRIALS_FILE)
@@ -200,6 +207,8 @@ def _output_ok(
     if stage == "finetune":
         try:
             read_summary(run_dir / SUMMARY)
+            for part in PARTS:  # what the report may tell a user to deploy must load and run
+                verify_export(run_dir / part)
         except ArtifactError as err:
             log(f"finetune: {err}")
             return False

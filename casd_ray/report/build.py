@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from casd_ray.artifacts.network import preprocessing_of
 from casd_ray.artifacts.run_folder import PARTS, SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, eligible, read_trials
 from casd_ray.errors import ArtifactError
@@ -30,6 +31,14 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _read_data(path: Path) -> dict | None:
+    """The teacher's data summary; absent before the teacher ran, refused when damaged (the
+    noise estimates and the deploy notes need it: dropping it would make a lesser report)."""
+    if not path.exists():
+        return None
+    return read_json(path, hint="rerun the same `casd-ray run` command to rewrite it")
 
 
 def _load_trials(run_dir: Path) -> pd.DataFrame | None:
@@ -78,7 +87,7 @@ def build_report_json(run_dir: Path) -> dict:
             "command": f"casd-ray run {run_dir / 'config.yaml'}",
             "report_command": f"casd-ray report {run_dir}",
         },
-        "data": _read_json(run_dir / "teacher" / "data.json"),
+        "data": _read_data(run_dir / "teacher" / "data.json"),
         "model": config.get("model"),
         "flops_convention": "FlopCounterMode: 2 FLOPs per multiply-add; conv and linear only",
         "missing": [],
@@ -111,6 +120,8 @@ def build_report_json(run_dir: Path) -> dict:
         report["audit"] = read_json(audit, hint="rerun the same command to rebuild it")
     if finetune is not None:
         report["deploy"] = deploy_choice(run_dir, finetune["models"], report.get("audit"))
+        if report["data"] is not None:  # what its inputs must look like (preprocessing.json)
+            report["deploy"]["preprocessing"] = preprocessing_of(report["data"])
     trials = _load_trials(run_dir)
     if trials is not None:
         report["search"] = search_summary(trials, config)
