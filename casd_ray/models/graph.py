@@ -178,15 +178,12 @@ def _traced_groups(
             continue  # a group that reaches the output or an ignored module stays full
         name = min(writers, key=lambda d: order[d[0]])[0]
         root = _module(model, name)
-        fn = (
-            tp.prune_conv_out_channels
-            if isinstance(root, nn.Conv2d)
-            else tp.prune_linear_out_channels
-        )
-        width = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
-        out.append(
-            (name, _deps(graph.get_pruning_group(root, fn, idxs=list(range(width))), owners))
-        )
+        conv = isinstance(root, nn.Conv2d)
+        fn = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
+        width = root.out_channels if conv else root.out_features
+        deps = _deps(graph.get_pruning_group(root, fn, idxs=list(range(width))), owners)
+        if all(_fits(_module(model, d[0]), d[1], d[2]) for d in deps):
+            out.append((name, deps))  # else Torch-Pruning mis-traced it (torch.chunk + cat)
     return sorted(out, key=lambda g: order[g[0]])
 
 
@@ -235,6 +232,19 @@ def _unit(model: nn.Module, deps: list, width: int) -> int:
             if np.all(blocks == blocks[:, :, :1]):
                 return u
     return width
+
+
+def _fits(m: nn.Module, kind: str, idxs: tuple[int, ...]) -> bool:
+    """Whether a coupled layer has the channels Torch-Pruning says it does."""
+    if isinstance(m, nn.Conv2d):
+        size = m.out_channels if kind == "out" else m.in_channels
+    elif isinstance(m, nn.Linear):
+        size = m.out_features if kind == "out" else m.in_features
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        size = m.num_features
+    else:
+        return True
+    return len(set(idxs)) <= size and max(idxs, default=0) < size
 
 
 def _depthwise(m: nn.Module) -> bool:
