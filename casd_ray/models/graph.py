@@ -80,6 +80,7 @@ class Structure:
     """
 
     names: tuple[str, ...]
+    modules: tuple[str, ...]  # the rows of the cost model: every layer with parameters
     # per group: (module, "out"|"in", that module's channels, the group channel each one
     # follows), as Torch-Pruning couples them in the full network; any full-width copy
     # shares them
@@ -303,6 +304,7 @@ def _structure(key: str) -> Structure:
                 terms.append((i, "fixed", p.numel()))
     return Structure(
         names=tuple(n for n, _ in groups),
+        modules=tuple(modules),
         deps=tuple(tuple(deps) for _, deps in groups),
         full=full,
         units=np.array(
@@ -367,6 +369,13 @@ def params_of(s: Structure, widths: np.ndarray) -> int:
         else:
             total += unit
     return int(round(total))
+
+
+def layer_channels(spec: GraphSpec) -> dict[str, tuple[int, int]]:
+    """Conv/linear layer -> (output, input) channels the cost model counts for ``spec``."""
+    s = structure(spec)
+    out, inp, _ = _counts(s, width_vector(spec))
+    return {n: (int(round(o)), int(round(i))) for n, o, i in zip(s.modules, out, inp, strict=True)}
 
 
 def flops(spec: GraphSpec) -> int:

@@ -51,6 +51,9 @@ class GraphFamily(ModelFamily):
         flat = np.asarray(widths).tolist()
         return spec.model_copy(update={"widths": dict(zip(names, map(int, flat), strict=True))})
 
+    def layer_channels(self, spec: GraphSpec) -> dict[str, tuple[int, int]]:
+        return graph.layer_channels(spec)
+
     def units(self, spec: GraphSpec) -> np.ndarray:
         return graph.structure(spec).units.astype(np.int64)
 
