@@ -375,6 +375,7 @@ def layer_channels(spec: GraphSpec) -> dict[str, tuple[int, int]]:
     """Conv/linear layer -> (output, input) channels the cost model counts for ``spec``."""
     s = structure(spec)
     out, inp, _ = _counts(s, width_vector(spec))
+    inp = np.where(s.depthwise, out, inp)  # a depthwise conv's input follows its output
     return {n: (int(round(o)), int(round(i))) for n, o, i in zip(s.modules, out, inp, strict=True)}
 
 

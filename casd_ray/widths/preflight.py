@@ -71,14 +71,14 @@ def check_candidate(teacher: nn.Module, spec: Spec, student: Spec) -> str | None
             (k for k in want if want[k] != got.get(k)), next(iter(got.keys() - want.keys()), "?")
         )
         return f"{name} rebuilt from widths.json has another shape"
-    wrong = _miscounted_layer(model, student)
     measured = measure_flops(model, shape)
-    if wrong or measured != flops(student):
-        predicted = flops(student)
-        return f"{wrong or 'a layer'} is costed wrong ({predicted} FLOPs counted, {measured} run)"
+    if measured != flops(student):
+        wrong = _miscounted_layer(model, student) or "a layer"
+        return f"{wrong} is costed wrong ({flops(student)} FLOPs counted, {measured} run)"
     counted = sum(p.numel() for p in model.parameters())
     if counted != params(student):
-        return f"parameters {params(student)} by the cost model, {counted} in the network"
+        wrong = _miscounted_layer(model, student) or "a parameter"
+        return f"{wrong} is costed wrong ({params(student)} parameters counted, {counted} built)"
     return None
 
 

@@ -1,0 +1,186 @@
+"""Models that used to crash or cost wrong (issue #28): grouped convs, ghost modules, splits.
+
+Each hard shape is a small model written here (built by ``python:tests/test_hard_models.py:…``)
+and goes through what a trial does: the uniform candidate on the budget and random ones,
+weights inherited, a forward, a rebuild from the widths alone, and the cost model checked
+against ``FlopCounterMode`` and ``numel``. A model casd-ray cannot cut exactly is refused by
+the pre-flight check in one line that names the layer. Real registry models are in
+``benchmarks/model_coverage.py`` (and ``-m slow`` below).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from casd_ray.errors import SourceError
+from casd_ray.models.cost import measure_flops
+from casd_ray.models.family import build_model, flops, group_widths, params, spec_for, with_ignore
+from casd_ray.widths import space
+from casd_ray.widths.inherit import inherit
+from casd_ray.widths.preflight import check_candidate, preflight
+
+HERE = Path(__file__).resolve()
+SIZE = 16
+
+
+def source(name: str, **kwargs) -> tuple[str, dict]:
+    return f"python:{HERE}:{name}", kwargs
+
+
+class GroupedSE(nn.Module):
+    """A grouped conv (``groups``) between plain convs, then squeeze-excitation."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, groups: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.grouped = nn.Sequential(
+            nn.Conv2d(32, 64, 3, padding=1, groups=groups), nn.BatchNorm2d(64)
+        )
+        self.se_reduce, self.se_expand = nn.Conv2d(64, 8, 1), nn.Conv2d(8, 64, 1)
+        self.head = nn.Conv2d(64, 32, 1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.grouped(torch.relu(self.stem(x))))
+        s = self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True))))
+        x = torch.relu(self.head(x * torch.sigmoid(s)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: half the channels from a conv, half from a depthwise conv of those,
+    concatenated and added to a shortcut (Torch-Pruning maps two channels onto one)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.primary = nn.Conv2d(16, 8, 1)
+        self.cheap = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        half = self.primary(x)
+        x = x + torch.cat([half, self.cheap(half)], 1)
+        return self.fc(x.mean((2, 3)))
+
+
+class SplitConcat(nn.Module):
+    """Channels split with ``torch.chunk``, one half convolved, concatenated back."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.branch = nn.Conv2d(16, 16, 3, padding=1)
+        self.mix = nn.Conv2d(32, 48, 1)
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.chunk(torch.relu(self.stem(x)), 2, dim=1)
+        x = torch.relu(self.mix(torch.cat([self.branch(a), b], 1)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Narrow(nn.Module):
+    """Slices a fixed number of channels: no pruned candidate can run."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        return self.fc(torch.relu(self.mid(x[:, :8])).mean((2, 3)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads(one_thread):
+    yield
+
+
+def spec_of(name: str, ignore: tuple[str, ...] = (), **kwargs):
+    arch, kw = source(name, **kwargs)
+    spec = spec_for(arch, image_size=(SIZE, SIZE), kwargs=kw)
+    return with_ignore(spec, ignore) if ignore else spec
+
+
+def candidates(spec, target: float = 0.5, n: int = 3):
+    """The uniform candidate on the budget and ``n - 1`` random ones, as trials build them."""
+    rules = space.SpaceRules("layer", target)
+    rng = np.random.default_rng(0)
+    genes = space.gene_names(spec, "layer")
+    genomes = [space.control_genome(rules, spec)]
+    genomes += [{g: float(rng.uniform(0.1, 1.0)) for g in genes} for _ in range(n - 1)]
+    return [space.candidate_spec(rules, spec, g) for g in genomes]
+
+
+def assert_exact(spec, target: float = 0.5) -> None:
+    teacher = build_model(spec).eval()
+    for student in candidates(spec, target):
+        assert space.cost_ratio(student, spec, "flops") <= target
+        assert check_candidate(teacher, spec, student) is None
+        model = inherit(teacher, spec, student)
+        assert flops(student) == measure_flops(model, (3, SIZE, SIZE))
+        assert params(student) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("groups", [2, 4, 8])
+def test_grouped_conv_is_pruned_in_whole_groups_and_costed_exactly(groups):
+    spec = spec_of("GroupedSE", groups=groups)
+    assert_exact(spec)
+    for student in candidates(spec):
+        model = build_model(student)
+        conv = model.grouped[0]
+        assert conv.groups == groups  # every group keeps the same number of channels
+        assert conv.in_channels % groups == 0 and conv.out_channels % groups == 0
+        assert group_widths(student)["stem.0"] % groups == 0
+
+
+def test_grouped_conv_inherits_the_same_positions_in_every_group():
+    spec = spec_of("GroupedSE", groups=4)
+    teacher = build_model(spec).eval()
+    student = space.widths_from_ratios(spec, {"stem.0": 0.5})
+    model = inherit(teacher, spec, student).eval()
+    kept = model.grouped[0].weight
+    assert kept.shape == (64, 4, 3, 3)  # 8 input channels per group, 4 of them kept
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert model(x).shape == (2, 10)
+
+
+def test_ghost_module_maps_two_channels_onto_one():
+    spec = spec_of("Ghost")
+    assert_exact(spec)
+
+
+def test_split_and_concat_never_crash_nor_miscost():
+    """Torch-Pruning mis-traces the chunk: that group stays full, the rest is exact."""
+    spec = spec_of("SplitConcat")
+    assert "stem" not in group_widths(spec)
+    assert_exact(spec, target=0.8)
+
+
+def test_ignored_layer_keeps_its_input_channels():
+    spec = spec_of("GroupedSE", ignore=("grouped",), groups=4)
+    assert "stem.0" not in group_widths(spec)  # the group the ignored conv reads stays full
+    assert_exact(spec, target=0.8)
+    assert build_model(candidates(spec, 0.8)[0]).grouped[0].in_channels == 32
+
+
+def test_preflight_refuses_in_one_line_naming_the_layer():
+    spec = spec_of("Narrow")
+    with pytest.raises(SourceError) as err:
+        preflight(space.SpaceRules("layer", 0.5), spec)
+    line = str(err.value)
+    assert "\n" not in line and "mid fails after pruning" in line and "space.ignore" in line
+
+
+def test_preflight_passes_models_it_can_cut():
+    preflight(space.SpaceRules("block", 0.5), spec_of("GroupedSE", groups=4))
+    preflight(space.SpaceRules("layer", 0.5), spec_of("Ghost"))
