@@ -10,6 +10,7 @@ the pre-flight check in one line that names the layer. Real registry models are 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ import pytest
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import write_fake_fashion_mnist, write_run_config  # noqa: E402
+
+from casd_ray.cli import main
 from casd_ray.errors import SourceError
 from casd_ray.models.cost import measure_flops
 from casd_ray.models.family import build_model, flops, group_widths, params, spec_for, with_ignore
@@ -184,3 +189,15 @@ def test_preflight_refuses_in_one_line_naming_the_layer():
 def test_preflight_passes_models_it_can_cut():
     preflight(space.SpaceRules("block", 0.5), spec_of("GroupedSE", groups=4))
     preflight(space.SpaceRules("layer", 0.5), spec_of("Ghost"))
+
+
+def test_casd_ray_run_refuses_before_the_teacher_trains(tmp_path, capsys):
+    """Through the command line: exit 2, one line naming the layer, no run folder."""
+    data = write_fake_fashion_mnist(tmp_path / "data", 60, 20)
+    cfg = write_run_config(
+        tmp_path / "c.yaml", tmp_path / "runs", data, model={"arch": source("Narrow")[0]}
+    )
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mid fails after pruning" in err
+    assert not (tmp_path / "runs").exists()
