@@ -25,6 +25,7 @@ from casd_ray.cli import main
 from casd_ray.errors import SourceError
 from casd_ray.models.cost import measure_flops
 from casd_ray.models.family import build_model, flops, group_widths, params, spec_for, with_ignore
+from casd_ray.models.graph_family import prefix_genes
 from casd_ray.widths import space
 from casd_ray.widths.inherit import inherit
 from casd_ray.widths.preflight import check_candidate, preflight
@@ -201,3 +202,14 @@ def test_casd_ray_run_refuses_before_the_teacher_trains(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mid fails after pruning" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_stage_granularity_splits_a_features_classifier_model():
+    """torchvision's mobilenet_v3_small, vgg, regnet, convnext: ``features`` + ``classifier``
+    at the top gave 2 genes, one of them the whole network."""
+    names = ["features.0.0", "features.1.block.0", "features.2.block.0", "classifier.0"]
+    stage = prefix_genes(names, "stage")
+    assert list(stage) == ["features_0", "features_1", "features_2", "classifier_0"]
+    assert prefix_genes(["conv1", "layer1.0.a", "layer2.0.a"], "stage") == {
+        "conv1": ["conv1"], "layer1": ["layer1.0.a"], "layer2": ["layer2.0.a"]
+    }  # fmt: skip
