@@ -3,7 +3,7 @@
 Every torchvision classification model (``torchvision.models.list_models``) and a sample of
 timm, one small model per family, go through what ``casd-ray run`` does before its teacher
 trains: the channel groups traced, the budget checked, then the pre-flight check
-(:mod:`casd_ray.widths.preflight`: the uniform candidate on the budget and two random ones
+(:mod:`casd_ray.widths.preflight`: the uniform candidate on the budget and random ones
 pruned with inherited weights, run, rebuilt from their widths, FLOPs compared with
 ``FlopCounterMode`` and parameters with ``numel``). Each model ends in one of
 
@@ -130,7 +130,7 @@ def parameter_count(arch: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check(arch: str, size: int, target: float, max_params: int, timeout: int) -> dict:
+def check(arch: str, size: int, target: float, max_params: int, timeout: int, samples: int) -> dict:
     """One model's outcome, with its groups and genes when it was traced."""
     row = {"arch": arch, "size": size}
     start = time.perf_counter()
@@ -146,7 +146,7 @@ def check(arch: str, size: int, target: float, max_params: int, timeout: int) ->
             row[f"genes_{granularity}"] = len(space.gene_names(spec, granularity))
         rules = space.SpaceRules("layer", target)
         space.check_budget(rules, spec)
-        preflight(rules, spec, samples=2)
+        preflight(rules, spec, samples=samples)
         row["outcome"] = "exact"
     except UserError as err:
         row["outcome"], row["line"] = "refused", str(err)
@@ -178,7 +178,7 @@ def sweep(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")
     signal.signal(signal.SIGALRM, _alarm)
     for arch in todo:
-        row = check(arch, args.size, args.target, args.max_params, args.timeout)
+        row = check(arch, args.size, args.target, args.max_params, args.timeout, args.samples)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{row['outcome']:9} {row['seconds']:6.1f}s {arch} {row.get('line', '')[:120]}")
@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.5, help="FLOPs budget")
     parser.add_argument("--max-params", type=int, default=150_000_000)
     parser.add_argument("--timeout", type=int, default=120, help="seconds per model")
+    parser.add_argument("--samples", type=int, default=2, help="random candidates per model")
     parser.add_argument("--limit", type=int, default=0, help="first N models only")
     parser.add_argument("--table", nargs="+", help="print the Markdown table of these files")
     args = parser.parse_args()

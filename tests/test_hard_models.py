@@ -213,3 +213,24 @@ def test_stage_granularity_splits_a_features_classifier_model():
     assert prefix_genes(["conv1", "layer1.0.a", "layer2.0.a"], "stage") == {
         "conv1": ["conv1"], "layer1": ["layer1.0.a"], "layer2": ["layer2.0.a"]
     }  # fmt: skip
+
+
+def test_a_channel_mismatch_suggests_data_channels(tmp_path, capsys):
+    data = write_fake_fashion_mnist(tmp_path / "data", 60, 20)
+    arch = source("Ghost")[0]
+    cfg = write_run_config(tmp_path / "c.yaml", tmp_path / "runs", data, model={"arch": arch})
+    assert main(["run", str(cfg), "--set", "model.kwargs={in_channels: 3}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set data.channels: 3" in err
+
+
+def test_data_channels_repeats_grayscale_to_rgb(tmp_path):
+    from casd_ray.config import DataConfig
+    from casd_ray.data.load import load_dataset
+
+    root = write_fake_fashion_mnist(tmp_path / "data", 60, 20)
+    cfg = DataConfig(dataset="fashion_mnist", root=str(root), val_size=10, channels=3)
+    splits = load_dataset(cfg, 0)
+    assert splits.in_channels == 3 and splits.x_test.shape[1] == 3
+    assert np.array_equal(splits.x_train[:, 0], splits.x_train[:, 2])
+    assert len(splits.mean) == len(splits.std) == 3

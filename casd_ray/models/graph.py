@@ -122,9 +122,18 @@ def _trace(model: nn.Module, spec: GraphSpec, x: Tensor) -> tuple[set[str], dict
             y = model(x)
     except Exception as err:  # noqa: BLE001 - a model can raise anything on a wrong shape
         detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        hint = (
+            f"; the model takes {first.in_channels}-channel images: set data.channels: "
+            f"{first.in_channels}"
+            if first is not None
+            and first.in_channels in (1, 3)
+            and first.in_channels != spec.in_channels
+            else ""
+        )
         raise SourceError(
             f"model.arch: {spec.arch} fails on the data's {shape} images "
-            f"({type(err).__name__}: {detail})"
+            f"({type(err).__name__}: {detail}){hint}"
         ) from None
     finally:
         for h in hooks:
