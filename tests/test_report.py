@@ -133,3 +133,14 @@ def test_report_names_the_network_to_deploy_by_final_validation(run_copy, better
     assert deploy["part"] == better
     assert deploy["folder"] == str(run_dir / better)
     assert f"Deploy `{better}/`" in text
+
+
+def test_the_table_shows_measured_cost_beside_the_cost_model(run_copy):
+    """FLOPs and parameters of the exported networks as measured (FlopCounterMode, numel),
+    with the cost model's figures beside them (issue #28)."""
+    run_dir, _, summary = run_copy
+    text = build_report(run_dir).read_text()
+    assert "| MFLOPs | params (k) | cost model: MFLOPs / params (k) |" in text
+    winner = summary["models"]["winner"]
+    measured = f"| {winner['flops_measured'] / 1e6:.2f} | {winner['params_measured'] / 1e3:.1f} |"
+    assert measured in text
