@@ -10,6 +10,7 @@ the pre-flight check in one line that names the layer. Real registry models are 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -234,3 +235,71 @@ def test_data_channels_repeats_grayscale_to_rgb(tmp_path):
     assert splits.in_channels == 3 and splits.x_test.shape[1] == 3
     assert np.array_equal(splits.x_train[:, 0], splits.x_train[:, 2])
     assert len(splits.mean) == len(splits.std) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["torchvision:regnet_y_400mf", "timm:ghostnet_100"])
+def test_casd_ray_run_compresses_the_models_that_crashed(arch, tmp_path, capsys):
+    """Issue #28's two registry models end to end: every trial within budget, the exports'
+    measured FLOPs equal to the cost model's, the reload equal (``-m slow``: minutes)."""
+    import pandas as pd
+    import yaml
+    from test_own_models import write_mixed_images
+
+    from casd_ray import load_compressed
+    from casd_ray.models.family import spec_from_json
+
+    images = write_mixed_images(tmp_path / "images")
+    cfg = {
+        "name": "hard",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "imagefolder", "root": str(images), "val_size": 9, "image_size": 32},
+        "model": {"arch": arch},
+        "teacher": {"epochs": 1, "batch_size": 16, "lr": 0.02},
+        "space": {"budget": {"target": 0.5}},
+        "search": {"num_samples": 3, "max_epochs": 1, "batch_size": 16, "lr": 0.02},
+        "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.02},
+        "audit": {"top_k": 0},
+    }
+    path = tmp_path / "hard.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    run = tmp_path / "runs" / "hard"
+    trials = pd.read_parquet(run / "trials.parquet")
+    assert len(trials) == 3 and trials["error"].isna().all()
+    for row in trials.itertuples():
+        assert row.flops_ratio <= 0.5
+        spec = spec_from_json(row.widths)
+        assert row.flops == measure_flops(build_model(spec), (3, 32, 32))
+    for part in ("winner", "uniform"):
+        summary = json.loads((run / "report.json").read_text())["models"][part]
+        assert summary["flops"] == summary["flops_measured"]
+        assert summary["params"] == summary["params_measured"]
+        model = load_compressed(run / part).eval()
+        assert model(torch.zeros(2, 3, 32, 32)).shape[0] == 2
+
+
+# ------------------------------------------------------------------ the registries, timm's habit
+
+sys.path.insert(0, str(HERE.parent.parent / "benchmarks"))
+import model_coverage  # noqa: E402
+
+# a few seconds each: a ghost module, grouped convs, and a model Torch-Pruning cannot trace
+FAST = {
+    "timm:ghostnet_100": "exact",
+    "torchvision:regnet_x_400mf": "exact",
+    "torchvision:shufflenet_v2_x0_5": "refused",
+}
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in model_coverage.models()],
+)
+def test_registry_model_compresses_exactly_or_is_refused_up_front(arch):
+    """Every torchvision classification model and a timm model per family (``-m slow``; a
+    fast subset by default): exact, or one line before training — never a crash."""
+    row = model_coverage.check(arch, 32, 0.5, max_params=150_000_000, timeout=0, samples=1)
+    assert row["outcome"] in {"exact", "refused", "too big"}, row
+    assert row["outcome"] == FAST.get(arch, row["outcome"]), row
+    assert "\n" not in row.get("line", "")
