@@ -67,6 +67,14 @@ class DataConfig(_Strict):
         ),
     )
 
+    channels: Literal[1, 3] | None = Field(
+        None,
+        description=(
+            "images as this many channels: 3 repeats grayscale to RGB (for a model that takes "
+            "RGB), 1 averages RGB to gray; None keeps the data's"
+        ),
+    )
+
     @field_validator("image_size")
     @classmethod
     def _image_size(cls, v: int | None, info: ValidationInfo) -> int | None:

@@ -180,3 +180,14 @@ def test_the_report_says_how_to_feed_the_deployed_network(run_copy):
     assert (pre["mean"], pre["std"], pre["classes"]) == (data["mean"], data["std"], data["classes"])
     md = (run_dir / "report.md").read_text()
     assert "preprocessing.json" in md and f"{data['mean'][0]:.4f}" in md
+
+
+def test_the_table_shows_measured_cost_beside_the_cost_model(run_copy):
+    """FLOPs and parameters of the exported networks as measured (FlopCounterMode, numel),
+    with the cost model's figures beside them (issue #28)."""
+    run_dir, _, summary = run_copy
+    text = build_report(run_dir).read_text()
+    assert "| MFLOPs | params (k) | cost model: MFLOPs / params (k) |" in text
+    winner = summary["models"]["winner"]
+    measured = f"| {winner['flops_measured'] / 1e6:.2f} | {winner['params_measured'] / 1e3:.1f} |"
+    assert measured in text

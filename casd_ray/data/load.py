@@ -30,6 +30,18 @@ def default_root(dataset: str) -> Path | None:
     return None
 
 
+def with_channels(x: np.ndarray, channels: int | None) -> np.ndarray:
+    """``x`` (N, C, H, W) uint8 with ``channels`` channels (``data.channels``): a model built
+    for RGB can then learn grayscale data and the other way round."""
+    if channels is None or x.shape[1] == channels:
+        return x
+    if channels == 3 and x.shape[1] == 1:
+        return np.repeat(x, 3, axis=1)
+    if channels == 1:
+        return np.round(x.mean(axis=1, keepdims=True)).astype(np.uint8)
+    raise DataError(f"data.channels: cannot turn {x.shape[1]}-channel images into {channels}")
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
     """Load ``cfg.dataset``, carve validation from train with ``data.split_seed`` (default:
     the run ``seed``), apply subsets."""
@@ -58,6 +70,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
         (xtr, ytr), (xte, yte), classes = load_imagefolder(root, cfg.image_size)
         augment = "flip_crop"
 
+    xtr, xte = with_channels(xtr, cfg.channels), with_channels(xte, cfg.channels)
     if len(classes) < 2:  # accuracy would be 100 % whatever the network (D3)
         where = root / "train" if cfg.dataset == "imagefolder" else root
         raise DataError(

@@ -86,6 +86,19 @@ class ModelFamily(ABC):
         """The spec of ``model``, a network of ``spec``'s architecture pruned by any tool
         (e.g. Torch-Pruning): every group's width read off the module that writes it."""
 
+    #: False where pruning is hand-written and tested exact, so no pre-flight check is needed
+    traced = True
+
+    def layer_channels(self, spec: BaseModel) -> dict[str, tuple[int, int]]:
+        """Layer -> (output, input) channels the cost model counts: what a pre-flight check
+        compares with a built candidate to name the layer it gets wrong."""
+        return {}
+
+    def units(self, spec: BaseModel) -> np.ndarray:
+        """Per group, the step its width moves in (1: any width); a grouped conv's groups or
+        a split's blocks must keep equal sizes."""
+        return np.ones(len(self.group_names(spec)), dtype=np.int64)
+
     def check_student(self, teacher_spec: BaseModel, student_spec: BaseModel) -> None:
         """Raise ValueError when ``student_spec`` cannot be cut from ``teacher_spec``."""
         wider = [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -80,17 +81,20 @@ class Structure:
     """
 
     names: tuple[str, ...]
-    # per group: (module, "out"|"in", that module's channel for each group channel), as
-    # Torch-Pruning couples them in the full network; any full-width copy shares them
-    deps: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]
+    modules: tuple[str, ...]  # the rows of the cost model: every layer with parameters
+    # per group: (module, "out"|"in", that module's channels, the group channel each one
+    # follows), as Torch-Pruning couples them in the full network; any full-width copy
+    # shares them
+    deps: tuple[tuple[tuple[str, str, tuple[int, ...], tuple[int, ...]], ...], ...]
     full: np.ndarray  # full width per group
+    units: np.ndarray  # per group: widths are multiples of it (see _unit)
     out_full: np.ndarray
     in_full: np.ndarray
     out_share: np.ndarray  # [modules, groups]
     in_share: np.ndarray
     flop_coef: np.ndarray  # FLOPs = sum coef * out * in_per_group (2 * positions * kernel area)
     depthwise: np.ndarray  # bool: in per group stays 1
-    in_per_group_full: np.ndarray
+    conv_groups: np.ndarray  # a grouped conv keeps its groups: in per group = in / groups
     param_terms: tuple[tuple[int, str, int], ...]  # (module row, kind, numel per unit)
 
 
@@ -119,9 +123,18 @@ def _trace(model: nn.Module, spec: GraphSpec, x: Tensor) -> tuple[set[str], dict
             y = model(x)
     except Exception as err:  # noqa: BLE001 - a model can raise anything on a wrong shape
         detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        hint = (
+            f"; the model takes {first.in_channels}-channel images: set data.channels: "
+            f"{first.in_channels}"
+            if first is not None
+            and first.in_channels in (1, 3)
+            and first.in_channels != spec.in_channels
+            else ""
+        )
         raise SourceError(
             f"model.arch: {spec.arch} fails on the data's {shape} images "
-            f"({type(err).__name__}: {detail})"
+            f"({type(err).__name__}: {detail}){hint}"
         ) from None
     finally:
         for h in hooks:
@@ -149,28 +162,39 @@ def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
 def _traced_groups(
     model: nn.Module, spec: GraphSpec, x: Tensor, outputs: set[str]
 ) -> list[tuple[str, list]]:
-    """(name, [(module name, "out"|"in", channel per group channel)]) per prunable group."""
+    """(name, [(module, "out"|"in", module channels, group channels)]) per prunable group.
+
+    Each group is re-read from the layer that names it, so a group's channels are that
+    layer's output channels and every coupled channel carries the group channel it follows
+    (Torch-Pruning's root index): concats, splits and ghost modules map channels unevenly.
+    A group touching an ignored module, on its input or output side, stays full; one that
+    reaches the network's output too.
+    """
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
-    fixed = outputs | {n for n in order if _ignored(n, spec.ignore)}
+    ignored = {n for n in order if _ignored(n, spec.ignore)}
     graph = dependency_graph(model, x)
-    ignored_layers = [m for m, n in names.items() if n in fixed and isinstance(m, PRUNABLE)]
+    ignored_layers = [
+        m for m, n in names.items() if n in outputs | ignored and isinstance(m, PRUNABLE)
+    ]
+    # a bare parameter (ConvNeXt's layer scale) is costed as part of the module that owns it
+    owners = dict(names) | {
+        p: n for n, m in model.named_modules() for p in m.parameters(recurse=False)
+    }
     out = []
     for group in graph.get_all_groups(ignored_layers=ignored_layers, root_module_types=PRUNABLE):
-        deps = []
-        for dep, idxs in group:
-            module = dep.target.module
-            if module not in names or dep.handler is None:
-                continue
-            kind = "out" if "out_channels" in dep.handler.__name__ else "in"
-            deps.append((names[module], kind, tuple(int(i) for i in idxs)))
-        writers = [
-            d for d in deps if d[1] == "out" and isinstance(model.get_submodule(d[0]), PRUNABLE)
-        ]
-        if not writers or any(d[1] == "out" and d[0] in fixed for d in deps):
+        deps = _deps(group, owners)
+        writers = [d for d in deps if d[1] == "out" and isinstance(_module(model, d[0]), PRUNABLE)]
+        if not writers or any((d[1] == "out" and d[0] in outputs) or d[0] in ignored for d in deps):
             continue  # a group that reaches the output or an ignored module stays full
         name = min(writers, key=lambda d: order[d[0]])[0]
-        out.append((name, deps))
+        root = _module(model, name)
+        conv = isinstance(root, nn.Conv2d)
+        fn = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
+        width = root.out_channels if conv else root.out_features
+        deps = _deps(graph.get_pruning_group(root, fn, idxs=list(range(width))), owners)
+        if all(_fits(_module(model, d[0]), d[1], d[2]) for d in deps):
+            out.append((name, deps))  # else Torch-Pruning mis-traced it (torch.chunk + cat)
     return sorted(out, key=lambda g: order[g[0]])
 
 
@@ -183,6 +207,70 @@ def _check_ignore(model: nn.Module, spec: GraphSpec) -> None:
             close = difflib.get_close_matches(prefix, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise SourceError(f"space.ignore: {spec.arch} has no module {prefix!r}{hint}")
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def _deps(group, names: dict) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...]]]:
+    """(module, kind, module channels, group channels) per coupled layer, merged per layer."""
+    pairs: dict[tuple[str, str], set[tuple[int, int]]] = {}
+    for item in group:
+        dep, idxs = item
+        module = dep.target.module
+        if module not in names or dep.handler is None:
+            continue
+        kind = "out" if "out_channels" in dep.handler.__name__ else "in"
+        roots = getattr(item, "root_idxs", None) or [getattr(i, "root_idx", i) for i in idxs]
+        got = pairs.setdefault((names[module], kind), set())
+        got |= {(int(i), int(r)) for i, r in zip(idxs, roots, strict=True)}
+    out = []
+    for (module, kind), got in pairs.items():
+        ordered = sorted(got, key=lambda p: (p[1], p[0]))
+        out.append((module, kind, tuple(i for i, _ in ordered), tuple(r for _, r in ordered)))
+    return out
+
+
+def _unit(model: nn.Module, deps: list, width: int) -> int:
+    """Channels a group is pruned by: the same position in each of ``unit`` equal blocks.
+
+    A grouped conv (not depthwise) of ``g`` groups needs every one of its groups to lose the
+    same positions (``g`` divides the unit); a layer that reads or writes only some blocks
+    of the group (a split, a concat) needs each block to lose the same number of channels,
+    or the cost would depend on which channels go. ``width`` means the group cannot shrink.
+    """
+    unit = 1
+    for module, _kind, _idxs, _roots in deps:
+        m = _module(model, module)
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and not _depthwise(m):
+            unit = math.lcm(unit, m.groups)
+    counts = np.zeros((len(deps), width), dtype=np.int64)
+    for row, (_m, _k, _i, roots) in enumerate(deps):
+        np.add.at(counts[row], np.asarray(roots, dtype=np.int64) % width, 1)
+    for u in range(unit, width + 1):
+        if width % u == 0 and u % unit == 0:
+            blocks = counts.reshape(len(counts), u, width // u)
+            if np.all(blocks == blocks[:, :, :1]):
+                return u
+    return width
+
+
+def _fits(m: nn.Module, kind: str, idxs: tuple[int, ...]) -> bool:
+    """Whether a coupled layer has the channels Torch-Pruning says it does."""
+    if isinstance(m, nn.Conv2d):
+        size = m.out_channels if kind == "out" else m.in_channels
+    elif isinstance(m, nn.Linear):
+        size = m.out_features if kind == "out" else m.in_features
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        size = m.num_features
+    else:
+        return True
+    return len(set(idxs)) <= size and max(idxs, default=0) < size
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
 
 
 @lru_cache(maxsize=16)
@@ -208,7 +296,7 @@ def _structure(key: str) -> Structure:
     out_share = np.zeros((len(modules), len(groups)))
     in_share = np.zeros((len(modules), len(groups)))
     for g, (_, deps) in enumerate(groups):
-        for module, kind, idxs in {(d[0], d[1]): d for d in deps}.values():
+        for module, kind, idxs, _roots in deps:
             if module in row:
                 share = out_share if kind == "out" else in_share
                 share[row[module], g] = len(idxs) / full[g]
@@ -223,12 +311,12 @@ def _structure(key: str) -> Structure:
         else:
             first = next(m.parameters(False))
             o, c, groups_, area = first.shape[0] if first.dim() else 1, 0, 1, 1
-        depthwise = isinstance(m, nn.Conv2d) and groups_ > 1 and groups_ == c == o
+        depthwise = _depthwise(m)
         out_full.append(o)
         in_full.append(c)
         coef.append(2 * positions.get(n, 0) * area)
         dw.append(depthwise)
-        ipg.append(c // groups_ if c else 0)
+        ipg.append(groups_)
         for pname, p in m.named_parameters(recurse=False):
             if isinstance(m, PRUNABLE) and pname == "weight":
                 terms.append((i, "weight", area))
@@ -238,15 +326,19 @@ def _structure(key: str) -> Structure:
                 terms.append((i, "fixed", p.numel()))
     return Structure(
         names=tuple(n for n, _ in groups),
+        modules=tuple(modules),
         deps=tuple(tuple(deps) for _, deps in groups),
         full=full,
+        units=np.array(
+            [_unit(model, deps, int(w)) for (_, deps), w in zip(groups, full, strict=True)]
+        ),
         out_full=np.array(out_full, dtype=np.float64),
         in_full=np.array(in_full, dtype=np.float64),
         out_share=out_share,
         in_share=in_share,
         flop_coef=np.array(coef, dtype=np.float64),
         depthwise=np.array(dw),
-        in_per_group_full=np.array(ipg, dtype=np.float64),
+        conv_groups=np.array(ipg, dtype=np.float64),
         param_terms=tuple(terms),
     )
 
@@ -278,9 +370,7 @@ def _counts(s: Structure, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     removed = s.full - widths
     out = s.out_full - s.out_share @ removed
     inp = s.in_full - s.in_share @ removed
-    per_group = np.where(
-        s.depthwise, 1.0, np.where(s.in_per_group_full == s.in_full, inp, s.in_per_group_full)
-    )
+    per_group = np.where(s.depthwise, 1.0, inp / s.conv_groups)
     return out, inp, per_group
 
 
@@ -301,6 +391,14 @@ def params_of(s: Structure, widths: np.ndarray) -> int:
         else:
             total += unit
     return int(round(total))
+
+
+def layer_channels(spec: GraphSpec) -> dict[str, tuple[int, int]]:
+    """Conv/linear layer -> (output, input) channels the cost model counts for ``spec``."""
+    s = structure(spec)
+    out, inp, _ = _counts(s, width_vector(spec))
+    inp = np.where(s.depthwise, out, inp)  # a depthwise conv's input follows its output
+    return {n: (int(round(o)), int(round(i))) for n, o, i in zip(s.modules, out, inp, strict=True)}
 
 
 def flops(spec: GraphSpec) -> int:

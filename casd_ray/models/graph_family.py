@@ -16,20 +16,27 @@ from casd_ray.models import graph, surgery
 from casd_ray.models.base import GRANULARITIES, ModelFamily, check_criterion
 from casd_ray.models.graph import GraphSpec
 
+# ``stage`` splits the groups into at least this many genes where the module paths allow:
+# a model whose top level is ``features`` and ``classifier`` would otherwise get 2 genes, one
+# of them the whole network, and the search would be the uniform network again
+MIN_STAGE_GENES = 3
+
 
 def prefix_genes(names: Sequence[str], granularity: str) -> dict[str, list[str]]:
     """Genes by module-path prefix: ``stage`` is the first prefix depth that splits the
-    groups (``layer1``, ``features.3``), ``block`` the next depth that splits them further
-    (``layer1.0``), ``layer`` one gene per group."""
+    groups into at least :data:`MIN_STAGE_GENES` (``layer1``, ``features.3``), ``block`` the
+    next depth that splits them further (``layer1.0``), ``layer`` one gene per group."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"space.granularity: {granularity!r} is not one of {GRANULARITIES}")
     parts = [n.split(".") for n in names]
     counts = [len({".".join(p[:d]) for p in parts}) for d in range(1, max(map(len, parts)) + 1)]
     levels = [d + 1 for d in range(len(counts)) if counts[d] > (counts[d - 1] if d else 1)]
-    want = {"stage": 0, "block": 1}.get(granularity)
+    enough = [i for i, d in enumerate(levels) if counts[d - 1] >= MIN_STAGE_GENES]
+    stage = enough[0] if enough else len(levels) - 1
+    want = {"stage": stage, "block": stage + 1}.get(granularity)
     genes: dict[str, list[str]] = {}
     for name, p in zip(names, parts, strict=True):
-        depth = levels[want] if want is not None and want < len(levels) else len(p)
+        depth = levels[want] if want is not None and 0 <= want < len(levels) else len(p)
         genes.setdefault(".".join(p[:depth]).replace(".", "_"), []).append(name)
     return genes
 
@@ -50,6 +57,12 @@ class GraphFamily(ModelFamily):
         names = graph.structure(spec).names
         flat = np.asarray(widths).tolist()
         return spec.model_copy(update={"widths": dict(zip(names, map(int, flat), strict=True))})
+
+    def layer_channels(self, spec: GraphSpec) -> dict[str, tuple[int, int]]:
+        return graph.layer_channels(spec)
+
+    def units(self, spec: GraphSpec) -> np.ndarray:
+        return graph.structure(spec).units.astype(np.int64)
 
     def flops(self, spec: GraphSpec) -> int:
         return graph.flops(spec)

@@ -129,6 +129,8 @@ def _layout(spec: WidthSpec) -> tuple[tuple[str, ...], np.ndarray]:
 class ResNetFamily(ModelFamily):
     """Pre-activation ResNets built from a :class:`WidthSpec`."""
 
+    traced = False  # hand-written slicing and cost, checked exact by the tests
+
     def build(self, spec: WidthSpec) -> nn.Module:
         return PreActResNet(spec)
 

@@ -27,23 +27,39 @@ from casd_ray.models.graph import (
 def importance(model: nn.Module, spec: GraphSpec, criterion: str = "l1") -> dict[str, Tensor]:
     """Group -> one score per channel: ``l1`` sums the L1 norms of the filters that write the
     group (every coupled conv/linear), ``bn_gamma`` the |gamma| of its batch norms.
-    ``model`` is a full-width instance of ``spec``'s architecture (the teacher)."""
+    ``model`` is a full-width instance of ``spec``'s architecture (the teacher).
+
+    A layer's channel adds to the group channel it follows (a concat or a ghost module maps
+    several onto one). A group pruned in units (``Structure.units``) scores a position by its
+    sum over the blocks, repeated in every block, so the best positions win in each block.
+    """
     s = structure(spec)
     out = {}
-    for name, deps, width in zip(s.names, s.deps, s.full.astype(int), strict=True):
+    for name, deps, width, unit in zip(s.names, s.deps, s.full.astype(int), s.units, strict=True):
         score = torch.zeros(width)
-        for module_name, kind, idxs in deps:
+        for module_name, kind, idxs, roots in deps:
             m = model.get_submodule(module_name)
             if kind != "out":
                 continue
-            idx = torch.tensor(idxs)
+            idx, root = torch.tensor(idxs), torch.tensor(roots)
             if criterion == "l1" and isinstance(m, PRUNABLE):
                 w = m.weight.detach().float().cpu().abs()
-                score += w.reshape(w.shape[0], -1).sum(1)[idx]
+                score.index_add_(0, root, w.reshape(w.shape[0], -1).sum(1)[idx])
             elif criterion == "bn_gamma" and isinstance(m, nn.modules.batchnorm._BatchNorm):
-                score += m.weight.detach().float().cpu().abs()[idx]
-        out[name] = score
+                score.index_add_(0, root, m.weight.detach().float().cpu().abs()[idx])
+        out[name] = score.reshape(int(unit), -1).sum(0).repeat(int(unit))
     return out
+
+
+def in_units(keep: Tensor, width: int, unit: int) -> list[int]:
+    """The channels kept when ``keep`` is pruned in ``unit`` equal blocks: the positions kept
+    in the most blocks (ties: the lower position), the same in every block. ``keep`` already
+    in units comes back unchanged."""
+    block = width // unit
+    votes = torch.bincount(keep.long() % block, minlength=block)
+    n = len(keep) // unit
+    positions = torch.sort(torch.argsort(votes, descending=True, stable=True)[:n]).values
+    return [int(p) + b * block for b in range(unit) for p in positions]
 
 
 def prune_to(model: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.Module:
@@ -54,12 +70,13 @@ def prune_to(model: nn.Module, spec: GraphSpec, keep: dict[str, Tensor]) -> nn.M
     model.eval()
     graph = dependency_graph(model, example_input(spec, param.device).to(param.dtype))
     s = structure(spec)
-    for name, deps in zip(s.names, s.deps, strict=True):
+    for name, width, unit in zip(s.names, s.full.astype(int), s.units, strict=True):
         if name not in keep:
             continue
-        root = next(d for d in deps if d[0] == name and d[1] == "out")
-        kept = set(keep[name].tolist())
-        removed = [root[2][j] for j in range(len(root[2])) if j not in kept]
+        if len(keep[name]) % int(unit):
+            raise ValueError(f"group {name}: {len(keep[name])} channels, not a multiple of {unit}")
+        kept = set(in_units(keep[name], width, int(unit)))
+        removed = [j for j in range(width) if j not in kept]
         if not removed:
             continue
         module = model.get_submodule(name)

@@ -14,8 +14,9 @@ started with and whether it finished. On a rerun a stage is
 
 Settings that do not change a result (``search.max_concurrent``, ``search.max_failures``,
 ``search.cpus_per_trial``) are not part of any fingerprint. Nothing is written before the
-whole command is checked: schema, output folder, fingerprints, resources, data and budget;
-only then ``config.yaml`` and the stage records are written.
+whole command is checked: schema, output folder, fingerprints, resources, data, budget and
+the pre-flight check of the model's candidates (:mod:`casd_ray.widths.preflight`); only
+then ``config.yaml`` and the stage records are written.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from casd_ray.search.session import check_resources
 from casd_ray.search.storage import check_storage
 from casd_ray.search.trial_plan import trial_plan
 from casd_ray.widths import space
+from casd_ray.widths.preflight import preflight
 
 __all__ = ["STAGES", "execute", "fingerprints", "load_teacher", "report"]
 
@@ -113,6 +115,7 @@ def execute(
         spec = _teacher_spec_for_checks(cfg, p, dataset, teacher, teacher_model)
         if p.runs("search") or p.runs("finetune"):
             space.check_budget(rules, spec)
+            preflight(rules, spec)  # candidates prune, run and cost right, before training
     # Everything is checked: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     set_aside_outputs(run_dir, p.discard, log)  # with the config.yaml they were made with

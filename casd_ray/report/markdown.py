@@ -123,16 +123,18 @@ def render_markdown(report: dict) -> str:
         lines += [
             "## Result",
             "",
-            f"| model | test acc | val acc | MFLOPs | params (k) | FLOPs ratio | "
-            f"CPU ms (batch {b1}) | CPU ms/img (batch {bn}) | search rank |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| model | test acc | val acc | MFLOPs | params (k) | cost model: MFLOPs / params (k) "
+            f"| FLOPs ratio | CPU ms (batch {b1}) | CPU ms/img (batch {bn}) | search rank |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for name in NAMES:
             m = models[name]
             ms = m["latency"]
             lines.append(
                 f"| {name} | {_pct(m['test_acc'])} | {_pct(m['val_acc'])} | "
-                f"{m['flops'] / 1e6:.2f} | {m['params'] / 1e3:.1f} | {m['flops_ratio']:.3f} | "
+                f"{m.get('flops_measured', m['flops']) / 1e6:.2f} | "
+                f"{m.get('params_measured', m['params']) / 1e3:.1f} | "
+                f"{m['flops'] / 1e6:.2f} / {m['params'] / 1e3:.1f} | {m['flops_ratio']:.3f} | "
                 f"{ms['batch_ms'][b1]:.2f} | {ms['per_image_ms'][bn]:.3f} | "
                 f"{_rank(m.get('search')) if name != 'teacher' else '–'} |"
             )
@@ -140,8 +142,9 @@ def render_markdown(report: dict) -> str:
             "",
             f"FLOPs reduction of the winner: **{100 * report['flops_reduction']:.1f}%** "
             f"(params: {100 * report['params_reduction']:.1f}%). FLOPs are counted by "
-            "`torch.utils.flop_counter.FlopCounterMode` on a real forward: 2 FLOPs per "
-            "multiply-add, conv and linear layers only.",
+            "`torch.utils.flop_counter.FlopCounterMode` on a real forward of the exported "
+            "network (2 FLOPs per multiply-add, conv and linear layers only), parameters by "
+            "`numel`; the cost model the search budgets with is beside them.",
             f"CPU latency: median of repeated eval forwards, {lat['threads']} thread(s), "
             f"batch sizes {lat['batch_sizes']}.",
             "Uniform = every layer at one keep-ratio, at the same budget (the search's control "

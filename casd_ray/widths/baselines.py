@@ -69,7 +69,7 @@ def global_ranking_spec(
     )
     names, owner = global_order(teacher, spec, criterion)
     full = np.array([group_widths(spec)[n] for n in names], dtype=np.int64)
-    d = divisible_by
+    d = space.steps_of(spec, divisible_by)
     lowest = np.minimum(-(-min_channels // d) * d, full)
     teacher_cost = space.cost(spec, metric)
 

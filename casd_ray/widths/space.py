@@ -72,15 +72,21 @@ def ratios_from_genome(spec: Spec, granularity: str, genome: dict[str, float]) -
 # --------------------------------------------------------------------------- widths
 
 
+def steps_of(spec: Spec, divisible_by: int) -> np.ndarray:
+    """Per group, the multiple its width rounds to: ``divisible_by`` and the group's own unit
+    (a grouped conv's groups, a split's blocks), whichever both divide."""
+    return np.lcm(int(divisible_by), family_of(spec).units(spec))
+
+
 def _round_widths(
-    teacher: np.ndarray, ratios: np.ndarray, min_channels: int, divisible_by: int
+    teacher: np.ndarray, ratios: np.ndarray, min_channels: int, divisible_by: np.ndarray | int
 ) -> np.ndarray:
     """Vectorised rounding shared by :func:`widths_from_ratios` and :func:`repair`.
 
     A ratio >= 1 keeps the whole group (even if its width is not a multiple of
     ``divisible_by``), so ratio 1.0 always reproduces the teacher. Otherwise round half up
-    to a multiple of ``divisible_by``, then clamp to [lowest, teacher width] where lowest is
-    ``min_channels`` rounded up to a multiple of ``divisible_by``.
+    to a multiple of ``divisible_by`` (one per group), then clamp to [lowest, teacher width]
+    where lowest is ``min_channels`` rounded up to a multiple of ``divisible_by``.
     """
     d = divisible_by
     lowest = -(-min_channels // d) * d
@@ -106,7 +112,7 @@ def widths_from_ratios(
     q = np.array([float(ratios.get(n, 1.0)) for n in names])
     if not np.all(np.isfinite(q)) or np.any(q <= 0):
         raise ValueError("ratios: every keep-ratio must be a positive finite number")
-    return _with_widths(spec, _round_widths(w, q, min_channels, divisible_by))
+    return _with_widths(spec, _round_widths(w, q, min_channels, steps_of(spec, divisible_by)))
 
 
 def _layout(spec: Spec) -> tuple[tuple[str, ...], np.ndarray]:
@@ -194,13 +200,13 @@ def repair(
     ratios = ratios_from_genome(spec, granularity, genome)
     names, w = _layout(spec)
     r = np.array([ratios[n] for n in names])
-    d = divisible_by
+    d = steps_of(spec, divisible_by)
     # Width of group g changes where scale * r_g * w_g / d crosses j + 0.5, and at
     # scale * r_g = 1 (the group snaps to its full width).
     points = [1.0 / r]
-    for rg, wg in zip(r, w, strict=True):
-        j = np.arange(math.ceil(wg / d) + 1)
-        points.append((j + 0.5) * d / (wg * rg))
+    for rg, wg, dg in zip(r, w, d, strict=True):
+        j = np.arange(math.ceil(wg / dg) + 1)
+        points.append((j + 0.5) * dg / (wg * rg))
     breaks = np.unique(np.concatenate(points))
     breaks = breaks[breaks <= 1.0 / r.min()]
     # Evaluate just past each breakpoint so floating-point rounding cannot place the change
@@ -210,7 +216,7 @@ def repair(
 
     def student_at(scale: float) -> Spec:
         q = np.clip(scale * r, _TINY_RATIO, 1.0)
-        return _with_widths(spec, _round_widths(w, q, min_channels, divisible_by))
+        return _with_widths(spec, _round_widths(w, q, min_channels, d))
 
     def fits(i: int) -> bool:
         # the same comparison as cost_ratio(student) <= target, so callers agree exactly
