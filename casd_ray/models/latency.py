@@ -4,9 +4,9 @@ FLOPs are a poor stand-in for speed (depthwise and narrow layers are memory-boun
 layer has a fixed per-call cost), so a latency budget is checked by running the network on
 the runtime it will be deployed on, at the batch size it will serve. Timing is
 ``torch.utils.benchmark.Timer`` for every runtime (ONNX Runtime's ``session.run`` included):
-it pins the thread count, warms up, synchronises CUDA and reports the median and the
-interquartile range of blocks of runs (``adaptive_autorange``), which we keep as the spread. Each measurement is
-cached per (runtime, input shape, threads, widths), so a network is timed once per process.
+it pins the thread count, synchronises CUDA, and ``adaptive_autorange`` times blocks of runs
+until their interquartile range (kept as the spread) is within 5 % of the median. Each
+measurement is cached per (runtime, input shape, threads, widths): timed once per process.
 """
 
 from __future__ import annotations
@@ -124,9 +124,7 @@ def measure(model: nn.Module, dep: Deployment) -> Latency:
 _CACHE: dict[tuple, Latency] = {}
 
 
-def measure_cached(
-    key: Sequence, build: Callable[[], nn.Module], dep: Deployment
-) -> Latency:
+def measure_cached(key: Sequence, build: Callable[[], nn.Module], dep: Deployment) -> Latency:
     """:func:`measure` once per (deployment, ``key``): ``key`` names the widths (a spec's JSON)."""
     full = (*dep.key(), tuple(key) if not isinstance(key, str) else key)
     if full not in _CACHE:
