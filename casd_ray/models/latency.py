@@ -108,7 +108,7 @@ def measure(model: nn.Module, dep: Deployment) -> Latency:
     run = forward_fn(model, dep)
     old = torch.get_num_threads()
     try:
-        for _ in range(3):  # warm-up: allocator, oneDNN primitive and ORT kernel caches
+        for _ in range(2):  # warm-up: oneDNN primitives and ORT kernels are made on first use
             run()
         timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=dep.threads)
         # blocks of runs until the spread is within 5 % of the median (or 10x the time)

@@ -123,12 +123,14 @@ def fit(specs: list[Spec], ms: list[float]) -> tuple[float, ...]:
 
 def model_error(model: LatencyModel, specs: list[Spec], ms: list[float]) -> dict:
     """MAPE and worst-case relative error (in %) of ``model`` against measured latencies."""
+    if not specs:
+        return {"networks": 0}
     pred = np.array([model.predict_ms(s) for s in specs])
     rel = (pred - np.asarray(ms)) / np.asarray(ms)
     return {
         "networks": len(specs),
         "mape_pct": round(float(np.mean(np.abs(rel))) * 100, 2),
-        "worst_pct": round(float(np.max(np.abs(rel))) * 100, 2) if len(specs) else 0.0,
+        "worst_pct": round(float(np.max(np.abs(rel))) * 100, 2),
         "under_predicted": int(np.sum(rel < 0)),
     }
 
@@ -175,8 +177,9 @@ def build_latency_model(
                          cfg.threads)  # fmt: skip
     check = random_specs(teacher, cfg.check_networks, seed + 1, **kw)
     error = model_error(model, check, [measure_spec(s, dep).median_ms for s in check])
-    log(f"latency model: MAPE {error['mape_pct']}%, worst {error['worst_pct']}% "
-        f"on {error['networks']} measured networks")  # fmt: skip
+    if check:
+        log(f"latency model: MAPE {error['mape_pct']}%, worst {error['worst_pct']}% "
+            f"on {error['networks']} measured networks")  # fmt: skip
     return LatencyModel(**{**model.__dict__, "error": error})
 
 
