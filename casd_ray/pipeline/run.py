@@ -36,6 +36,7 @@ from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
 from casd_ray.models.family import with_ignore
+from casd_ray.pipeline.latency import save_latency, with_latency
 from casd_ray.pipeline.plan import (
     STAGES,
     TRAINED,
@@ -111,10 +112,12 @@ def execute(
         dataset()  # the run folder is written
         spec = _teacher_spec_for_checks(cfg, p, dataset, teacher, teacher_model)
         if p.runs("search") or p.runs("finetune"):
+            rules = with_latency(cfg, rules, spec, log)  # measures: may refuse the target
             space.check_budget(rules, spec)
     # Everything is checked: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    save_latency(cfg, rules)
     set_aside_outputs(run_dir, p.discard, log)
 
     total = len(stages)
@@ -229,7 +232,7 @@ def _run_stage(
             dataset(),
             teacher(),
             search_cfg=cfg.search,
-            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
+            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed, rules=rules),
             run_dir=run_dir,
             resume=p.actions["search"] == "resume",
             trust_folder=trust_folder,

@@ -89,6 +89,13 @@ class LatencyModel:
     def deployment(self, min_run_time: float = 0.2) -> Deployment:
         return Deployment(self.runtime, self.shape, self.threads, min_run_time)
 
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "coef": list(self.coef), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyModel:
+        return cls(**{**d, "coef": tuple(d["coef"]), "shape": tuple(d["shape"])})
+
 
 def measure_spec(spec: Spec, dep: Deployment) -> Latency:
     """Measured latency of a freshly built ``spec`` (cached per deployment and widths)."""
