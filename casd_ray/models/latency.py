@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from casd_ray.errors import ConfigError
 
@@ -106,6 +106,11 @@ def forward_fn(model: nn.Module, dep: Deployment) -> Callable[[], object]:
 def measure(model: nn.Module, dep: Deployment) -> Latency:
     """The latency of one batch of ``model`` on ``dep`` (weights do not matter, only widths)."""
     run = forward_fn(model, dep)
+    # importing torch.utils.benchmark logs "No CUDA runtime is found" on CPU-only machines,
+    # a stray stderr line before a one-line error: silenced, and imported on first use
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import benchmark
+
     old = torch.get_num_threads()
     try:
         for _ in range(2):  # warm-up: oneDNN primitives and ORT kernels are made on first use
