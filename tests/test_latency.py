@@ -5,15 +5,19 @@ behaviour with wide tolerances; measured figures live in benchmarks/latency_budg
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from casd_ray import errors
-from casd_ray.config import LatencyConfig
+from casd_ray.config import ExperimentConfig, LatencyConfig
 from casd_ray.models import latency
 from casd_ray.models.family import build_model, spec_for
+from casd_ray.pipeline import latency as pipeline_latency
+from casd_ray.pipeline.stages import finetune
 from casd_ray.widths import latency_model as lm
 from casd_ray.widths import space
 
@@ -140,3 +144,44 @@ def test_a_target_below_the_fastest_network_is_refused():
     msg = str(err.value)
     assert msg.startswith("space.budget.target: ") and "fastest reachable" in msg
     assert "\n" not in msg
+
+
+def test_finetune_measures_and_repairs_winner_and_uniform_onto_the_budget(monkeypatch):
+    model = _fake_model(target_ratio=0.5)
+    rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency", latency=model)
+    genome = {"stage0": 0.4, "stage1": 1.0, "stage2": 0.6}
+    specs = {
+        "winner": space.candidate_spec(rules, SMALL, genome),
+        "uniform": space.candidate_spec(rules, SMALL, space.control_genome(rules, SMALL)),
+    }
+
+    def measured(spec, dep):  # the device is 20 % slower than the model believes
+        return latency.Latency(1.2 * model.predict_ms(spec), 0.0, 10)
+
+    monkeypatch.setattr(lm, "measure_spec", measured)
+    monkeypatch.setattr(finetune, "measure_spec", measured)
+    winner = pd.Series({"genome": json.dumps(genome)})
+    logs: list[str] = []
+    out = finetune._onto_measured_budget(specs, winner, rules, SMALL, logs.append)
+    for name in ("winner", "uniform"):
+        assert out[name] != specs[name]  # repaired again from the measurement
+        assert measured(out[name], None).median_ms <= model.target_ms * (1 + lm.TOLERANCE)
+    assert len(logs) == 2 and "repaired from the measurement" in logs[0]
+
+
+def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path),
+        space={"budget": {"metric": "latency", "target": 0.7, "latency": {
+            "runtime": "torch", "fit_networks": 4, "check_networks": 0, **QUICK}}},
+    )  # fmt: skip
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    fitted = pipeline_latency.with_latency(cfg, rules, SMALL, lambda _: None)
+    assert fitted.latency is not None and fitted.latency.teacher_ms > 0
+    cfg.run_dir.mkdir(parents=True)
+    pipeline_latency.save_latency(cfg, fitted)
+    logs: list[str] = []
+    again = pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
+    assert again.latency == fitted.latency and "reusing" in logs[0]
+    flops_rules = space.rules_of(ExperimentConfig().space, "optuna-tpe")
+    assert pipeline_latency.with_latency(cfg, flops_rules, SMALL, print) is flops_rules
