@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from casd_ray.models import latency
 from casd_ray.models.family import build_model, spec_for
 from casd_ray.pipeline import latency as pipeline_latency
 from casd_ray.pipeline.stages import finetune
+from casd_ray.search.trial_plan import candidate_facts, trial_plan
 from casd_ray.widths import latency_model as lm
 from casd_ray.widths import space
 
@@ -185,3 +187,13 @@ def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
     assert again.latency == fitted.latency and "reusing" in logs[0]
     flops_rules = space.rules_of(ExperimentConfig().space, "optuna-tpe")
     assert pipeline_latency.with_latency(cfg, flops_rules, SMALL, print) is flops_rules
+
+
+def test_a_trial_reports_its_predicted_latency_ratio_within_the_budget():
+    cfg = ExperimentConfig(space={"budget": {"metric": "latency"}})
+    rules = replace(space.rules_of(cfg.space, "optuna-tpe"), latency=_fake_model())
+    plan = trial_plan(cfg.space, cfg.distill, cfg.search, seed=0, rules=rules)
+    genome = {"stage0": 0.3, "stage1": 1.0, "stage2": 0.6}
+    student, facts = candidate_facts(plan, SMALL, genome)
+    assert facts["latency_ratio"] == pytest.approx(rules.ratio(student, SMALL))
+    assert facts["latency_ratio"] <= rules.latency.target_ratio
