@@ -152,7 +152,12 @@ class LatencyConfig(_Strict):
         description="further random networks measured to report the model's error (MAPE, worst)",
     )
     min_run_time: float = Field(
-        0.2, gt=0, description="seconds of timed runs per measurement (after warm-up)"
+        0.2,
+        gt=0,
+        description=(
+            "least seconds of timed runs per measurement (up to 10x while the spread of "
+            "blocks of runs exceeds 5 % of their median)"
+        ),
     )
 
 
