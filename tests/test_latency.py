@@ -42,6 +42,14 @@ def test_measure_gives_a_median_and_spread_and_is_cached():
     assert lm.measure_spec(SMALL, _dep()) is lat  # cached per deployment and widths
 
 
+def test_networks_compared_side_by_side_are_measured_in_rounds():
+    nets = {"a": build_model(SMALL), "b": build_model(SMALL)}
+    got = latency.measure_together(nets, _dep(), rounds=2)
+    assert set(got) == {"a", "b"}
+    for m in got.values():
+        assert m["median_ms"] > 0 and m["rounds_spread_ms"] >= 0 and m["runs"] >= 2
+
+
 def test_measured_latency_grows_with_width():
     narrow = space.widths_from_ratios(SMALL, dict.fromkeys(space.group_names(SMALL), 0.1))
     wide = spec_for("resnet8", width=32)

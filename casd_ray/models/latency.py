@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -135,3 +136,23 @@ def measure_cached(key: Sequence, build: Callable[[], nn.Module], dep: Deploymen
     if full not in _CACHE:
         _CACHE[full] = measure(build(), dep)
     return _CACHE[full]
+
+
+def measure_together(models: dict[str, nn.Module], dep: Deployment, rounds: int = 3) -> dict:
+    """Networks compared side by side: measured in interleaved rounds, so a change in the
+    machine's load falls on all of them alike; per network the median of its rounds' medians
+    and of their IQRs, and the spread of the rounds ((max - min) of the medians)."""
+    got: dict[str, list[Latency]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            got[name].append(measure(model, dep))
+    out = {}
+    for name, lats in got.items():
+        med = [x.median_ms for x in lats]
+        out[name] = {
+            "median_ms": round(statistics.median(med), 5),
+            "iqr_ms": round(statistics.median(x.iqr_ms for x in lats), 5),
+            "rounds_spread_ms": round(max(med) - min(med), 5),
+            "runs": sum(x.runs for x in lats),
+        }
+    return out
