@@ -101,6 +101,11 @@ CASES: list[tuple[str, list[str], str]] = [
         "space.budget.target: 0.000 ms is below the fastest reachable network",
     ),  # fmt: skip
     (
+        "latency budget with NSGA-II",
+        ["run", "--set", "space.budget.metric=latency", "--set", "search.algorithm=optuna-nsga2"],
+        "search.algorithm: optuna-nsga2 trades accuracy against FLOPs",
+    ),
+    (
         "compare with a latency budget",
         ["compare", "--seeds", "0", "--set", "space.budget.metric=latency"],
         "space.budget.metric: compare needs flops or params",

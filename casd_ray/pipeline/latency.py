@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from casd_ray.config import ExperimentConfig
+from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json
 from casd_ray.models.family import Spec
 from casd_ray.pipeline.plan import Log
@@ -33,6 +34,11 @@ def with_latency(
     target). Rules of a FLOPs or params budget are returned as they are."""
     if rules.metric != "latency":
         return rules
+    if cfg.search.algorithm == "optuna-nsga2":
+        raise ConfigError(
+            "search.algorithm: optuna-nsga2 trades accuracy against FLOPs, not latency; with "
+            "space.budget.metric latency use optuna-tpe, evolution or random"
+        )
     saved = read_json_or_none(cfg.run_dir / LATENCY_FILE)
     if isinstance(saved, dict) and saved.get("settings") == _settings(cfg):
         log(f"latency: reusing the model in {cfg.run_dir / LATENCY_FILE}")
