@@ -205,3 +205,11 @@ def test_a_trial_reports_its_predicted_latency_ratio_within_the_budget():
     student, facts = candidate_facts(plan, SMALL, genome)
     assert facts["latency_ratio"] == pytest.approx(rules.ratio(student, SMALL))
     assert facts["latency_ratio"] <= rules.latency.target_ratio
+
+
+def test_repair_measured_gives_up_in_one_line_when_nothing_meets_the_target(monkeypatch):
+    model = _fake_model(target_ratio=0.5)
+    monkeypatch.setattr(lm, "measure_spec", lambda spec, dep: latency.Latency(1e3, 0.0, 10))
+    with pytest.raises(errors.BudgetError) as err:
+        lm.repair_measured(SMALL, "stage", space.uniform_genome(SMALL, "stage"), model)
+    assert str(err.value).startswith("space.budget.target: ") and "\n" not in str(err.value)

@@ -214,7 +214,12 @@ def repair_measured(
         lat = measure_spec(student, dep)
         if lat.median_ms <= model.target_ms * (1 + TOLERANCE):
             return student, lat
-        ratio *= model.target_ms / lat.median_ms
+        # never below the smallest network's prediction, which repair would refuse
+        low = space.smallest_ratio(
+            teacher, "latency", min_channels=min_channels, divisible_by=divisible_by,
+            ratio_fn=model.ratio,
+        )  # fmt: skip
+        ratio = max(low, ratio * model.target_ms / lat.median_ms)
     raise BudgetError(
         f"space.budget.target: no network of this allocation measured within "
         f"{model.target_ms:.3f} ms after {tries} repairs (last {lat.median_ms:.3f} ms)"
