@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/inheritance_paths.py
 	$(PY) benchmarks/memory_format.py
 	$(PY) benchmarks/finetune_logits.py
+	$(PY) benchmarks/latency_budget.py
 
 clean:
 	rm -rf $(VENV) runs

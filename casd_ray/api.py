@@ -34,7 +34,7 @@ from casd_ray.models.source import register_object
 from casd_ray.pipeline.plan import STAGES
 from casd_ray.pipeline.run import execute
 
-METRICS = ("flops", "params")
+METRICS = ("flops", "params", "latency")
 
 
 @dataclass
@@ -83,7 +83,8 @@ def _config(config: Any) -> ExperimentConfig:
 
 
 def _budget(budget: Any) -> dict[str, Any]:
-    """``{"flops": 0.5}`` / ``{"params": 0.3}`` / a bare fraction (of the teacher's FLOPs)."""
+    """``{"flops": 0.5}`` / ``{"params": 0.3}`` / ``{"latency": 0.5}`` (of the teacher's latency
+    measured on ``space.budget.latency``'s runtime) / a bare fraction (of the teacher's FLOPs)."""
     if isinstance(budget, int | float) and not isinstance(budget, bool):
         return {"metric": "flops", "target": float(budget)}
     if isinstance(budget, dict) and len(budget) == 1:
@@ -91,7 +92,7 @@ def _budget(budget: Any) -> dict[str, Any]:
         if metric in METRICS:
             return {"metric": metric, "target": target}
     raise ConfigError(
-        f"budget: expected {{'flops': fraction}} or {{'params': fraction}}, got {budget!r}"
+        f"budget: expected {{'flops' | 'params' | 'latency': fraction}}, got {budget!r}"
     )
 
 
@@ -167,7 +168,7 @@ def compress(
         **top,
         model={"arch": arch},
         data={"dataset": "memory", "digest": digest(data), "root": None},
-        space={"budget": _budget(budget)},
+        space={"budget": {**cfg.space.budget.model_dump(), **_budget(budget)}},
     )
     run_dir = execute(
         cfg,

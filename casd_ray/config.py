@@ -131,12 +131,59 @@ class TeacherConfig(_Strict):
     )
 
 
+class LatencyConfig(_Strict):
+    """Where and how a latency budget is measured: a deployment is runtime, batch and threads."""
+
+    runtime: Literal["torch", "torchscript", "onnxruntime", "cuda"] = Field(
+        "onnxruntime",
+        description=(
+            "torch: eager PyTorch on CPU; torchscript: traced, on CPU; onnxruntime: ONNX "
+            "Runtime's CPU provider; cuda: eager PyTorch with AMP on the GPU"
+        ),
+    )
+    batch_size: int = Field(
+        1, ge=1, description="images per forward (1: one request; larger: a throughput batch)"
+    )
+    threads: int = Field(1, ge=1, description="CPU threads of the runtime (CPU runtimes)")
+    target_ms: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "budget in milliseconds per batch; null: space.budget.target times the "
+            "teacher's measured latency"
+        ),
+    )
+    fit_networks: int = Field(
+        24, ge=4, description="random-width networks measured to fit the latency model"
+    )
+    check_networks: int = Field(
+        50,
+        ge=0,
+        description="further random networks measured to report the model's error (MAPE, worst)",
+    )
+    min_run_time: float = Field(
+        0.2,
+        gt=0,
+        description=(
+            "least seconds of timed runs per measurement (up to 10x while the spread of "
+            "blocks of runs exceeds 5 % of their median)"
+        ),
+    )
+
+
 class BudgetConfig(_Strict):
-    metric: Literal["flops", "params"] = Field(
-        "flops", description="what the budget limits: FLOPs or parameters of one image's forward"
+    metric: Literal["flops", "params", "latency"] = Field(
+        "flops",
+        description=(
+            "what the budget limits: FLOPs or parameters of one image's forward, or the "
+            "latency measured on space.budget.latency's runtime"
+        ),
     )
     target: float = Field(
         0.5, gt=0, le=1, description=("keep at most this fraction of the teacher's cost")
+    )
+    latency: LatencyConfig = Field(
+        LatencyConfig(), description="metric latency: runtime, batch, threads, target in ms"
     )
 
 

@@ -101,3 +101,26 @@ def test_rerun_reuses_finished_stages_and_report_rebuilds(finished_run):
     (run / "pareto.png").unlink()
     cli("report", str(run))
     assert (run / "pareto.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_latency_budget_end_to_end(tmp_path):
+    """A run under a measured latency budget: the model kept, trials repaired onto it, the
+    finals measured and reported."""
+    latency = {
+        "space.budget.metric": "latency", "space.budget.target": 0.7,
+        "space.budget.latency.runtime": "torch", "space.budget.latency.batch_size": 8,
+        "space.budget.latency.fit_networks": 4, "space.budget.latency.check_networks": 4,
+        "space.budget.latency.min_run_time": 0.02, "search.controls": "[uniform]",
+    }  # fmt: skip
+    overrides = smoke_overrides(CONFIG, tmp_path) + [f"{k}={v}" for k, v in latency.items()]
+    cli("run", str(CONFIG), *[a for item in overrides for a in ("--set", item)])
+    run = load_config(CONFIG, overrides).run_dir
+    kept = json.loads((run / "latency.json").read_text())
+    assert kept["model"]["runtime"] == "torch" and kept["model"]["error"]["networks"] == 4
+    trials = pd.read_parquet(run / "trials.parquet")
+    assert trials["meets_budget"].all()  # repaired onto the predicted budget
+    lat = json.loads((run / "report.json").read_text())["budget_latency"]
+    assert set(lat["measured"]) == {"teacher", "uniform", "winner"}
+    assert "## Latency budget" in (run / "report.md").read_text()
+    assert (run / "latency.png").is_file()

@@ -191,3 +191,25 @@ def test_the_table_shows_measured_cost_beside_the_cost_model(run_copy):
     winner = summary["models"]["winner"]
     measured = f"| {winner['flops_measured'] / 1e6:.2f} | {winner['params_measured'] / 1e3:.1f} |"
     assert measured in text
+
+
+def test_a_latency_budget_is_reported_as_measured_with_a_plot(run_copy):
+    run_dir, _, _ = run_copy
+    summary = json.loads((run_dir / "finetune.json").read_text())
+    measured = {n: {"median_ms": ms, "iqr_ms": 0.1, "runs": 50}
+                for n, ms in (("teacher", 2.0), ("uniform", 0.9), ("winner", 1.2))}  # fmt: skip
+    summary["budget_latency"] = {
+        "runtime": "onnxruntime", "shape": [1, 1, 28, 28], "threads": 1, "target_ms": 1.0,
+        "tolerance": 0.03,
+        "model_error": {"networks": 50, "mape_pct": 7.5, "worst_pct": 21.0},
+        "measured": measured, "winner_meets_budget": False,
+    }  # fmt: skip
+    (run_dir / "finetune.json").write_text(json.dumps(summary))
+    text = build_report(run_dir).read_text()
+    assert "## Latency budget" in text and "Target: **1.000 ms** (met within 3 %" in text
+    assert "| winner |" in text and "**no**" in text  # 1.2 ms is over a 1.0 ms budget
+    assert "MAPE 7.5 %" in text
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["budget_latency"]["measured"]["uniform"]["median_ms"] == 0.9
+    with Image.open(run_dir / "latency.png") as img:
+        assert img.format == "PNG"

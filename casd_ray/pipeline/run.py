@@ -37,6 +37,7 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
 from casd_ray.files import check_writable, read_json, write_json
 from casd_ray.models.family import with_ignore
+from casd_ray.pipeline.latency import save_latency, with_latency
 from casd_ray.pipeline.plan import (
     STAGES,
     TRAINED,
@@ -114,12 +115,14 @@ def execute(
         dataset()  # the run folder is written
         spec = _teacher_spec_for_checks(cfg, p, dataset, teacher, teacher_model)
         if p.runs("search") or p.runs("finetune"):
+            rules = with_latency(cfg, rules, spec, log)  # measures: may refuse the target
             space.check_budget(rules, spec)
             preflight(rules, spec)  # candidates prune, run and cost right, before training
     # Everything is checked: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     set_aside_outputs(run_dir, p.discard, log)  # with the config.yaml they were made with
     save_config(cfg, run_dir / "config.yaml")
+    save_latency(cfg, rules)
 
     total = len(stages)
     for i, stage in enumerate(stages, 1):
@@ -241,7 +244,7 @@ def _run_stage(
             dataset(),
             teacher(),
             search_cfg=cfg.search,
-            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
+            plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed, rules=rules),
             run_dir=run_dir,
             resume=p.actions["search"] == "resume",
             trust_folder=trust_folder,

@@ -22,7 +22,7 @@ from casd_ray.errors import ArtifactError
 from casd_ray.files import atomic_write, read_json, write_json
 from casd_ray.report.deploy import deploy_choice
 from casd_ray.report.markdown import render_markdown
-from casd_ray.report.plots import plot_pareto, plot_progress, plot_widths
+from casd_ray.report.plots import plot_latency, plot_pareto, plot_progress, plot_widths
 from casd_ray.report.stats import split_noise
 
 
@@ -108,6 +108,8 @@ def build_report_json(run_dir: Path) -> dict:
             "statistic": "median wall time of repeated eval forwards (torch.inference_mode)",
         }
         report["search_rank"] = {p: finetune["models"][p].get("search") for p in PARTS}
+        if "budget_latency" in finetune:  # a latency budget: the finals measured on its runtime
+            report["budget_latency"] = finetune["budget_latency"]
         report["noise"] = split_noise(finetune["models"], report["data"])
         report["finetune"] = config.get("finetune")
     else:
@@ -144,6 +146,8 @@ def build_report(run_dir: str | Path) -> Path:
         plot_pareto(trials, report, run_dir / "pareto.png")
         plot_progress(trials, run_dir / "progress.png")
     report["width_profile"] = plot_widths(run_dir, run_dir / "widths.png")
+    if "budget_latency" in report:
+        plot_latency(report, run_dir / "latency.png")
     write_json(run_dir / "report.json", report)
     md = run_dir / "report.md"
     atomic_write(md, lambda p: p.write_text(render_markdown(report)))

@@ -52,6 +52,38 @@ def _nums(xs: list[float]) -> str:
     return ", ".join(f"{x:.4f}" for x in xs)
 
 
+def _latency_lines(report: dict) -> list[str]:
+    """The latency budget: teacher, uniform and winner measured on the budget's runtime."""
+    lat = report.get("budget_latency")
+    if not lat:
+        return []
+    err = lat.get("model_error") or {}
+    lines = [
+        "## Latency budget",
+        "",
+        f"Measured on {lat['runtime']}, input {tuple(lat['shape'])}, {lat['threads']} "
+        f"thread(s), in interleaved rounds: median ms per batch, with the interquartile range. "
+        f"Target: **{lat['target_ms']:.3f} ms** (met within "
+        f"{100 * lat.get('tolerance', 0.0):g} %, the run-to-run movement of a median).",
+        "",
+        "| model | test acc | ms (median) | IQR ms | within budget |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name in NAMES:
+        m = lat["measured"][name]
+        limit = lat["target_ms"] * (1 + lat.get("tolerance", 0.0))
+        ok = "–" if name == "teacher" else ("yes" if m["median_ms"] <= limit else "**no**")
+        acc = report["models"][name]["test_acc"]
+        lines.append(f"| {name} | {_pct(acc)} | {m['median_ms']:.3f} | {m['iqr_ms']:.3f} | {ok} |")
+    if err.get("networks"):
+        lines += [
+            "",
+            f"Latency model (repair's prediction): MAPE {err['mape_pct']} %, worst "
+            f"{err['worst_pct']} % on {err['networks']} measured random networks.",
+        ]
+    return [*lines, "", "![latency](latency.png)", ""]
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
@@ -156,6 +188,7 @@ def render_markdown(report: dict) -> str:
             *_deploy_line(report.get("deploy")),
             "",
         ]
+        lines += _latency_lines(report)
     elif "teacher" in models:
         t = models["teacher"]
         lines += [

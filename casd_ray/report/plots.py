@@ -165,3 +165,20 @@ def plot_widths(run_dir: Path, path: Path) -> dict[str, dict[str, int]] | None:
     atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
     return widths
+
+
+def plot_latency(report: dict, path: Path) -> None:
+    """Test accuracy against latency measured on the budget's runtime, with the target."""
+    lat, models = report["budget_latency"], report["models"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in NAMES:
+        m = lat["measured"][name]
+        ax.errorbar(m["median_ms"], models[name]["test_acc"], xerr=m["iqr_ms"] / 2, fmt="o",
+                    capsize=3, label=name)  # fmt: skip
+    ax.axvline(lat["target_ms"], color="grey", linestyle="--", label="latency budget")
+    ax.set_xlabel(f"ms per batch of {lat['shape'][0]} ({lat['runtime']}, median, IQR)")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)

@@ -29,7 +29,7 @@ class ProgressCallback(tune.Callback):
         self.t0 = time.time()
         self.best: tuple[float, str] | None = None
         self.max_epochs, self.total = search_cfg.max_epochs, search_cfg.num_samples
-        self.target, self.metric = rules.target, rules.metric
+        self.target, self.metric = rules.budget()[0], rules.metric
         self.screened, self.best_rung0 = 0, float("-inf")
 
     # Candidates stopped at rung 0 take seconds each and come by the hundred: one line per

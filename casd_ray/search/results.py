@@ -81,7 +81,7 @@ def trials_table(
     names = space_mod.gene_names(teacher_spec, rules.granularity)
     control = space_mod.control_genome(rules, teacher_spec)
     t_flops, t_params = flops(teacher_spec), params(teacher_spec)
-    target = rules.target
+    target = rules.budget()[0]  # a latency budget's is its model's target ratio
     rows = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         genome = {n: float(trial.config[n]) for n in names if n in trial.config}
@@ -105,6 +105,8 @@ def trials_table(
         f = flops(spec) if spec else None
         p = params(spec) if spec else None
         ratio = {"flops": f / t_flops if f else None, "params": p / t_params if p else None}
+        if rules.metric == "latency":  # predicted by the run's latency model
+            ratio["latency"] = rules.ratio(spec, teacher_spec) if spec else None
         budget_ratio = ratio[rules.metric]
         rows.append(
             {

@@ -77,8 +77,10 @@ def trial_plan(
     search_cfg: SearchConfig,
     seed: int,
     controls: tuple = (),
+    rules: space.SpaceRules | None = None,
 ) -> TrialPlan:
-    """The plan every trial of a search shares (``controls``: see :class:`TrialPlan`)."""
+    """The plan every trial of a search shares (``controls``: see :class:`TrialPlan`;
+    ``rules``: the space's rules already resolved, e.g. carrying a fitted latency model)."""
     s = search_cfg
     sc = s.screen
     screen = None
@@ -86,7 +88,7 @@ def trial_plan(
         kd = KD(distill_cfg.temperature, distill_cfg.alpha)
         screen = ScreenRecipe(sc.bn_batches, sc.steps, s.lr, s.momentum, s.weight_decay, kd)
     return TrialPlan(
-        rules=space.rules_of(space_cfg, s.algorithm),
+        rules=rules or space.rules_of(space_cfg, s.algorithm),
         seed=seed,
         max_epochs=s.max_epochs,
         batch_size=s.batch_size,
@@ -157,7 +159,11 @@ def candidate_facts(plan: TrialPlan, teacher_spec: Spec, genome: dict) -> tuple[
     else:
         student = space.candidate_spec(plan.rules, teacher_spec, genome)
     t_flops, t_params = flops(teacher_spec), params(teacher_spec)
+    predicted = {}
+    if plan.rules.metric == "latency":  # the model's prediction; finals are measured
+        predicted["latency_ratio"] = plan.rules.ratio(student, teacher_spec)
     return student, {
+        **predicted,
         "control": control[0] if control else "",
         "flops": flops(student),
         "params": params(student),

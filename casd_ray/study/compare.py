@@ -40,6 +40,7 @@ from casd_ray.artifacts.run_folder import PARTS, SEARCH_DRIVER
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
 from casd_ray.config import ExperimentConfig
 from casd_ray.data.load import load_dataset
+from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models.family import Spec, spec_from_json
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
@@ -242,7 +243,16 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
 
 
 def compare(cfg: ExperimentConfig, seeds: Sequence[int], log: Log = print) -> Path:
-    """Run every arm for every seed; write ``<output_dir>/<name>-compare.{json,md}``."""
+    """Run every arm for every seed; write ``<output_dir>/<name>-compare.{json,md}``.
+
+    A latency budget is refused: the arms (global ranking, Torch-Pruning) allocate channels
+    by FLOPs and are compared at equal FLOPs, so their latencies would differ.
+    """
+    if cfg.space.budget.metric == "latency":
+        raise ConfigError(
+            "space.budget.metric: compare needs flops or params (its arms are compared at "
+            "equal FLOPs); run a latency budget with casd-ray run"
+        )
     if cfg.teacher.checkpoint and cfg.data.split_seed is None and len(seeds) > 1:
         log(
             "compare: one teacher.checkpoint for every seed, but each seed carves its own "

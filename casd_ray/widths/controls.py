@@ -49,6 +49,9 @@ def control_specs(
     """
     out: dict[str, Spec] = {}
     for name in names:
+        if rules.metric == "latency" and name != "uniform":
+            log(f"search: control {name} left out (it allocates by FLOPs; the budget is latency)")
+            continue
         try:
             if name == "uniform":
                 genome = space.control_genome(rules, teacher_spec)

@@ -15,7 +15,9 @@ genome at the budget is a fair control. Repair evaluates the analytic cost model
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from casd_ray.models.base import GRANULARITIES
 from casd_ray.models.family import Spec, family_of, flops, params
 
 METRICS = {"flops": flops, "params": params}
+RatioFn = Callable[[Spec], float]
 # Scaled ratios are clipped to (0, 1]; this floor keeps a ratio positive without ever
 # rounding to a channel (every group then sits at its minimum width).
 _TINY_RATIO = 1e-12
@@ -141,7 +144,12 @@ def cost_ratio(student: Spec, teacher: Spec, metric: str) -> float:
 
 
 def smallest_ratio(
-    spec: Spec, metric: str = "flops", *, min_channels: int = 1, divisible_by: int = 1
+    spec: Spec,
+    metric: str = "flops",
+    *,
+    min_channels: int = 1,
+    divisible_by: int = 1,
+    ratio_fn: RatioFn | None = None,
 ) -> float:
     """Cost ratio with every group at its minimum width: no candidate can cost less."""
     low = widths_from_ratios(
@@ -150,7 +158,7 @@ def smallest_ratio(
         min_channels=min_channels,
         divisible_by=divisible_by,
     )
-    return cost_ratio(low, spec, metric)
+    return ratio_fn(low) if ratio_fn else cost_ratio(low, spec, metric)
 
 
 def group_names(spec: Spec) -> list[str]:
@@ -158,14 +166,21 @@ def group_names(spec: Spec) -> list[str]:
 
 
 def _check_target(
-    spec: Spec, target: float, metric: str, min_channels: int, divisible_by: int
+    spec: Spec,
+    target: float,
+    metric: str,
+    min_channels: int,
+    divisible_by: int,
+    ratio_fn: RatioFn | None = None,
 ) -> None:
     if not (0 < target <= 1):
         raise BudgetError(
             f"space.budget.target: {target} must be in (0, 1] (a fraction of the teacher's "
             f"{metric}; 1.0 keeps the whole teacher)"
         )
-    low = smallest_ratio(spec, metric, min_channels=min_channels, divisible_by=divisible_by)
+    low = smallest_ratio(
+        spec, metric, min_channels=min_channels, divisible_by=divisible_by, ratio_fn=ratio_fn
+    )
     if target < low:
         raise BudgetError(
             f"space.budget.target: {target:g} is below the smallest reachable {metric} ratio "
@@ -186,8 +201,13 @@ def repair(
     metric: str = "flops",
     min_channels: int = 1,
     divisible_by: int = 1,
+    ratio_fn: RatioFn | None = None,
 ) -> tuple[Spec, float]:
     """Scale the genome by one global factor so the student lands on the budget.
+
+    ``ratio_fn`` (student -> cost over the teacher's) replaces the analytic ratio of
+    ``metric``: a latency budget passes its fitted model's prediction, which must grow with
+    every width, as the analytic costs do.
 
     Returns ``(student, scale)`` where the student's ratios are ``clip(scale * genome, 0, 1]``.
     Guarantee: ``cost_ratio(student) <= target`` and the next larger scale at which any
@@ -196,7 +216,7 @@ def repair(
     some group's rounded width changes, so we binary-search over exactly those breakpoints
     (a few thousand for ResNet-164, ~13 cost evaluations) instead of bisecting a float.
     """
-    _check_target(spec, target, metric, min_channels, divisible_by)
+    _check_target(spec, target, metric, min_channels, divisible_by, ratio_fn)
     ratios = ratios_from_genome(spec, granularity, genome)
     names, w = _layout(spec)
     r = np.array([ratios[n] for n in names])
@@ -212,7 +232,11 @@ def repair(
     # Evaluate just past each breakpoint so floating-point rounding cannot place the change
     # after the point we test; below the first breakpoint every group is at its minimum.
     scales = np.concatenate([[breaks[0] / 2], breaks * (1 + 1e-9)])
-    teacher_cost = cost(spec, metric)
+    if ratio_fn is None:
+        teacher_cost = cost(spec, metric)
+
+        def ratio_fn(student: Spec) -> float:
+            return cost(student, metric) / teacher_cost
 
     def student_at(scale: float) -> Spec:
         q = np.clip(scale * r, _TINY_RATIO, 1.0)
@@ -220,7 +244,7 @@ def repair(
 
     def fits(i: int) -> bool:
         # the same comparison as cost_ratio(student) <= target, so callers agree exactly
-        return cost(student_at(float(scales[i])), metric) / teacher_cost <= target
+        return ratio_fn(student_at(float(scales[i]))) <= target
 
     # Largest index whose cost fits; index 0 (all minimal) fits after _check_target.
     scale = float(scales[last_true(fits, 0, len(scales) - 1)])
@@ -249,6 +273,16 @@ def scaled_ratios(ratios: dict[str, float], scale: float) -> dict[str, float]:
 # --------------------------------------------------------------------------- rules
 
 
+class CostModel(Protocol):
+    """A predicted cost (:class:`casd_ray.widths.latency_model.LatencyModel`): plain values
+    a trial can carry, a target and a ratio to the teacher."""
+
+    @property
+    def target_ratio(self) -> float: ...
+
+    def ratio(self, spec: Spec) -> float: ...
+
+
 @dataclass(frozen=True)
 class SpaceRules:
     """Plain values that turn a genome into a candidate: what a Ray trial receives.
@@ -266,9 +300,24 @@ class SpaceRules:
     max_ratio: float = 1.0
     repair: bool = True
     importance: str = "l1"
+    latency: CostModel | None = None
+
+    def budget(self) -> tuple[float, RatioFn | None]:
+        """``(target, ratio_fn)`` for :func:`repair`: a latency budget's target and ratio
+        are its fitted model's (predicted over the teacher's measured milliseconds)."""
+        if self.metric == "latency":
+            if self.latency is None:
+                raise ValueError("space.budget.metric latency: the rules carry no latency model")
+            return self.latency.target_ratio, self.latency.ratio
+        return self.target, None
+
+    def ratio(self, student: Spec, teacher: Spec) -> float:
+        """The student's cost ratio on the budget's metric (predicted, for latency)."""
+        _, fn = self.budget()
+        return fn(student) if fn else cost_ratio(student, teacher, self.metric)
 
 
-def rules_of(space: SpaceConfig, algorithm: str) -> SpaceRules:
+def rules_of(space: SpaceConfig, algorithm: str, latency: CostModel | None = None) -> SpaceRules:
     """The rules of ``space`` for a search run by ``algorithm``.
 
     Repair applies unless switched off or the search is multi-objective: NSGA-II keeps
@@ -284,6 +333,7 @@ def rules_of(space: SpaceConfig, algorithm: str) -> SpaceRules:
         max_ratio=space.max_ratio,
         repair=space.repair and algorithm != "optuna-nsga2",
         importance=space.importance,
+        latency=latency,
     )
 
 
@@ -291,14 +341,16 @@ def candidate_spec(rules: SpaceRules, teacher_spec: Spec, genome: dict) -> Spec:
     """The student a trial trains: repaired onto the budget, or the plain genome widths
     when repair is off."""
     if rules.repair:
+        target, ratio_fn = rules.budget()
         student, _ = repair(
             teacher_spec,
             rules.granularity,
             genome,
-            target=rules.target,
+            target=target,
             metric=rules.metric,
             min_channels=rules.min_channels,
             divisible_by=rules.divisible_by,
+            ratio_fn=ratio_fn,
         )
         return student
     ratios = ratios_from_genome(teacher_spec, rules.granularity, genome)
@@ -314,14 +366,16 @@ def control_genome(rules: SpaceRules, teacher_spec: Spec) -> dict[str, float]:
     it is a valid point for Tune's ``points_to_evaluate`` (with repair on, any uniform value
     repairs to the same uniform-width network).
     """
+    target, ratio_fn = rules.budget()
     _, scale = repair(
         teacher_spec,
         rules.granularity,
         uniform_genome(teacher_spec, rules.granularity, 1.0),
-        target=rules.target,
+        target=target,
         metric=rules.metric,
         min_channels=rules.min_channels,
         divisible_by=rules.divisible_by,
+        ratio_fn=ratio_fn,
     )
     value = min(max(scale, rules.min_ratio), rules.max_ratio)
     return uniform_genome(teacher_spec, rules.granularity, value)
@@ -346,8 +400,8 @@ def check_budget(rules: SpaceRules, teacher_spec: Spec) -> None:
             "layer feeds the output or sits under space.ignore); shorten space.ignore or "
             "compress another model"
         )
-    metric, target = rules.metric, rules.target
-    _check_target(teacher_spec, target, metric, rules.min_channels, rules.divisible_by)
+    metric, (target, ratio_fn) = rules.metric, rules.budget()
+    _check_target(teacher_spec, target, metric, rules.min_channels, rules.divisible_by, ratio_fn)
     if not rules.repair:
         low = widths_from_ratios(
             teacher_spec,
@@ -355,7 +409,7 @@ def check_budget(rules: SpaceRules, teacher_spec: Spec) -> None:
             min_channels=rules.min_channels,
             divisible_by=rules.divisible_by,
         )
-        low_ratio = cost_ratio(low, teacher_spec, metric)
+        low_ratio = rules.ratio(low, teacher_spec)
         if target < low_ratio:
             raise BudgetError(
                 f"space.budget.target: {target:g} is below the smallest reachable {metric} "

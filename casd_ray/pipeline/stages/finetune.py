@@ -33,6 +33,7 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.files import atomic_write, write_json
 from casd_ray.models.cost import cpu_latency
 from casd_ray.models.family import Spec, flops, spec_from_json
+from casd_ray.models.latency import measure_together
 from casd_ray.pipeline.stages.student import (
     EVAL_BATCH,
     StudentRecipe,
@@ -45,6 +46,7 @@ from casd_ray.pipeline.stages.student import (
 from casd_ray.train import devices
 from casd_ray.train.loop import evaluate_splits
 from casd_ray.widths import space
+from casd_ray.widths.latency_model import TOLERANCE, LatencyModel, measure_spec, repair_measured
 from casd_ray.widths.space import SpaceRules
 
 
@@ -63,7 +65,11 @@ def uniform_spec(
         if not control.empty:
             row = control.iloc[0]
             return spec_from_json(row["widths"]), str(row["trial_id"])
-    target = float(winner[f"{metric}_ratio"])
+    if rules.latency is not None:  # the winner's predicted latency
+        ratio_fn = rules.latency.ratio
+        target = ratio_fn(spec_from_json(winner["widths"]))
+    else:
+        ratio_fn, target = None, float(winner[f"{metric}_ratio"])
     genome = space.uniform_genome(teacher_spec, rules.granularity, 1.0)
     spec, _ = space.repair(
         teacher_spec,
@@ -73,8 +79,53 @@ def uniform_spec(
         metric=metric,
         min_channels=rules.min_channels,
         divisible_by=rules.divisible_by,
+        ratio_fn=ratio_fn,
     )
     return spec, None
+
+
+def _onto_measured_budget(
+    specs: dict[str, Spec], winner: pd.Series, rules: SpaceRules, teacher_spec: Spec, log
+) -> dict[str, Spec]:
+    """A latency budget is judged by measurement: the winner and the uniform baseline are
+    measured on the deployment, and repaired again from the measurement (same genome, lower
+    target) where the latency model under-predicted."""
+    model = rules.latency
+    genomes = {
+        "winner": json.loads(winner["genome"]),
+        "uniform": space.control_genome(rules, teacher_spec),
+    }
+    out = {}
+    for name, spec in specs.items():
+        ms = measure_spec(spec, model.deployment()).median_ms
+        if ms > model.target_ms * (1 + TOLERANCE):
+            spec, lat = repair_measured(
+                teacher_spec, rules.granularity, genomes[name], model,
+                min_channels=rules.min_channels, divisible_by=rules.divisible_by,
+            )  # fmt: skip
+            log(f"finetune: {name} measured {ms:.3f} ms > target {model.target_ms:.3f} ms; "
+                f"repaired from the measurement to {lat.median_ms:.3f} ms")  # fmt: skip
+        out[name] = spec
+    return out
+
+
+def _budget_latency(run_dir: Path, teacher: Network, model: LatencyModel, log) -> dict:
+    """Teacher / uniform / winner measured on the budget's deployment, in interleaved rounds
+    (median and spread): the figures the report judges the budget by."""
+    log(f"finetune: measuring latency on {model.runtime} {model.shape} (the budget's runtime)")
+    dep = model.deployment()
+    nets = {"teacher": teacher.model, **{p: load_compressed(run_dir / p) for p in PARTS}}
+    measured = measure_together({name: net.cpu() for name, net in nets.items()}, dep)
+    return {
+        "runtime": model.runtime,
+        "shape": list(model.shape),
+        "threads": model.threads,
+        "target_ms": model.target_ms,
+        "model_error": model.error,
+        "measured": measured,
+        "tolerance": TOLERANCE,
+        "winner_meets_budget": measured["winner"]["median_ms"] <= model.target_ms * (1 + TOLERANCE),
+    }
 
 
 # --------------------------------------------------------------------------- fine-tune
@@ -109,6 +160,8 @@ def run_finetune(
     teacher_spec = teacher.spec
     specs = {"winner": spec_from_json(winner_row["widths"])}
     specs["uniform"], control_id = uniform_spec(trials, rules, teacher_spec, winner_row)
+    if rules.latency is not None:
+        specs = _onto_measured_budget(specs, winner_row, rules, teacher_spec, log)
     trial_ids = {"winner": str(winner_row["trial_id"]), "uniform": control_id}
     part = {k: part_settings(settings, s) for k, s in specs.items()}
     todo = [k for k in PARTS if not reusable(run_dir / k, part[k])]
@@ -148,6 +201,8 @@ def run_finetune(
         )
 
     summary = _summarize(run_dir, data, teacher, trials, trial_ids, part, dev, amp, log)
+    if rules.latency is not None:
+        summary["budget_latency"] = _budget_latency(run_dir, teacher, rules.latency, log)
     write_json(run_dir / SUMMARY, summary)
     return summary
 

@@ -1,0 +1,127 @@
+"""Latency budgets, measured: how far a trial beside the measurement moves it, and how well
+the fitted latency model predicts, with the uniform network repaired onto the target.
+
+1. Noise: the teacher's latency on the budget's runtime, measured in interleaved rounds on a
+   quiet device and with a "trial" beside it (a process training the same network, one
+   thread, as a search trial does); printed: the median of the rounds' medians and the
+   spread of the rounds ((max - min) / median). This is why a latency budget is measured
+   only while no trial runs (``casd-ray run`` fits the model before the search and measures
+   the finals after it).
+2. Model: per architecture and batch size, the teacher's latency, the target (``--target``
+   times the teacher's), the fastest reachable network, the latency model's MAPE and worst
+   error on ``--check`` random networks, and the uniform network repaired onto the target
+   *as measured* (``repair_measured``), beside the uniform network at the same FLOPs
+   fraction (what a FLOPs budget of ``--target`` would give).
+
+    python benchmarks/latency_budget.py [--runtime onnxruntime] [--archs resnet20
+        torchvision:mobilenet_v2] [--batches 1 64] [--target 0.5] [--fit 24] [--check 50]
+        [--rounds 6] [--smoke-test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+
+import torch
+
+from casd_ray.config import LatencyConfig
+from casd_ray.models.family import build_model, flops, spec_for
+from casd_ray.models.latency import Deployment, measure
+from casd_ray.widths import space
+from casd_ray.widths.latency_model import build_latency_model, repair_measured
+
+
+def _trial(stop, threads: int) -> None:
+    """A stand-in search trial: SGD steps on a ResNet-20 until told to stop."""
+    torch.set_num_threads(threads)
+    model = build_model(spec_for("resnet20"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    while not stop.is_set():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def noise(runtime: str, batch: int, rounds: int, min_run_time: float) -> None:
+    model = build_model(spec_for("resnet20"))
+    dep = Deployment(runtime, (batch, 3, 32, 32), 1, min_run_time)
+    ctx = mp.get_context("spawn")
+    got: dict[str, list[float]] = {"alone": [], "beside a trial": []}
+    for _ in range(rounds):
+        got["alone"].append(measure(model, dep).median_ms)
+        stop = ctx.Event()
+        proc = ctx.Process(target=_trial, args=(stop, 1))
+        proc.start()
+        try:
+            measure(model, Deployment(runtime, dep.shape, 1, 0.05))  # the trial is running
+            got["beside a trial"].append(measure(model, dep).median_ms)
+        finally:
+            stop.set()
+            proc.join()
+    print(f"\nnoise: ResNet-20 on {runtime}, batch {batch}, {rounds} interleaved rounds")
+    print("| measured | median of medians (ms) | spread of rounds |")
+    print("|---|---|---|")
+    for name, ms in got.items():
+        med = statistics.median(ms)
+        print(f"| {name} | {med:.3f} | {(max(ms) - min(ms)) / med * 100:.1f} % |")
+
+
+def model_rows(args) -> None:
+    print(f"\nlatency model on {args.runtime}, target {args.target} x the teacher's latency")
+    print(
+        "| arch | batch | teacher ms | target ms | fastest ms | MAPE % | worst % | "
+        "uniform (latency) ms | its FLOPs ratio | uniform (FLOPs) ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for arch in args.archs:
+        teacher = spec_for(arch)
+        for batch in args.batches:
+            cfg = LatencyConfig(
+                runtime=args.runtime, batch_size=batch, fit_networks=args.fit,
+                check_networks=args.check, min_run_time=args.min_run_time,
+            )  # fmt: skip
+            model = build_latency_model(teacher, cfg, args.target, log=lambda _: None)
+            uni = space.uniform_genome(teacher, "stage")
+            by_latency, lat = repair_measured(
+                teacher, "stage", uni, model, min_run_time=args.min_run_time
+            )
+            by_flops, _ = space.repair(teacher, "stage", uni, target=args.target)
+            flops_ms = measure(build_model(by_flops), model.deployment(args.min_run_time))
+            smallest = space.widths_from_ratios(
+                teacher, dict.fromkeys(space.group_names(teacher), 1e-12)
+            )
+            low = measure(build_model(smallest), model.deployment(args.min_run_time))
+            e = model.error
+            print(
+                f"| {arch} | {batch} | {model.teacher_ms:.3f} | {model.target_ms:.3f} | "
+                f"{low.median_ms:.3f} | {e.get('mape_pct')} | {e.get('worst_pct')} | "
+                f"{lat.median_ms:.3f} | {flops(by_latency) / flops(teacher):.3f} | "
+                f"{flops_ms.median_ms:.3f} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", default="onnxruntime")
+    parser.add_argument("--archs", nargs="+", default=["resnet20", "torchvision:mobilenet_v2"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--fit", type=int, default=24)
+    parser.add_argument("--check", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes")
+    args = parser.parse_args()
+    if args.smoke_test:
+        args.archs, args.batches, args.fit, args.check = ["resnet20"], [1], 6, 6
+        args.rounds, args.min_run_time = 2, 0.05
+    noise(args.runtime, args.batches[0], args.rounds, args.min_run_time)
+    model_rows(args)
+
+
+if __name__ == "__main__":
+    main()

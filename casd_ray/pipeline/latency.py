@@ -1,0 +1,58 @@
+"""A latency budget's model for one run: fitted once, kept in ``latency.json``, reused.
+
+The model is fitted from measurements, which differ from run to run; a resumed or rerun
+search must repair genomes exactly as before, so the fitted model is saved in the run
+folder and reused while the deployment (runtime, batch, threads, target) is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from casd_ray.config import ExperimentConfig
+from casd_ray.errors import ConfigError
+from casd_ray.files import read_json_or_none, write_json
+from casd_ray.models.family import Spec
+from casd_ray.pipeline.plan import Log
+from casd_ray.widths.latency_model import LatencyModel, build_latency_model
+from casd_ray.widths.space import SpaceRules
+
+LATENCY_FILE = "latency.json"
+
+
+def _settings(cfg: ExperimentConfig) -> dict:
+    b = cfg.space.budget
+    return {"target": b.target, **b.latency.model_dump(), "seed": cfg.seed}
+
+
+def with_latency(
+    cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: Log
+) -> SpaceRules:
+    """``rules`` carrying the run's latency model (read from the run folder, or fitted now:
+    measuring the teacher, random networks and the smallest one, which may refuse the
+    target). Rules of a FLOPs or params budget are returned as they are."""
+    if rules.metric != "latency":
+        return rules
+    if cfg.search.algorithm == "optuna-nsga2":
+        raise ConfigError(
+            "search.algorithm: optuna-nsga2 trades accuracy against FLOPs, not latency; with "
+            "space.budget.metric latency use optuna-tpe, evolution or random"
+        )
+    saved = read_json_or_none(cfg.run_dir / LATENCY_FILE)
+    if isinstance(saved, dict) and saved.get("settings") == _settings(cfg):
+        log(f"latency: reusing the model in {cfg.run_dir / LATENCY_FILE}")
+        return replace(rules, latency=LatencyModel.from_dict(saved["model"]))
+    b, s = cfg.space.budget, cfg.space
+    model = build_latency_model(
+        teacher_spec, b.latency, b.target, min_channels=s.min_channels,
+        divisible_by=s.divisible_by, seed=cfg.seed, log=log,
+    )  # fmt: skip
+    return replace(rules, latency=model)
+
+
+def save_latency(cfg: ExperimentConfig, rules: SpaceRules) -> None:
+    """Write the rules' latency model into the run folder (after every check passed)."""
+    if rules.latency is not None:
+        path = Path(cfg.run_dir) / LATENCY_FILE
+        write_json(path, {"settings": _settings(cfg), "model": rules.latency.as_dict()})

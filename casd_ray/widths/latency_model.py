@@ -1,0 +1,226 @@
+"""A latency budget: the teacher measured, a fitted latency model for repair, and its error.
+
+Repair evaluates a candidate's cost a dozen times per genome, so it cannot time each one.
+A fitted model predicts instead: milliseconds per batch as a non-negative combination of the
+candidate's FLOPs, its activation elements (every module's output: the memory traffic that
+makes narrow and depthwise layers slow) and its parameters, plus a fixed per-network cost
+(the per-layer call overhead that dominates a small network at batch 1). The coefficients
+are fitted on ``fit_networks`` random-width networks *measured* on the deployment; relative
+error is what is minimised, so small and large networks count alike. Every feature grows
+with every width and no coefficient is negative, so the prediction is monotone in the
+widths: repair's bisection stays valid. Its error (MAPE and worst case) is measured on
+``check_networks`` further random networks and reported. Networks are only ever *judged* by
+measurement: :func:`repair_measured` repairs again from the measured latency whenever the
+model under-predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+
+from casd_ray.config import LatencyConfig
+from casd_ray.errors import BudgetError
+from casd_ray.models.family import Spec, build_model, flops, params, spec_from_json
+from casd_ray.models.latency import Deployment, Latency, check_runtime, measure_cached
+from casd_ray.widths import space
+
+# A measured latency may exceed the target by this fraction and still meet the budget:
+# the median of a measurement moves by about this much between runs on a quiet CPU.
+TOLERANCE = 0.03
+FEATURES = ("one", "gflops", "mactivations", "mparams")
+
+
+@lru_cache(maxsize=4096)
+def _activations(spec_json: str) -> int:
+    """Output elements of every leaf module for one image (a forward on the meta device)."""
+    spec = spec_from_json(spec_json)
+    model = build_model(spec).eval().to("meta")
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out[0].numel()
+
+    for m in model.modules():
+        if not list(m.children()):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, spec.in_channels, *spec.image_size, device="meta"))
+    return total
+
+
+def features(spec: Spec) -> np.ndarray:
+    """The model's inputs for ``spec`` (per image; the batch size is in the coefficients)."""
+    act = _activations(spec.model_dump_json())
+    return np.array([1.0, flops(spec) / 1e9, act / 1e6, params(spec) / 1e6])
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Milliseconds per batch on one deployment, predicted from a spec; plain values only, so
+    a Ray trial receives it as part of its rules."""
+
+    coef: tuple[float, ...]
+    teacher_ms: float
+    target_ms: float
+    runtime: str
+    shape: tuple[int, ...]
+    threads: int
+    error: dict = field(default_factory=dict, compare=False)
+
+    def predict_ms(self, spec: Spec) -> float:
+        return float(features(spec) @ np.array(self.coef))
+
+    def ratio(self, spec: Spec) -> float:
+        """Predicted latency over the teacher's measured latency."""
+        return self.predict_ms(spec) / self.teacher_ms
+
+    @property
+    def target_ratio(self) -> float:
+        return self.target_ms / self.teacher_ms
+
+    def deployment(self, min_run_time: float = 0.2) -> Deployment:
+        return Deployment(self.runtime, self.shape, self.threads, min_run_time)
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "coef": list(self.coef), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyModel:
+        return cls(**{**d, "coef": tuple(d["coef"]), "shape": tuple(d["shape"])})
+
+
+def measure_spec(spec: Spec, dep: Deployment) -> Latency:
+    """Measured latency of a freshly built ``spec`` (cached per deployment and widths)."""
+    return measure_cached(spec.model_dump_json(), lambda: build_model(spec), dep)
+
+
+def random_specs(
+    teacher: Spec, n: int, seed: int, *, min_channels: int = 1, divisible_by: int = 1
+) -> list[Spec]:
+    """``n`` networks spread over all sizes: a global scale, jittered per channel group."""
+    rng = np.random.default_rng(seed)
+    names = space.group_names(teacher)
+    out = []
+    for _ in range(n):
+        scale = rng.uniform(0.1, 1.0)
+        ratios = {g: float(np.clip(scale * rng.uniform(0.5, 1.5), 1e-3, 1.0)) for g in names}
+        out.append(
+            space.widths_from_ratios(
+                teacher, ratios, min_channels=min_channels, divisible_by=divisible_by
+            )
+        )
+    return out
+
+
+def fit(specs: list[Spec], ms: list[float]) -> tuple[float, ...]:
+    """Non-negative coefficients minimising the squared *relative* error of the prediction."""
+    x = np.stack([features(s) for s in specs])
+    y = np.asarray(ms, dtype=float)
+    coef, _ = nnls(x / y[:, None], np.ones_like(y))
+    return tuple(float(c) for c in coef)
+
+
+def model_error(model: LatencyModel, specs: list[Spec], ms: list[float]) -> dict:
+    """MAPE and worst-case relative error (in %) of ``model`` against measured latencies."""
+    if not specs:
+        return {"networks": 0}
+    pred = np.array([model.predict_ms(s) for s in specs])
+    rel = (pred - np.asarray(ms)) / np.asarray(ms)
+    return {
+        "networks": len(specs),
+        "mape_pct": round(float(np.mean(np.abs(rel))) * 100, 2),
+        "worst_pct": round(float(np.max(np.abs(rel))) * 100, 2),
+        "under_predicted": int(np.sum(rel < 0)),
+    }
+
+
+def build_latency_model(
+    teacher: Spec,
+    cfg: LatencyConfig,
+    target: float,
+    *,
+    min_channels: int = 1,
+    divisible_by: int = 1,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> LatencyModel:
+    """Measure the teacher, fit the model, measure its error, and refuse an unreachable target.
+
+    The target is ``cfg.target_ms`` or ``target`` times the teacher's measured latency. It is
+    refused (one line) below the *measured* latency of the smallest network in the space.
+    """
+    check_runtime(cfg.runtime)
+    shape = (cfg.batch_size, teacher.in_channels, *teacher.image_size)
+    dep = Deployment(cfg.runtime, shape, cfg.threads, cfg.min_run_time)
+    teacher_ms = measure_spec(teacher, dep).median_ms
+    target_ms = cfg.target_ms if cfg.target_ms is not None else target * teacher_ms
+    smallest = space.widths_from_ratios(
+        teacher,
+        dict.fromkeys(space.group_names(teacher), 1e-12),
+        min_channels=min_channels,
+        divisible_by=divisible_by,
+    )
+    low_ms = measure_spec(smallest, dep).median_ms
+    if target_ms < low_ms * (1 - TOLERANCE):
+        raise BudgetError(
+            f"space.budget.target: {target_ms:.3f} ms is below the fastest reachable network "
+            f"({low_ms:.3f} ms measured on {cfg.runtime}, batch {cfg.batch_size}, every group at "
+            f"min_channels={min_channels}; the teacher takes {teacher_ms:.3f} ms): a narrow "
+            "network still pays every layer's fixed cost; raise the target"
+        )
+    log(f"latency: teacher {teacher_ms:.3f} ms, target {target_ms:.3f} ms on {cfg.runtime} {shape}")
+    kw = {"min_channels": min_channels, "divisible_by": divisible_by}
+    fit_specs = [teacher, smallest, *random_specs(teacher, cfg.fit_networks, seed, **kw)]
+    fit_ms = [measure_spec(s, dep).median_ms for s in fit_specs]
+    model = LatencyModel(fit(fit_specs, fit_ms), teacher_ms, target_ms, cfg.runtime, shape,
+                         cfg.threads)  # fmt: skip
+    check = random_specs(teacher, cfg.check_networks, seed + 1, **kw)
+    error = model_error(model, check, [measure_spec(s, dep).median_ms for s in check])
+    if check:
+        log(f"latency model: MAPE {error['mape_pct']}%, worst {error['worst_pct']}% "
+            f"on {error['networks']} measured networks")  # fmt: skip
+    return LatencyModel(**{**model.__dict__, "error": error})
+
+
+def repair_measured(
+    teacher: Spec,
+    granularity: str,
+    genome: dict[str, float],
+    model: LatencyModel,
+    *,
+    min_channels: int = 1,
+    divisible_by: int = 1,
+    tries: int = 4,
+    min_run_time: float = 0.2,
+) -> tuple[Spec, Latency]:
+    """Repair with the model, then measure; while the measurement is over the target, repair
+    again onto a target lowered by the measured over-shoot. Returns the student and its
+    measured latency, which meets the target within :data:`TOLERANCE`."""
+    dep = model.deployment(min_run_time)
+    ratio = model.target_ratio
+    for _ in range(tries):
+        student, _ = space.repair(
+            teacher, granularity, genome, target=ratio, metric="latency",
+            ratio_fn=model.ratio, min_channels=min_channels, divisible_by=divisible_by,
+        )  # fmt: skip
+        lat = measure_spec(student, dep)
+        if lat.median_ms <= model.target_ms * (1 + TOLERANCE):
+            return student, lat
+        # never below the smallest network's prediction, which repair would refuse
+        low = space.smallest_ratio(
+            teacher, "latency", min_channels=min_channels, divisible_by=divisible_by,
+            ratio_fn=model.ratio,
+        )  # fmt: skip
+        ratio = max(low, ratio * model.target_ms / lat.median_ms)
+    raise BudgetError(
+        f"space.budget.target: no network of this allocation measured within "
+        f"{model.target_ms:.3f} ms after {tries} repairs (last {lat.median_ms:.3f} ms)"
+    )

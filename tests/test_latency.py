@@ -1,0 +1,215 @@
+"""Latency budgets: measurement on a runtime, the fitted latency model, repair that meets a
+measured target, and the refusals. Timings here are noisy (shared CPUs), so the tests assert
+behaviour with wide tolerances; measured figures live in benchmarks/latency_budget.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from casd_ray import errors
+from casd_ray.config import ExperimentConfig, LatencyConfig
+from casd_ray.models import latency
+from casd_ray.models.family import build_model, spec_for
+from casd_ray.pipeline import latency as pipeline_latency
+from casd_ray.pipeline.stages import finetune
+from casd_ray.search.trial_plan import candidate_facts, trial_plan
+from casd_ray.widths import latency_model as lm
+from casd_ray.widths import space
+
+SMALL = spec_for("resnet8", width=8)
+QUICK = {"min_run_time": 0.02, "batch_size": 8}  # batch 8: compute, not call overhead
+
+
+def _dep(runtime: str = "torch", batch: int = 1) -> latency.Deployment:
+    return latency.Deployment(runtime, (batch, 3, 32, 32), 1, 0.01)
+
+
+def _fake_model(coef=(0.05, 20.0, 1.0, 0.1), target_ratio: float = 0.5) -> lm.LatencyModel:
+    teacher_ms = float(lm.features(SMALL) @ np.array(coef))
+    return lm.LatencyModel(coef, teacher_ms, target_ratio * teacher_ms, "torch", (1, 3, 32, 32), 1)
+
+
+def test_measure_gives_a_median_and_spread_and_is_cached():
+    lat = lm.measure_spec(SMALL, _dep())
+    assert lat.median_ms > 0 and lat.iqr_ms >= 0 and lat.runs >= 1
+    assert lm.measure_spec(SMALL, _dep()) is lat  # cached per deployment and widths
+
+
+def test_networks_compared_side_by_side_are_measured_in_rounds():
+    nets = {"a": build_model(SMALL), "b": build_model(SMALL)}
+    got = latency.measure_together(nets, _dep(), rounds=2)
+    assert set(got) == {"a", "b"}
+    for m in got.values():
+        assert m["median_ms"] > 0 and m["rounds_spread_ms"] >= 0 and m["runs"] >= 2
+
+
+def test_measured_latency_grows_with_width():
+    narrow = space.widths_from_ratios(SMALL, dict.fromkeys(space.group_names(SMALL), 0.1))
+    wide = spec_for("resnet8", width=32)
+    dep = latency.Deployment("torch", (16, 3, 32, 32), 1, 0.05)
+    # 16x the FLOPs of SMALL and ~1000x those of narrow: far above the noise of a shared CPU
+    assert lm.measure_spec(narrow, dep).median_ms < lm.measure_spec(wide, dep).median_ms
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, still shipped
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="no onnxruntime")
+def test_onnxruntime_and_torchscript_run_the_network():
+    model = build_model(SMALL)
+    for runtime in ("onnxruntime", "torchscript"):
+        out = latency.forward_fn(model, _dep(runtime))()
+        out = out[0] if isinstance(out, list) else out
+        assert tuple(np.asarray(out).shape) == (1, 10)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "patch", "words"),
+    [
+        ("tflite", None, "'tflite' is not one of"),
+        ("onnxruntime", "no_ort", "onnxruntime is not installed"),
+        ("cuda", "no_gpu", "cuda needs a GPU"),
+    ],
+)
+def test_bad_runtimes_are_refused_in_one_line(monkeypatch, runtime, patch, words):
+    if patch == "no_ort":
+        monkeypatch.setattr(latency.importlib.util, "find_spec", lambda name: None)
+    if patch == "no_gpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(errors.ConfigError) as err:
+        latency.check_runtime(runtime)
+    assert str(err.value).startswith("space.budget.latency.runtime: ")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fit_recovers_a_known_linear_latency():
+    coef = (0.05, 20.0, 1.0, 0.1)
+    specs = [SMALL, *lm.random_specs(SMALL, 12, seed=0)]
+    ms = [float(lm.features(s) @ np.array(coef)) for s in specs]
+    assert np.allclose(lm.fit(specs, ms), coef, rtol=1e-3, atol=1e-6)
+
+
+def test_prediction_is_monotone_in_every_width():
+    model = _fake_model()
+    base = lm.random_specs(SMALL, 1, seed=3)[0]
+    widths = space._layout(base)[1]
+    for i in range(len(widths)):
+        bigger = widths.copy()
+        bigger[i] = min(bigger[i] + 1, space._layout(SMALL)[1][i])
+        assert model.predict_ms(space._with_widths(base, bigger)) >= model.predict_ms(base)
+
+
+def test_latency_model_error_on_a_small_model_is_bounded():
+    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=4, **QUICK)
+    model = lm.build_latency_model(SMALL, cfg, 0.6, log=lambda _: None)
+    assert model.error["networks"] == 4
+    # wide on purpose: the test CPUs are shared; quiet-machine figures are in the benchmark
+    assert model.error["mape_pct"] < 60
+    assert model.target_ms == pytest.approx(0.6 * model.teacher_ms)
+
+
+def test_rules_repair_onto_the_predicted_budget():
+    model = _fake_model(target_ratio=0.5)
+    rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency", latency=model)
+    genome = {"stage0": 0.3, "stage1": 1.0, "stage2": 0.6}
+    student = space.candidate_spec(rules, SMALL, genome)
+    assert model.predict_ms(student) <= model.target_ms
+    assert space.control_genome(rules, SMALL)
+    space.check_budget(rules, SMALL)
+
+
+def test_repair_measured_repairs_again_when_the_model_under_predicts(monkeypatch):
+    model = _fake_model(target_ratio=0.5)
+    calls = []
+
+    def measured(spec, dep):  # the device is 30 % slower than the model believes
+        calls.append(spec)
+        return latency.Latency(1.3 * model.predict_ms(spec), 0.0, 10)
+
+    monkeypatch.setattr(lm, "measure_spec", measured)
+    genome = space.uniform_genome(SMALL, "stage")
+    student, lat = lm.repair_measured(SMALL, "stage", genome, model)
+    assert len(calls) >= 2
+    assert lat.median_ms <= model.target_ms * (1 + lm.TOLERANCE)
+
+
+def test_budget_holds_after_repair_as_measured():
+    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **QUICK)
+    model = lm.build_latency_model(SMALL, cfg, 0.7, log=lambda _: None)
+    genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
+    student, lat = lm.repair_measured(SMALL, "stage", genome, model, min_run_time=0.02)
+    assert lat.median_ms <= model.target_ms * (1 + lm.TOLERANCE)
+    assert student != SMALL
+
+
+def test_a_target_below_the_fastest_network_is_refused():
+    cfg = LatencyConfig(runtime="torch", target_ms=1e-6, fit_networks=4, **QUICK)
+    with pytest.raises(errors.BudgetError) as err:
+        lm.build_latency_model(SMALL, cfg, 0.5, log=lambda _: None)
+    msg = str(err.value)
+    assert msg.startswith("space.budget.target: ") and "fastest reachable" in msg
+    assert "\n" not in msg
+
+
+def test_finetune_measures_and_repairs_winner_and_uniform_onto_the_budget(monkeypatch):
+    model = _fake_model(target_ratio=0.5)
+    rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency", latency=model)
+    genome = {"stage0": 0.4, "stage1": 1.0, "stage2": 0.6}
+    specs = {
+        "winner": space.candidate_spec(rules, SMALL, genome),
+        "uniform": space.candidate_spec(rules, SMALL, space.control_genome(rules, SMALL)),
+    }
+
+    def measured(spec, dep):  # the device is 20 % slower than the model believes
+        return latency.Latency(1.2 * model.predict_ms(spec), 0.0, 10)
+
+    monkeypatch.setattr(lm, "measure_spec", measured)
+    monkeypatch.setattr(finetune, "measure_spec", measured)
+    winner = pd.Series({"genome": json.dumps(genome)})
+    logs: list[str] = []
+    out = finetune._onto_measured_budget(specs, winner, rules, SMALL, logs.append)
+    for name in ("winner", "uniform"):
+        assert out[name] != specs[name]  # repaired again from the measurement
+        assert measured(out[name], None).median_ms <= model.target_ms * (1 + lm.TOLERANCE)
+    assert len(logs) == 2 and "repaired from the measurement" in logs[0]
+
+
+def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path),
+        space={"budget": {"metric": "latency", "target": 0.7, "latency": {
+            "runtime": "torch", "fit_networks": 4, "check_networks": 0, **QUICK}}},
+    )  # fmt: skip
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    fitted = pipeline_latency.with_latency(cfg, rules, SMALL, lambda _: None)
+    assert fitted.latency is not None and fitted.latency.teacher_ms > 0
+    cfg.run_dir.mkdir(parents=True)
+    pipeline_latency.save_latency(cfg, fitted)
+    logs: list[str] = []
+    again = pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
+    assert again.latency == fitted.latency and "reusing" in logs[0]
+    flops_rules = space.rules_of(ExperimentConfig().space, "optuna-tpe")
+    assert pipeline_latency.with_latency(cfg, flops_rules, SMALL, print) is flops_rules
+
+
+def test_a_trial_reports_its_predicted_latency_ratio_within_the_budget():
+    cfg = ExperimentConfig(space={"budget": {"metric": "latency"}})
+    rules = replace(space.rules_of(cfg.space, "optuna-tpe"), latency=_fake_model())
+    plan = trial_plan(cfg.space, cfg.distill, cfg.search, seed=0, rules=rules)
+    genome = {"stage0": 0.3, "stage1": 1.0, "stage2": 0.6}
+    student, facts = candidate_facts(plan, SMALL, genome)
+    assert facts["latency_ratio"] == pytest.approx(rules.ratio(student, SMALL))
+    assert facts["latency_ratio"] <= rules.latency.target_ratio
+
+
+def test_repair_measured_gives_up_in_one_line_when_nothing_meets_the_target(monkeypatch):
+    model = _fake_model(target_ratio=0.5)
+    monkeypatch.setattr(lm, "measure_spec", lambda spec, dep: latency.Latency(1e3, 0.0, 10))
+    with pytest.raises(errors.BudgetError) as err:
+        lm.repair_measured(SMALL, "stage", space.uniform_genome(SMALL, "stage"), model)
+    assert str(err.value).startswith("space.budget.target: ") and "\n" not in str(err.value)
