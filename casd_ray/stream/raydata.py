@@ -1,0 +1,44 @@
+"""Windows of a stream read and decoded by Ray Data's workers instead of the trial.
+
+Ray Data reads the shards in the epoch's order (``preserve_order``: its output keeps the
+input order, so the windows are those of the in-trial decoder, common random numbers kept)
+and decodes them in parallel tasks, limited to ``data_cpus`` CPUs so that data workers and
+trials never oversubscribe a node: the search reserves those CPUs in each trial's
+placement group (:func:`casd_ray.search.trial.trial_resources`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import ray
+
+from casd_ray.stream.decode import decode_table
+from casd_ray.stream.shards import filesystem, shard_path
+
+
+def _decode(batch, keep, shape, image_size) -> dict[str, np.ndarray]:
+    x, y = decode_table(batch, keep, shape, image_size, "ray data batch")
+    return {"x": x, "y": y}
+
+
+def ray_chunks(images, order: list[int], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 NCHW, int64 labels) chunks of ``size`` rows of ``images`` (a
+    :class:`~casd_ray.stream.images.StreamedImages`), in the shard order ``order``."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=images.data_cpus)
+    ctx.enable_progress_bars = False
+    fs, _ = filesystem(images.root)
+    paths = [shard_path(images.root, images.files[i]) for i in order]
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None)
+    ds = ds.map_batches(
+        _decode,
+        batch_format="pyarrow",
+        fn_kwargs={"keep": images.keep, "shape": images.image_shape,
+                   "image_size": images.image_size},
+        num_cpus=1,
+    )  # fmt: skip
+    for batch in ds.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=1):
+        yield batch["x"], batch["y"].astype(np.int64)
