@@ -107,18 +107,20 @@ def read_manifest(root: str) -> Manifest:
 
 
 def open_shard(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One shard's table, its schema checked; DataError naming the file otherwise."""
+    """One shard's table, its schema checked first; DataError naming the file otherwise."""
     try:
-        table = pq.read_table(path, columns=columns, filesystem=fs)
+        with fs.open_input_file(path) as f:
+            schema = pq.read_schema(f)
+            wanted = [SCHEMA.field(c) for c in (columns or SCHEMA.names)]
+            have = {(f.name, f.type) for f in schema}
+            if any((w.name, w.type) not in have for w in wanted):
+                shown = ", ".join(f"{f.name}: {f.type}" for f in schema)
+                raise DataError(f"{path}: schema ({shown}) does not match a casd-ray shard "
+                                "(image: binary, label: int32, row: int64)")  # fmt: skip
+            return pq.read_table(f, columns=columns or SCHEMA.names)
     except (OSError, pa.ArrowException) as err:
-        raise DataError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
-    want = [SCHEMA.field(c) for c in (columns or SCHEMA.names)]
-    got = [table.schema.field(c) if c in table.schema.names else None for c in (columns or [])]
-    if columns is None:
-        got = list(table.schema)
-    if [(f.name, f.type) for f in want] != [(f.name, f.type) if f else None for f in got]:
-        raise DataError(f"{path}: schema {table.schema.to_string()!r} does not match {SCHEMA}")
-    return table
+        msg = " ".join(str(err).split())
+        raise DataError(f"{path}: unreadable shard ({type(err).__name__}: {msg})") from None
 
 
 def shard_path(root: str, file: str) -> str:
