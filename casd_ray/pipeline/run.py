@@ -32,7 +32,6 @@ from casd_ray.artifacts.run_folder import SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import save_config
-from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
 from casd_ray.models.family import with_ignore
@@ -53,6 +52,7 @@ from casd_ray.report.build import build_report
 from casd_ray.search.run import rebuild_table, run_search
 from casd_ray.search.session import check_resources
 from casd_ray.search.trial_plan import trial_plan
+from casd_ray.stream.load import load_data
 from casd_ray.widths import space
 
 __all__ = ["STAGES", "execute", "fingerprints", "load_teacher", "report"]
@@ -148,7 +148,7 @@ def report(run_dir: Path) -> Path:
 
 
 def _load_data(cfg: ExperimentConfig):
-    return load_dataset(cfg.data, cfg.seed)
+    return load_data(cfg.data, cfg.seed)
 
 
 def _teacher_spec_for_checks(cfg: ExperimentConfig, p: Plan, dataset, teacher, given=None):

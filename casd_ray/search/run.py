@@ -98,6 +98,12 @@ def _shared_logits(
     return logits
 
 
+def _data_cpus(packed: dict) -> float:
+    """CPUs each trial reserves for Ray Data decoding its stream (0: it decodes itself)."""
+    x = packed["x_train"]
+    return float(x.data_cpus) if getattr(x, "decode", None) == "ray_data" else 0.0
+
+
 def _val_logits(packed: dict, teacher: Network, plan: TrialPlan) -> np.ndarray | None:
     """The teacher's logits on rung 0's validation subset, once for every trial."""
     if plan.screen is None:
@@ -264,7 +270,7 @@ def run_search(
                 val_logits=_val_logits(packed, teacher, plan),
                 sources=_sources(teacher.spec),
             ),
-            trial_resources(s),
+            trial_resources(s, _data_cpus(packed)),
         )
         tuner = _tuner(trainable, store, s, plan, bounds, points, restore, log)
         log(

@@ -29,13 +29,13 @@ DECODERS = ("trial", "ray_data")
 
 @dataclass(frozen=True)
 class StreamedImages:
-    """The rows of one split's shards that ``keep`` selects (None: all), as a stream."""
+    """The rows of one split's shards that ``keep`` selects, as a stream."""
 
     root: str
     files: tuple[str, ...]
     image_shape: tuple[int, int, int]
     labels: np.ndarray = field(repr=False)  # labels of the kept rows, in row order
-    keep: np.ndarray | None = field(default=None, repr=False)  # bool per row of the split
+    keep: np.ndarray = field(repr=False)  # bool per row of the split: the rows it reads
     image_size: int | None = None
     window: int = 4096
     decode: str = "trial"
@@ -55,6 +55,15 @@ class StreamedImages:
     def to(self, device) -> StreamedImages:
         """The same stream, its windows to be moved to ``device`` by the batcher."""
         return replace(self, device=str(device))
+
+    def subset(self, n: int, seed: int) -> StreamedImages:
+        """A seeded ``n`` of the kept rows (``search.train_subset``): still a stream."""
+        keep = self.keep.copy()
+        kept = np.flatnonzero(keep)
+        chosen = np.sort(np.random.default_rng(seed).choice(len(kept), n, replace=False))
+        keep[:] = False
+        keep[kept[chosen]] = True
+        return replace(self, keep=keep, labels=self.labels[chosen])
 
     def shard_order(self, seed: int | None, epoch: int | None) -> list[int]:
         """Shards in file order (evaluation) or in the order drawn from (seed, epoch)."""
@@ -85,11 +94,12 @@ def split_stream(m: Manifest, split: str, keep: np.ndarray | None, **settings) -
     """The stream of ``split`` of a packed folder, with the labels of the rows it keeps."""
     fs, _ = filesystem(m.root)
     labels = np.zeros(m.rows(split), dtype=np.int64)
+    keep = np.ones(len(labels), bool) if keep is None else np.asarray(keep, bool)
     for shard in m.shards(split):
         table = open_shard(fs, shard_path(m.root, shard["file"]), ["label", "row"])
         labels[table.column("row").to_numpy()] = table.column("label").to_numpy()
     return StreamedImages(
         root=m.root, files=tuple(s["file"] for s in m.shards(split)), image_shape=m.shape,
-        labels=labels if keep is None else labels[keep], keep=keep,
+        labels=labels[keep], keep=keep,
         image_size=m.image_size, **settings,
     )  # fmt: skip
