@@ -151,7 +151,7 @@ def test_a_folder_without_a_manifest_says_to_pack_it(tmp_path):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -55,7 +55,7 @@ def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device | str) -> tupl
     (gathers copy), so the warning is silenced rather than paying for a copy per trial.
     """
     if isinstance(x, Streamed):  # read window by window as the batches are drawn
-        return x.to(device), torch.as_tensor(np.asarray(y, dtype=np.int64))
+        return x.to(device), torch.from_numpy(np.array(y, dtype=np.int64))  # (a copy: labels)
     x = np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32)
     y = np.ascontiguousarray(y, dtype=np.int64)
     with warnings.catch_warnings():

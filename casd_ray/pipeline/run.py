@@ -97,7 +97,9 @@ def execute(
     run_dir = cfg.run_dir
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     if p.runs("search") and address is None:
-        check_resources(cfg.search)
+        d = cfg.data
+        streams = d.dataset == "shards" and d.stream == "stream" and d.decode == "ray_data"
+        check_resources(cfg.search, data_cpus=d.data_cpus if streams else 0.0)
     # Data and the finished teacher are read from disk at most once per command.
     dataset = (lambda: data) if data is not None else functools.cache(partial(_load_data, cfg))
     loaded: dict = {}

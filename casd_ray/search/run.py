@@ -58,7 +58,7 @@ from casd_ray.search.progress import ProgressCallback
 from casd_ray.search.results import trials_table
 from casd_ray.search.rungs import make_scheduler
 from casd_ray.search.searchers import build_searcher, tune_search_space
-from casd_ray.search.session import check_resources, start_ray
+from casd_ray.search.session import check_resources, data_cpus, start_ray
 from casd_ray.search.storage import SearchStorage
 from casd_ray.search.trial import distill_trial, trial_resources
 from casd_ray.search.trial_plan import TrialPlan, pack_logits
@@ -96,12 +96,6 @@ def _shared_logits(
         "shared by every trial"
     )
     return logits
-
-
-def _data_cpus(packed: dict) -> float:
-    """CPUs each trial reserves for Ray Data decoding its stream (0: it decodes itself)."""
-    x = packed["x_train"]
-    return float(x.data_cpus) if getattr(x, "decode", None) == "ray_data" else 0.0
 
 
 def _val_logits(packed: dict, teacher: Network, plan: TrialPlan) -> np.ndarray | None:
@@ -251,7 +245,7 @@ def run_search(
         import ray
 
         try:
-            check_resources(s, ray.cluster_resources())
+            check_resources(s, ray.cluster_resources(), data_cpus=data_cpus(data))
         except ConfigError as err:
             if address is None:
                 raise
@@ -270,7 +264,7 @@ def run_search(
                 val_logits=_val_logits(packed, teacher, plan),
                 sources=_sources(teacher.spec),
             ),
-            trial_resources(s, _data_cpus(packed)),
+            trial_resources(s),
         )
         tuner = _tuner(trainable, store, s, plan, bounds, points, restore, log)
         log(

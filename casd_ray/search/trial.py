@@ -300,21 +300,9 @@ def _val_logits(
     return torch.cat(parts)
 
 
-def trial_resources(search_cfg: SearchConfig, data_cpus: float = 0.0):
-    """Resources of one trial, for ``tune.with_resources``.
-
-    ``data_cpus``: CPUs of the Ray Data tasks that decode a streamed trial's images
-    (``data.decode: ray_data``), reserved as a second bundle of the trial's placement group.
-    Tune makes the group capture child tasks and Ray Data schedules into the current group,
-    so those tasks run on CPUs no other trial holds: data workers and trials never
-    oversubscribe a node.
-    """
+def trial_resources(search_cfg: SearchConfig) -> dict[str, float]:
+    """Resources of one trial, for ``tune.with_resources``."""
     res = {"cpu": search_cfg.cpus_per_trial}
     if search_cfg.gpus_per_trial > 0:
         res["gpu"] = search_cfg.gpus_per_trial
-    if data_cpus <= 0:
-        return res
-    from ray import tune
-
-    head = {k.upper(): v for k, v in res.items()}
-    return tune.PlacementGroupFactory([head, {"CPU": float(data_cpus)}], strategy="PACK")
+    return res
