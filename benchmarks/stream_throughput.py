@@ -30,7 +30,7 @@ from casd_ray.config import DataConfig, ModelConfig
 from casd_ray.data.batches import to_tensors
 from casd_ray.models.family import build_model
 from casd_ray.pipeline.stages.teacher import teacher_spec
-from casd_ray.stream.decode import decode_table
+from casd_ray.stream.decode import decode_one, decode_table
 from casd_ray.stream.load import load_data
 from casd_ray.stream.pack import pack
 from casd_ray.stream.shards import filesystem, open_shard, read_manifest, shard_path
@@ -52,6 +52,27 @@ def decode_cost(root: str) -> tuple[float, float]:
     t2 = time.perf_counter()
     n = table.num_rows
     return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
+
+
+def imagenet_like_decode_ms(repeats: int = 50) -> tuple[float, int]:
+    """(ms per image, JPEG bytes) to decode a 500x375 JPEG (ImageNet's typical size) and fit
+    it to 224 (shorter side, centre crop): the per-image cost an ImageNet stream pays."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (47, 63, 3), dtype=np.uint8)  # smooth: a photo-like size
+    img = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+    noisy = np.clip(np.asarray(img, np.int16) + rng.integers(-20, 21, (375, 500, 3)), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(noisy.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        decode_one(data, "RGB", (224, 224), 224, "bench")
+    return (time.perf_counter() - t0) / repeats * 1e3, len(data)
 
 
 def epoch_rate(data, model0, batch_size: int) -> float:
@@ -95,6 +116,8 @@ def main() -> None:
               f"({pack_s / n * 1e6:.0f} us/image, decode-checked)")  # fmt: skip
         read_us, decode_us = decode_cost(str(dst))
         print(f"per image: read {read_us:.1f} us, read + decode {decode_us:.1f} us (one process)")
+        ms, size = imagenet_like_decode_ms()
+        print(f"ImageNet-like 500x375 JPEG ({size / 1024:.0f} KiB) -> 224: {ms:.2f} ms/image")
 
         base = {"dataset": "shards", "root": str(dst), "val_size": 1000,
                 "train_subset": args.images, "window": args.window}  # fmt: skip
