@@ -113,6 +113,19 @@ HELP = {
 }
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    from casd_ray.stream import pack, shards  # lazy: pyarrow only for these commands
+
+    if args.data_command == "pack":
+        out = pack.pack(args.src, args.dst, shard_rows=args.shard_rows,
+                        image_size=args.image_size, log=_log)  # fmt: skip
+    else:
+        out = shards.verify(args.dst, log=lambda _: None)
+    for split, counts in out["counts"].items():
+        _log(f"{split}: {sum(counts.values())} images, per class {counts}")
+    _log(f"checksum {out['checksum']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="casd-ray",
@@ -186,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     report.set_defaults(func=cmd_report)
+    data = sub.add_parser("data", help="pack an image folder into shards that stream; verify")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pack = data_sub.add_parser("pack", help="SRC/{train,test}/<class>/* -> Parquet shards")
+    pack.add_argument("src")
+    pack.add_argument("dst", help="an empty folder (or the folder of an interrupted pack)")
+    pack.add_argument("--shard-rows", type=int, default=2048, help="images per shard")
+    pack.add_argument(
+        "--image-size", type=int, default=None, help="resize (shorter side) and centre-crop"
+    )
+    verify = data_sub.add_parser("verify", help="check shards against their manifest")
+    verify.add_argument("dst", help="a packed folder or s3:// URI")
+    for p in (pack, verify):
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        p.set_defaults(func=cmd_data)
     return parser
 
 

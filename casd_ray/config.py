@@ -28,9 +28,14 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "imagefolder", "memory"] = Field(
-        "fashion_mnist",
-        description="memory: arrays handed to the Python API (casd_ray.compress)",
+    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "imagefolder", "shards", "memory"] = (
+        Field(
+            "fashion_mnist",
+            description=(
+                "memory: arrays handed to the Python API (casd_ray.compress); shards: a folder or "
+                "s3:// URI written by `casd-ray data pack` (data.root)"
+            ),
+        )
     )
     digest: str | None = Field(
         None, description="dataset memory: SHA-256 of the arrays (fingerprinted; set by the API)"
@@ -74,6 +79,38 @@ class DataConfig(_Strict):
             "RGB), 1 averages RGB to gray; None keeps the data's"
         ),
     )
+    stream: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description=(
+            "shards: read them a window at a time (stream) or decode them into memory once; "
+            "auto streams when the decoded training split exceeds data.memory_limit_gb"
+        ),
+    )
+    memory_limit_gb: float = Field(
+        4.0, gt=0, description="shards, stream auto: largest decoded train split kept in memory"
+    )
+    decode: Literal["trial", "ray_data"] = Field(
+        "trial",
+        description=(
+            "streamed shards: decode in the trial's own threads, or in Ray Data tasks "
+            "(data.data_cpus more CPUs reserved per trial)"
+        ),
+    )
+    window: int = Field(
+        4096, ge=2, description="streamed shards: images decoded and shuffled together"
+    )
+    data_cpus: float = Field(
+        1.0, ge=1, description="decode ray_data: CPUs of Ray Data tasks, reserved per trial"
+    )
+
+    @model_validator(mode="after")
+    def _stream_needs_shards(self) -> DataConfig:
+        if self.stream == "stream" and self.dataset != "shards":
+            raise ValueError(
+                "stream: stream reads packed shards; set data.dataset: shards and pack "
+                "the folder first (casd-ray data pack SRC DST)"
+            )
+        return self
 
     @field_validator("image_size")
     @classmethod

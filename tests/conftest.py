@@ -249,12 +249,12 @@ def search_with(cfg, trainable, resume: bool = False, **kwargs):
     unless ``resume``.
     ``kwargs`` go to ``run_search`` (e.g. ``address`` of a test cluster)."""
     from casd_ray.artifacts.network import load_network
-    from casd_ray.data.load import load_dataset
     from casd_ray.search.run import run_search
     from casd_ray.search.trial_plan import trial_plan
+    from casd_ray.stream.load import load_data
 
     return run_search(
-        load_dataset(cfg.data, cfg.seed),
+        load_data(cfg.data, cfg.seed),
         load_network(cfg.run_dir / "teacher"),
         search_cfg=cfg.search,
         plan=trial_plan(cfg.space, cfg.distill, cfg.search, cfg.seed),
@@ -339,12 +339,12 @@ def finetune_stage(cfg, log=lambda _: None, **kwargs):
     """``run_finetune`` on the run folder's teacher and trials table, as the pipeline calls it."""
     from casd_ray.artifacts.network import load_network
     from casd_ray.artifacts.trials import read_trials
-    from casd_ray.data.load import load_dataset
     from casd_ray.pipeline.plan import fingerprints
     from casd_ray.pipeline.stages.finetune import run_finetune
+    from casd_ray.stream.load import load_data
 
     return run_finetune(
-        load_dataset(cfg.data, cfg.seed),
+        load_data(cfg.data, cfg.seed),
         load_network(cfg.run_dir / "teacher"),
         read_trials(cfg.run_dir / "trials.parquet"),
         finetune_cfg=cfg.finetune,

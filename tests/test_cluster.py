@@ -1,5 +1,6 @@
 """The search on a real multi-node Ray cluster (``ray.cluster_utils.Cluster``: a head and two
-worker nodes on this machine, one CPU each), and a worker node lost while trials run on it.
+worker nodes on this machine, one CPU each), with in-memory and streamed data, and a worker
+node lost while trials run on it.
 
 Data and teacher reach every node through the object store; trial checkpoints go to the run
 folder, which every node of this test cluster shares (on a real cluster: ``storage_path`` on
@@ -22,8 +23,9 @@ from conftest import ensure_teacher, search_with, tiny_search_cfg
 from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
-from casd_ray.config import ExperimentConfig
+from casd_ray.config import DataConfig, ExperimentConfig
 from casd_ray.search.trial import distill_trial
+from casd_ray.stream.pack import pack
 
 EPOCHS = 5
 
@@ -42,6 +44,22 @@ def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
         root, images, name, num_samples=4, max_epochs=EPOCHS, max_concurrent=3,
         scheduler="fifo", algorithm="random", **search,
     )  # fmt: skip
+
+
+def test_streamed_search_spreads_over_nodes(cluster, tmp_path, image_tree):
+    """Trials on every node read the shards themselves (here a folder all nodes see; on a
+    real cluster, ``s3://``): only shard names travel through the object store."""
+    c, _ = cluster
+    pack(image_tree, tmp_path / "shards", shard_rows=64, log=lambda _: None)
+    cfg = make_cfg(tmp_path, image_tree, "stream")
+    data = DataConfig(dataset="shards", root=str(tmp_path / "shards"), val_size=40,
+                      stream="stream", window=64)  # fmt: skip
+    cfg = cfg.model_copy(update={"data": data})
+    ensure_teacher(cfg)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    df = pd.read_parquet(search_with(cfg, slow_trial, address=c.address))
+    assert len(df) == 4 and (df["status"] == "TERMINATED").all()
+    assert (df["epochs"] == EPOCHS).all() and df["node_id"].nunique() >= 2
 
 
 def slow_trial(config, **kwargs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,6 +22,30 @@ from casd_ray.data.seeds import seed_words
 PAD = 4  # zero padding before the random crop (torchvision RandomCrop(padding=4), fill=0)
 
 
+@runtime_checkable
+class Streamed(Protocol):
+    """A split too large for memory, read a window of rows at a time
+    (:class:`casd_ray.stream.images.StreamedImages`). It stands where a uint8 array stands:
+    the functions below take either, so every stage reads through one interface."""
+
+    window: int
+    device: str
+
+    def __len__(self) -> int: ...
+
+    def to(self, device) -> Streamed: ...
+
+    def windows(
+        self, size: int, seed: int | None = None, epoch: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+
+def _window_rows(x: Streamed, batch_size: int) -> int:
+    """Windows a whole number of batches long: an epoch then has as many batches (and the
+    same last short one) as an array of the same length."""
+    return max(1, -(-x.window // batch_size)) * batch_size
+
+
 def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Arrays -> tensors on ``device``; on CPU they share memory with the numpy arrays.
 
@@ -29,6 +54,8 @@ def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device | str) -> tupl
     Object-store arrays are read-only; torch warns about that, but batching only ever reads
     (gathers copy), so the warning is silenced rather than paying for a copy per trial.
     """
+    if isinstance(x, Streamed):  # read window by window as the batches are drawn
+        return x.to(device), torch.from_numpy(np.array(y, dtype=np.int64))  # (a copy: labels)
     x = np.ascontiguousarray(x, dtype=np.uint8 if x.dtype == np.uint8 else np.float32)
     y = np.ascontiguousarray(y, dtype=np.int64)
     with warnings.catch_warnings():
@@ -51,11 +78,11 @@ def _normalizer(mean: Sequence[float], std: Sequence[float], x: Tensor):
     return lambda xb: xb.float().mul_(scale).add_(shift)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator behind one epoch's order and augmentation (same on every device)."""
-    words = seed_words(
-        seed, 0xBA7C4, int(epoch) & 0xFFFFFFFFFFFFFFFF
-    )  # own stream, not the split's
+def epoch_generator(seed: int, epoch: int, window: int | None = None) -> torch.Generator:
+    """The CPU generator behind one epoch's order and augmentation (same on every device);
+    a streamed epoch has one per window."""
+    more = () if window is None else (int(window),)
+    words = seed_words(seed, 0xBA7C4, int(epoch) & 0xFFFFFFFFFFFFFFFF, *more)  # own stream
     state = words.generate_state(1, np.uint64)[0]
     return torch.Generator(device="cpu").manual_seed(int(state))
 
@@ -70,6 +97,7 @@ def train_batches(
     augment: str,
     mean: Sequence[float],
     std: Sequence[float],
+    window: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of shuffled, augmented, normalised batches on ``x.device``.
 
@@ -80,9 +108,18 @@ def train_batches(
     """
     if augment not in ("flip_crop", "crop", "none"):
         raise ValueError(f"augment: {augment!r}, expected 'flip_crop', 'crop' or 'none'")
+    if isinstance(x, Streamed):  # shards in a seeded order, each window shuffled as below
+        rows = _window_rows(x, batch_size)
+        for k, (xw, yw) in enumerate(x.windows(rows, seed, epoch)):
+            xt, yt = to_tensors(xw, yw, x.device)
+            yield from train_batches(
+                xt, yt, batch_size=batch_size, seed=seed, epoch=epoch, augment=augment,
+                mean=mean, std=std, window=k,
+            )  # fmt: skip
+        return
     n, c, h, w = x.shape
     dev = x.device
-    g = epoch_generator(seed, epoch)
+    g = epoch_generator(seed, epoch, window)
     perm = torch.randperm(n, generator=g)
     offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
     flips = torch.rand(n, generator=g) < 0.5
@@ -115,6 +152,11 @@ def eval_batches(
     x: Tensor, y: Tensor, *, batch_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Every example exactly once, in order, normalised, no augmentation (last batch kept)."""
+    if isinstance(x, Streamed):
+        for xw, yw in x.windows(_window_rows(x, batch_size)):
+            xt, yt = to_tensors(xw, yw, x.device)
+            yield from eval_batches(xt, yt, batch_size=batch_size, mean=mean, std=std)
+        return
     normalize = _normalizer(mean, std, x)
     for start in range(0, len(x), batch_size):
         yield normalize(x[start : start + batch_size]), y[start : start + batch_size]

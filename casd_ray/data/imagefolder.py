@@ -19,7 +19,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MODE_CHANNELS = {"L": 1, "RGB": 3}
 
 
-def _fit(img, size: int, mode: str):
+def fit(img, size: int, mode: str):
     """Shorter side to ``size`` (bilinear), centre crop ``size`` x ``size``, in ``mode``."""
     from PIL import Image
 
@@ -89,7 +89,7 @@ def read_split(
                     size = (image_size, image_size) if image_size else img.size
                     ref = (size, mode, path)
                 if image_size is not None:
-                    img = _fit(img, image_size, ref[1])
+                    img = fit(img, image_size, ref[1])
                 if (img.size, img.mode) != ref[:2]:
                     raise DataError(
                         f"{path}: {img.mode} {img.size[0]}x{img.size[1]}, but {ref[2]} is "

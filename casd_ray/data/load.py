@@ -50,6 +50,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
             "data.dataset: memory is data handed to casd_ray.compress in a Python session; "
             "from a config use cifar10, cifar100, fashion_mnist or imagefolder"
         )
+    if cfg.dataset == "shards":  # (they need pyarrow and may stream: casd_ray.stream.load)
+        raise DataError("data.dataset: shards are read by casd_ray.stream.load.load_data")
     root = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.dataset)
     if root is None:
         raise DataError(

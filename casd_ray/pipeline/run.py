@@ -32,7 +32,6 @@ from casd_ray.artifacts.run_folder import PARTS, SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import save_config
-from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
 from casd_ray.files import check_writable, read_json, write_json
@@ -56,6 +55,7 @@ from casd_ray.search.run import rebuild_table, run_search
 from casd_ray.search.session import check_resources
 from casd_ray.search.storage import check_storage
 from casd_ray.search.trial_plan import trial_plan
+from casd_ray.stream.load import load_data
 from casd_ray.widths import space
 from casd_ray.widths.preflight import preflight
 
@@ -101,7 +101,9 @@ def execute(
     if p.runs("search"):
         check_storage(run_dir, cfg.search.storage_path)
         if address is None:
-            check_resources(cfg.search)
+            d = cfg.data
+            streams = d.dataset == "shards" and d.stream == "stream" and d.decode == "ray_data"
+            check_resources(cfg.search, data_cpus=d.data_cpus if streams else 0.0)
     # Data and the finished teacher are read from disk at most once per command.
     dataset = (lambda: data) if data is not None else functools.cache(partial(_load_data, cfg))
     loaded: dict = {}
@@ -155,7 +157,7 @@ def report(run_dir: Path) -> Path:
 
 
 def _load_data(cfg: ExperimentConfig):
-    return load_dataset(cfg.data, cfg.seed)
+    return load_data(cfg.data, cfg.seed)
 
 
 def _teacher_spec_for_checks(cfg: ExperimentConfig, p: Plan, dataset, teacher, given=None):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from casd_ray.artifacts.network import state_to_numpy
-from casd_ray.data.batches import Batching
+from casd_ray.data.batches import Batching, Streamed
 from casd_ray.data.splits import DataSplits
 
 DATA_KEYS = ("x_train", "y_train", "x_val", "y_val")
@@ -27,6 +27,15 @@ def pack_data(data: DataSplits, train_subset: int | None = None, seed: int = 0) 
     keeps a seeded random subset of the training images (``search.train_subset``): every
     trial ranks candidates on the same proxy, while the fine-tune uses all of them.
     """
+    if isinstance(data.x_train, Streamed):  # the stream itself travels: a few shard names
+        packed = {k: np.ascontiguousarray(getattr(data, k)) for k in DATA_KEYS[1:]}
+        packed["x_train"] = data.x_train
+        if train_subset is not None and train_subset < len(data.x_train):
+            packed["x_train"] = data.x_train.subset(train_subset, seed)
+            packed["y_train"] = packed["x_train"].labels
+        packed.update(name=data.name, mean=tuple(data.mean), std=tuple(data.std),
+                      augment=data.augment)  # fmt: skip
+        return packed
     packed: dict[str, Any] = {k: np.ascontiguousarray(getattr(data, k)) for k in DATA_KEYS}
     n = len(packed["y_train"])
     if train_subset is not None and train_subset < n:

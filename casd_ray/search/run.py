@@ -58,7 +58,7 @@ from casd_ray.search.progress import ProgressCallback
 from casd_ray.search.results import trials_table
 from casd_ray.search.rungs import make_scheduler
 from casd_ray.search.searchers import build_searcher, tune_search_space
-from casd_ray.search.session import check_resources, start_ray
+from casd_ray.search.session import check_resources, data_cpus, start_ray
 from casd_ray.search.storage import SearchStorage
 from casd_ray.search.trial import distill_trial, trial_resources
 from casd_ray.search.trial_plan import TrialPlan, pack_logits
@@ -245,7 +245,7 @@ def run_search(
         import ray
 
         try:
-            check_resources(s, ray.cluster_resources())
+            check_resources(s, ray.cluster_resources(), data_cpus=data_cpus(data))
         except ConfigError as err:
             if address is None:
                 raise

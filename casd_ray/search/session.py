@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from casd_ray.config import SearchConfig
+from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ConfigError
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -54,11 +55,22 @@ def start_ray(address: str | None, dashboard: bool, log: Log) -> bool:
     return True
 
 
-def check_resources(s: SearchConfig, have: dict[str, float] | None = None) -> None:
+def data_cpus(data: DataSplits) -> float:
+    """CPUs the Ray Data tasks of one streaming trial use (``data.decode: ray_data``), else 0."""
+    x = data.x_train
+    return float(x.data_cpus) if getattr(x, "decode", None) == "ray_data" else 0.0
+
+
+def check_resources(
+    s: SearchConfig, have: dict[str, float] | None = None, data_cpus: float = 0.0
+) -> None:
     """Refuse a trial size the Ray instance can never hold (Tune would wait forever).
 
     ``have``: the cluster's resources; by default what a local instance started here gets
     (every CPU, every visible GPU), so the check runs before Ray starts or anything is written.
+    ``data_cpus``: each running trial's Ray Data decoding tasks, which run outside the trial's
+    reservation; ``max_concurrent`` trials and their data tasks must fit the CPUs together,
+    or they would oversubscribe the nodes (or the data tasks would wait behind trials).
     """
     if have is None:
         import torch
@@ -73,3 +85,10 @@ def check_resources(s: SearchConfig, have: dict[str, float] | None = None) -> No
                 f"search.{name}: {want:g} per trial, but Ray sees {have.get(key, 0.0):g} "
                 f"{key}s in total; lower search.{name}"
             )
+    need = s.max_concurrent * (s.cpus_per_trial + data_cpus)
+    if data_cpus and need > have.get("CPU", 0.0):
+        raise ConfigError(
+            f"search.max_concurrent: {s.max_concurrent} trials x ({s.cpus_per_trial:g} CPUs + "
+            f"{data_cpus:g} data.data_cpus for Ray Data decoding) = {need:g} CPUs, but Ray sees "
+            f"{have.get('CPU', 0.0):g}; lower search.max_concurrent or use data.decode: trial"
+        )

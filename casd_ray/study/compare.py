@@ -39,13 +39,13 @@ from casd_ray.artifacts.network import is_complete
 from casd_ray.artifacts.run_folder import PARTS, SEARCH_DRIVER
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
 from casd_ray.config import ExperimentConfig
-from casd_ray.data.load import load_dataset
 from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models.family import Spec, spec_from_json
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
 from casd_ray.report.deploy import validated_pick
+from casd_ray.stream.load import load_data
 from casd_ray.train import devices
 from casd_ray.widths import space
 from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
@@ -91,7 +91,7 @@ def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log, start: dict | N
         return saved
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     return train_export(
-        load_dataset(cfg.data, cfg.seed),
+        load_data(cfg.data, cfg.seed),
         load_teacher(cfg, cfg.run_dir / "teacher"),
         spec,
         folder,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from casd_ray.data.batches import Batching
+from casd_ray.data.batches import Batching, Streamed
 from casd_ray.train.devices import autocast
 
 # Shared logits above this size are not kept: the teacher then runs per batch (a paper-scale
@@ -128,8 +128,12 @@ def _key(teacher: nn.Module, x: Tensor, y: Tensor, epochs: int, batching: Batchi
     for name, tensor in teacher.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for tensor in (x, y):
-        h.update(tensor.cpu().numpy().tobytes())
+    for tensor in (x, y):  # a stream: its shards, rows and labels stand for its pixels
+        h.update(
+            repr(tensor).encode()
+            if isinstance(tensor, Streamed)
+            else tensor.cpu().numpy().tobytes()
+        )
     h.update(repr((epochs, batching, str(x.device), amp, str(dtype))).encode())
     return h.hexdigest()
 

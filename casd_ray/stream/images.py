@@ -1,0 +1,105 @@
+"""A split read from shards a window at a time: what every trial trains on when streaming.
+
+:class:`StreamedImages` is small, plain and picklable (shard names, a keep-mask, labels), so
+it travels to trials in place of the arrays; each trial reads the shards itself. It stands
+where a uint8 array stands (``len``, ``shape``, ``dtype``) and satisfies
+:class:`casd_ray.data.batches.Streamed`, so the training loop, the teacher and the fine-tune
+read it through the same ``Batching`` as arrays.
+
+Common random numbers: an epoch reads the shards in an order drawn from (seed, epoch), and
+windows are cut at fixed row counts, so every trial of a seed gets the same windows; the
+batches inside a window are shuffled and augmented by ``data.batches`` with a generator of
+(seed, epoch, window). Decoding in the trial or in Ray Data gives the same windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from casd_ray.data.seeds import seed_words
+from casd_ray.stream.decode import decode_table, rebatch
+from casd_ray.stream.raydata import ray_chunks
+from casd_ray.stream.shards import Manifest, filesystem, open_shard, shard_path
+
+DECODERS = ("trial", "ray_data")
+
+
+@dataclass(frozen=True)
+class StreamedImages:
+    """The rows of one split's shards that ``keep`` selects, as a stream."""
+
+    root: str
+    files: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    labels: np.ndarray = field(repr=False)  # labels of the kept rows, in row order
+    keep: np.ndarray = field(repr=False)  # bool per row of the split: the rows it reads
+    image_size: int | None = None
+    window: int = 4096
+    decode: str = "trial"
+    data_cpus: float = 1.0
+    device: str = "cpu"
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), *self.image_shape)
+
+    def to(self, device) -> StreamedImages:
+        """The same stream, its windows to be moved to ``device`` by the batcher."""
+        return replace(self, device=str(device))
+
+    def subset(self, n: int, seed: int) -> StreamedImages:
+        """A seeded ``n`` of the kept rows (``search.train_subset``): still a stream."""
+        keep = self.keep.copy()
+        kept = np.flatnonzero(keep)
+        chosen = np.sort(np.random.default_rng(seed).choice(len(kept), n, replace=False))
+        keep[:] = False
+        keep[kept[chosen]] = True
+        return replace(self, keep=keep, labels=self.labels[chosen])
+
+    def shard_order(self, seed: int | None, epoch: int | None) -> list[int]:
+        """Shards in file order (evaluation) or in the order drawn from (seed, epoch)."""
+        if seed is None:
+            return list(range(len(self.files)))
+        rng = np.random.default_rng(seed_words(seed, 0x5D0, int(epoch or 0)))
+        return [int(i) for i in rng.permutation(len(self.files))]
+
+    def windows(
+        self, size: int, seed: int | None = None, epoch: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 NCHW images, int64 labels) of ``size`` rows each (the last may be short)."""
+        order = self.shard_order(seed, epoch)
+        if self.decode == "ray_data":
+            return rebatch(ray_chunks(self, order, size), size)
+        return rebatch(self._decoded(order), size)
+
+    def _decoded(self, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Each shard's kept rows, read with pyarrow and decoded in this process."""
+        fs, _ = filesystem(self.root)
+        for i in order:
+            path = shard_path(self.root, self.files[i])
+            yield decode_table(open_shard(fs, path), self.keep, self.image_shape,
+                               self.image_size, path)  # fmt: skip
+
+
+def split_stream(m: Manifest, split: str, keep: np.ndarray | None, **settings) -> StreamedImages:
+    """The stream of ``split`` of a packed folder, with the labels of the rows it keeps."""
+    fs, _ = filesystem(m.root)
+    labels = np.zeros(m.rows(split), dtype=np.int64)
+    keep = np.ones(len(labels), bool) if keep is None else np.asarray(keep, bool)
+    for shard in m.shards(split):
+        table = open_shard(fs, shard_path(m.root, shard["file"]), ["label", "row"])
+        labels[table.column("row").to_numpy()] = table.column("label").to_numpy()
+    return StreamedImages(
+        root=m.root, files=tuple(s["file"] for s in m.shards(split)), image_shape=m.shape,
+        labels=labels[keep], keep=keep,
+        image_size=m.image_size, **settings,
+    )  # fmt: skip

@@ -1,0 +1,51 @@
+"""Windows of a stream read and decoded by Ray Data's workers instead of the trial.
+
+Ray Data reads the shards in the epoch's order (``preserve_order``: its output keeps the
+input order, so the windows are those of the in-trial decoder, common random numbers kept)
+and decodes them in parallel tasks, limited to ``data_cpus`` CPUs per trial. The tasks run
+outside the trial's placement group (a group that also held them starved Ray Data's
+scheduler in Ray 2.60: the trial hung), on CPUs the search leaves free:
+:func:`casd_ray.search.session.check_resources` requires ``max_concurrent`` x
+(``cpus_per_trial`` + ``data_cpus``) CPUs, so data workers and trials never oversubscribe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import ray
+
+from casd_ray.stream.decode import decode_table
+from casd_ray.stream.shards import filesystem, shard_path
+
+
+def _decode(batch, keep, shape, image_size) -> dict[str, np.ndarray]:
+    x, y = decode_table(batch, keep, shape, image_size, "ray data batch")
+    return {"x": x, "y": y}
+
+
+def ray_chunks(images, order: list[int], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 NCHW, int64 labels) chunks of ``size`` rows of ``images`` (a
+    :class:`~casd_ray.stream.images.StreamedImages`), in the shard order ``order``."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.execution_options.resource_limits = ray.data.ExecutionResources(cpu=images.data_cpus)
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # a start/finish line per epoch
+    fs, _ = filesystem(images.root)
+    paths = [shard_path(images.root, images.files[i]) for i in order]
+    # Outside the trial's placement group: its CPUs are the trial's own (see the module doc).
+    free = {"scheduling_strategy": "DEFAULT"}
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None, ray_remote_args=free)
+    ds = ds.map_batches(
+        _decode,
+        batch_format="pyarrow",
+        fn_kwargs={"keep": images.keep, "shape": images.image_shape,
+                   "image_size": images.image_size},
+        num_cpus=1,
+        **free,
+    )  # fmt: skip
+    for batch in ds.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=1):
+        yield batch["x"], batch["y"].astype(np.int64)

@@ -1,0 +1,168 @@
+"""Streaming data (casd_ray.stream): packing, verification, bad shards, and common random
+numbers — two trials of one seed see the same samples in the same order, however decoded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import write_image_tree
+
+from casd_ray.data.batches import Batching, to_tensors
+from casd_ray.errors import DataError
+from casd_ray.stream.images import split_stream
+from casd_ray.stream.pack import STATE, pack
+from casd_ray.stream.shards import MANIFEST, read_manifest, verify
+
+QUIET = {"log": lambda _: None}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    src = write_image_tree(tmp_path_factory.mktemp("src"), per_class=30, test_per_class=5)
+    dst = tmp_path_factory.mktemp("shards") / "p"
+    pack(src, dst, shard_rows=25, **QUIET)
+    return dst
+
+
+def test_pack_writes_shards_counts_and_a_checksum(packed):
+    m = read_manifest(str(packed))
+    assert m.classes == ["c0", "c1", "c2", "c3"] and m.shape == (1, 8, 8)
+    assert [s["rows"] for s in m.shards("train")] == [25, 25, 25, 25, 20]
+    out = verify(str(packed), **QUIET)
+    assert out["counts"]["train"] == {f"c{k}": 30 for k in range(4)}
+    assert out["counts"]["test"] == {f"c{k}": 5 for k in range(4)}
+    labels = pq.read_table(packed / "train-00000.parquet").column("label").to_numpy()
+    assert len(set(labels.tolist())) > 1  # the pack's shuffle mixes classes in every shard
+
+
+def test_pack_resumes_where_it_stopped(tmp_path):
+    src = write_image_tree(tmp_path / "src", per_class=10, test_per_class=3)
+    lines = []
+
+    def stop_after_two(line):
+        lines.append(line)
+        if len(lines) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, tmp_path / "dst", shard_rows=8, log=stop_after_two)
+    assert (tmp_path / "dst" / STATE).is_file() and not (tmp_path / "dst" / MANIFEST).exists()
+    first = (tmp_path / "dst" / "train-00000.parquet").stat().st_mtime_ns
+    lines.clear()
+    out = pack(src, tmp_path / "dst", shard_rows=8, log=lines.append)
+    assert (tmp_path / "dst" / "train-00000.parquet").stat().st_mtime_ns == first  # kept
+    assert out["counts"]["train"]["c0"] == 10 and not (tmp_path / "dst" / STATE).exists()
+
+
+def test_the_stream_holds_every_kept_row_once_and_its_labels(packed):
+    m = read_manifest(str(packed))
+    keep = np.ones(m.rows("train"), bool)
+    keep[::3] = False
+    s = split_stream(m, "train", keep, window=16)
+    rows = [(x, y) for x, y in s.windows(16, seed=0, epoch=0)]
+    assert [len(y) for _, y in rows] == [16] * 4 + [80 - 64]
+    assert len(s) == 80 and sorted(np.concatenate([y for _, y in rows])) == sorted(s.labels)
+    assert rows[0][0].dtype == np.uint8 and rows[0][0].shape[1:] == (1, 8, 8)
+
+
+def _epoch(stream, batching, epoch):
+    x, y = to_tensors(stream, stream.labels, "cpu")
+    return [(xb.clone(), yb.clone()) for xb, yb in batching.epoch(x, y, epoch)]
+
+
+def test_two_trials_see_the_same_samples_in_the_same_order(packed):
+    m = read_manifest(str(packed))
+    batching = Batching(8, 3, "flip_crop", (0.5,), (0.25,))
+    a = _epoch(split_stream(m, "train", None, window=20), batching, 1)  # trial A
+    b = _epoch(split_stream(m, "train", None, window=20), batching, 1)  # trial B, own reader
+    assert len(a) == batching.steps(120) == 15
+    assert all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
+    )
+    other = _epoch(split_stream(m, "train", None, window=20), batching, 2)
+    assert not all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(a, other, strict=True))
+
+
+def test_evaluation_reads_every_row_in_file_order(packed):
+    m = read_manifest(str(packed))
+    s = split_stream(m, "test", None, window=7)
+    batching = Batching(4, 0, "none", (0.5,), (0.25,))
+    ys = torch.cat([yb for _, yb in batching.evaluation(*to_tensors(s, s.labels, "cpu"))])
+    assert len(ys) == 20 and sorted(ys.tolist()) == sorted(s.labels.tolist())
+
+
+# ---------------------------------------------------------------- bad input: one line, the file
+
+
+def test_a_truncated_image_names_its_file_and_loses_no_shard(tmp_path):
+    src = write_image_tree(tmp_path / "src", per_class=10, test_per_class=3)
+    bad = src / "train" / "c2" / "4.png"
+    bad.write_bytes(bad.read_bytes()[:30])
+    with pytest.raises(DataError, match=r"4\.png: not a readable image"):
+        pack(src, tmp_path / "dst", shard_rows=8, **QUIET)
+    state = json.loads((tmp_path / "dst" / STATE).read_text())
+    for name in state["done"]:  # shards finished before the bad one stay, recorded
+        assert (tmp_path / "dst" / name).is_file()
+
+
+def test_a_class_missing_from_one_split_names_the_folder(tmp_path):
+    src = write_image_tree(tmp_path / "src", per_class=4, test_per_class=2)
+    shutil.rmtree(src / "test" / "c1")
+    with pytest.raises(DataError, match=r"test/c1: class 'c1' is in one split"):
+        pack(src, tmp_path / "dst", **QUIET)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_changed_or_unreadable_shard_names_the_file(tmp_path, packed):
+    copy = shutil.copytree(packed, tmp_path / "p")
+    shard = copy / "train-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"train-00001\.parquet: checksum differs"):
+        verify(str(copy), **QUIET)
+    m = read_manifest(str(copy))
+    with pytest.raises(DataError, match=r"train-00001\.parquet: unreadable shard"):
+        list(split_stream(m, "test", None).windows(8))  # the labels are read at once
+        list(split_stream(m, "train", None).windows(8))
+
+
+def test_a_shard_of_another_schema_names_the_file(tmp_path, packed):
+    copy = shutil.copytree(packed, tmp_path / "p")
+    pq.write_table(pa.table({"image": [b"x"], "label": [0.5]}), copy / "test-00000.parquet")
+    with pytest.raises(DataError, match=r"test-00000\.parquet: schema"):
+        split_stream(read_manifest(str(copy)), "test", None)
+
+
+def test_a_folder_without_a_manifest_says_to_pack_it(tmp_path):
+    with pytest.raises(DataError, match=r"manifest\.json: not found; pack an image folder"):
+        read_manifest(str(tmp_path))
+
+
+# ---------------------------------------------------------------- Ray Data decodes the same windows
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_ray_data_decodes_the_same_windows_as_the_trial(packed, ray_local):
+    m = read_manifest(str(packed))
+    keep = np.arange(m.rows("train")) % 4 != 0
+    mine = list(split_stream(m, "train", keep, window=32).windows(32, seed=5, epoch=2))
+    theirs = list(
+        split_stream(m, "train", keep, window=32, decode="ray_data").windows(32, seed=5, epoch=2)
+    )
+    assert [len(y) for _, y in mine] == [len(y) for _, y in theirs] == [32, 32, 26]
+    for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
