@@ -42,6 +42,8 @@ class DataConfig(_Strict):
     val_size: int = Field(5000, ge=1, description="carved from train; selection uses it")
     split_seed: int | None = Field(
         None,
+        ge=0,
+        lt=2**32,
         description=(
             "Seed of the train/val split (and of test_subset); null = the run seed. Fix it "
             "when one teacher serves several seeds (compare with teacher.checkpoint): the "
@@ -332,7 +334,12 @@ class AuditConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = Field("quick", description="run folder name: outputs go to output_dir/name")
-    seed: int = Field(0, description="seed of everything random (batches, searcher, inits)")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="seed of everything random (batches, searcher, inits)",
+    )
     output_dir: str = Field("runs", description="where run folders are made")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

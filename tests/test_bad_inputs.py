@@ -84,7 +84,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ("negative GPUs", ["run", "--set", "search.gpus_per_trial=-1"], "search.gpus_per_trial:"),
     ("no fine-tune epochs", ["run", "--set", "finetune.epochs=0"], "finetune.epochs:"),
     ("--set without '='", ["run", "--set", "search.max_epochs"], "expected key=value"),
-    ("--set value not YAML", ["run", "--set", "search.num_samples=[1"], "--set search.num"),
+    ("--set value not YAML", ["run", "--set", "space.ignore=[stem"], "--set space.ignore"),
+    ("--set list for a number", ["run", "--set", "search.num_samples=[1"], "search.num_samples:"),
+    ("--set bool for a number (D15)", ["run", "--set", "search.num_samples=true"], "num_samples:"),
+    ("negative seed (D6)", ["run", "--set", "seed=-1"], "seed: "),
+    ("seed of 2**64 (D6)", ["run", "--set", "seed=18446744073709551616"], "seed: "),
+    ("split_seed -1 (D6)", ["run", "--set", "data.split_seed=-1"], "data.split_seed: "),
+    (
+        "duplicate YAML key (D8)",
+        ["run", "text:search:\n  num_samples: 2\nsearch:\n  max_epochs: 1\n"],
+        "duplicate key 'search' (line 3)",
+    ),
     ("--set into a value", ["run", "--set", "name.x=1"], "name.x: name is not a section"),
     ("more CPUs than here", ["run", "--set", "search.cpus_per_trial=999"], "cpus_per_trial"),
     (

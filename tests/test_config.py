@@ -30,7 +30,8 @@ def test_defaults_and_overrides(tmp_path):
         ("name: t\n", ["space.budget.target=1.5"], "space.budget.target"),
         ("name: t\n", ["search.algorithm=bayes"], "search.algorithm"),
         ("name: t\n", ["nonsense"], "expected key=value"),
-        ("name: t\n", ["search.num_samples=[1"], "--set search.num_samples"),
+        ("name: t\n", ["search.num_samples=[1"], "search.num_samples: "),
+        ("name: t\n", ["space.ignore=[stem"], "--set space.ignore: value '[stem' is not valid"),
         ("name: t\n", ["model.arch=resnet7"], "model.arch: unknown architecture"),
         ("name: ../../x\n", [], "name: must be a plain folder name"),
         ("", [], "the config file is empty"),
@@ -90,3 +91,53 @@ def test_the_configuration_reference_is_current():
     assert doc.read_text() == reference_markdown(), "regenerate docs/configuration.md"
     for key in ("search.precise_bn_batches", "space.budget.target", "finetune.epochs"):
         assert f"`{key}`" in doc.read_text()
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    """D8: a second `search:` block must not silently replace the first."""
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  num_samples: 4\nname: x\nsearch:\n  max_epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'search' \(line 4\)"):
+        load_config(path)
+    path.write_text("search:\n  num_samples: 4\n  num_samples: 5\n")
+    with pytest.raises(ConfigError, match="duplicate key 'num_samples'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, field, value",
+    [
+        ("name=42", "name", "42"),
+        ("name=yes", "name", "yes"),
+        ("search.num_samples=7", "search.num_samples", 7),
+        ("search.lr=1e-3", "search.lr", 1e-3),
+        ("search.amp=false", "search.amp", False),
+        ("data.split_seed=null", "data.split_seed", None),
+        ("teacher.checkpoint=null", "teacher.checkpoint", None),
+        ("space.ignore=[stem, head]", "space.ignore", ["stem", "head"]),
+        ("model.kwargs={depth: 2}", "model.kwargs", {"depth": 2}),
+    ],
+)
+def test_set_values_take_the_fields_type(override, field, value):
+    """D15: `--set` values are read by the field's type, not by YAML's guess."""
+    cfg = load_config(None, [override])
+    got = cfg
+    for key in field.split("."):
+        got = getattr(got, key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override", ["search.num_samples=true", "search.max_epochs=1.5"])
+def test_set_values_of_the_wrong_type_are_refused(override):
+    """D15: `search.num_samples=true` ran one trial (YAML's True taken as 1)."""
+    with pytest.raises(ConfigError, match=override.split("=")[0] + ":"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64), str(2**32)])
+def test_seeds_out_of_range_are_refused_before_anything_runs(seed):
+    """D6: `--set seed=-1` trained the teacher, then failed without naming `seed`."""
+    with pytest.raises(ConfigError, match="^seed:"):
+        load_config(None, [f"seed={seed}"])
+    with pytest.raises(ConfigError, match="^data.split_seed:"):
+        load_config(None, [f"data.split_seed={seed}"])
