@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from casd_ray import __version__
 from casd_ray.config_file import load_config
 from casd_ray.errors import ConfigError, UserError
 from casd_ray.pipeline.plan import STAGES
@@ -72,16 +73,67 @@ def cmd_report(args: argparse.Namespace) -> None:
     _log(f"report written: {report(Path(args.run_dir))}")
 
 
+# subcommand -> (what it does, an example), shown by `casd-ray <command> --help`
+HELP = {
+    "teacher": (
+        "Train the network to compress (or import teacher.checkpoint) into RUN/teacher/; "
+        "a rerun reuses it.",
+        "casd-ray teacher experiments/quick.yaml --set teacher.epochs=5",
+    ),
+    "search": (
+        "Run the width search on Ray Tune (each trial distils one candidate from the "
+        "teacher); an interrupted search resumes where it stopped.",
+        "casd-ray search experiments/quick.yaml --set search.num_samples=8",
+    ),
+    "finetune": (
+        "Prune the winner and the uniform baseline from the teacher, fine-tune both with "
+        "distillation and export them (winner/, uniform/).",
+        "casd-ray finetune experiments/quick.yaml --set finetune.epochs=3",
+    ),
+    "audit": (
+        "Fine-tune the search's top trials with the final recipe and rank-correlate their "
+        "search scores with the final accuracy (the proxy-fidelity audit).",
+        "casd-ray audit experiments/quick.yaml --set audit.top_k=3 --fresh audit",
+    ),
+    "run": (
+        "Every stage in order: teacher -> search -> finetune -> audit -> report. Finished "
+        "stages with the same settings are reused, interrupted ones resumed.",
+        "casd-ray run experiments/quick.yaml --set name=try2",
+    ),
+    "compare": (
+        "Winner vs uniform width, random search and global channel ranking, over several "
+        "seeds (one run folder per seed).",
+        "casd-ray compare experiments/quick.yaml --seeds 0 1 2",
+    ),
+    "report": (
+        "Rebuild report.md, report.json and the plots from a run folder's files alone "
+        "(recomputes nothing).",
+        "casd-ray report runs/quick",
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="casd-ray",
         description="Compress a CNN by channel-width search with distillation, on Ray Tune.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    parser.add_argument("--version", action="version", version=f"casd-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        description, example = HELP[name]
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=description,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+        p = add(name, help_)
         p.add_argument("config", help="experiment YAML (see experiments/)")
         p.add_argument(
             "--set",
@@ -128,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
     compare.set_defaults(func=cmd_compare)
-    report = sub.add_parser("report", help="rebuild report.md/json and plots from a run folder")
-    report.add_argument("run_dir")
+    report = add("report", "rebuild report.md/json and plots from a run folder")
+    report.add_argument("run_dir", help="a run folder (output_dir/name)")
     report.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )

@@ -141,3 +141,25 @@ def test_seeds_out_of_range_are_refused_before_anything_runs(seed):
         load_config(None, [f"seed={seed}"])
     with pytest.raises(ConfigError, match="^data.split_seed:"):
         load_config(None, [f"data.split_seed={seed}"])
+
+
+def test_version(capsys):
+    """Also seen: there was no `casd-ray --version`."""
+    import casd_ray
+
+    with pytest.raises(SystemExit) as code:
+        main(["--version"])
+    assert code.value.code == 0
+    assert capsys.readouterr().out.strip() == f"casd-ray {casd_ray.__version__}"
+
+
+@pytest.mark.parametrize(
+    "command", ["teacher", "search", "finetune", "audit", "run", "compare", "report"]
+)
+def test_every_subcommand_help_has_a_description_and_an_example(capsys, command):
+    """Also seen: subcommand `--help` had neither a description nor an example."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "example:" in out.lower() and f"casd-ray {command} " in out
+    assert out.split("\n\n")[1].strip(), "no description under the usage line"
