@@ -93,8 +93,15 @@ def test_fresh_redoes_the_stage_and_keeps_the_old_one(run_copy, capsys):
         "uniform",
         "finetune.json",
         "audit.json",
+        "config.yaml",  # D12: the settings they were made with, and the report made from them
+        "report.md",
+        "report.json",
+        "pareto.png",
+        "progress.png",
+        "widths.png",
     }
     assert stages <= moved <= stages | {"audit"}
+    assert "target: 0.5" in (aside / "config.yaml").read_text()  # the old budget
 
 
 def test_refused_fresh_run_leaves_no_folder(tmp_path, finished, capsys):

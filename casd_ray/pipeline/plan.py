@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ OUTPUTS = {
     "search": ("search", "trials.parquet", "search_driver.json"),
     "finetune": ("winner", "uniform", "finetune.json"),
     "audit": ("audit", "audit.json"),
-    "report": (),
+    "report": ("report.md", "report.json", "pareto.png", "progress.png", "widths.png"),
 }
 # Keys that change how a stage runs, not what it produces.
 VOLATILE = {"search": ("max_concurrent", "max_failures", "cpus_per_trial", "storage_path")}
@@ -122,9 +123,13 @@ def mark_stage(run_dir: Path, stage: str, fingerprint: dict, status: str) -> Non
 def set_aside_outputs(run_dir: Path, stages: list[str], log: Log) -> None:
     """Move the outputs of ``stages`` under ``previous/<time>/`` and forget their records.
 
+    The report describes every stage, so it moves with any of them; a copy of the
+    ``config.yaml`` they were made with goes along (call this before writing the new one).
     Redoing the teacher redoes everything: the record itself moves too (even a corrupt one).
     """
     names = [name for s in stages for name in OUTPUTS[s]]
+    if stages:
+        names += OUTPUTS["report"]
     if "teacher" in stages:
         names.append(RECORD)
     moved = [run_dir / name for name in names if (run_dir / name).exists()]
@@ -133,6 +138,8 @@ def set_aside_outputs(run_dir: Path, stages: list[str], log: Log) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         for path in moved:
             path.rename(dest / path.name)
+        if (run_dir / "config.yaml").is_file():
+            shutil.copy2(run_dir / "config.yaml", dest / "config.yaml")
         log(f"moved {', '.join(p.name for p in moved)} to {dest}")
     record = read_record(run_dir)
     if any(s in record for s in stages):

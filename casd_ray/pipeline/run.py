@@ -114,8 +114,8 @@ def execute(
             space.check_budget(rules, spec)
     # Everything is checked: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
+    set_aside_outputs(run_dir, p.discard, log)  # with the config.yaml they were made with
     save_config(cfg, run_dir / "config.yaml")
-    set_aside_outputs(run_dir, p.discard, log)
 
     total = len(stages)
     for i, stage in enumerate(stages, 1):

@@ -1,0 +1,27 @@
+"""The reuse plan's file moves (casd_ray/pipeline/plan.py), without running a stage."""
+
+from __future__ import annotations
+
+from casd_ray.pipeline.plan import set_aside_outputs
+
+
+def test_fresh_moves_the_report_and_keeps_the_old_config(tmp_path):
+    """D12: --fresh overwrote report.* and the plots, and previous/<time>/ had no config.yaml."""
+    run = tmp_path / "r"
+    (run / "search").mkdir(parents=True)
+    names = ["report.md", "report.json", "pareto.png", "progress.png", "widths.png"]
+    for name in [*names, "trials.parquet", "config.yaml"]:
+        (run / name).write_text(name)
+    set_aside_outputs(run, ["search", "finetune", "audit"], lambda _: None)
+    (aside,) = (run / "previous").iterdir()
+    assert {p.name for p in aside.iterdir()} == {*names, "search", "trials.parquet", "config.yaml"}
+    assert (aside / "config.yaml").read_text() == "config.yaml"  # the settings they were made with
+    assert (run / "config.yaml").exists()  # a copy: the run folder keeps its config
+    assert not any((run / n).exists() for n in names)
+
+
+def test_nothing_to_redo_moves_nothing(tmp_path):
+    """D12: a plain rerun (no stage set aside) keeps the report where it is."""
+    (tmp_path / "report.md").write_text("x")
+    set_aside_outputs(tmp_path, [], lambda _: None)
+    assert (tmp_path / "report.md").exists() and not (tmp_path / "previous").exists()
