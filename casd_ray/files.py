@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from casd_ray.errors import ArtifactError
+from casd_ray.errors import ArtifactError, ConfigError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -36,6 +36,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: str | Path, field: str) -> None:
+    """Refuse, naming ``field``, a ``path`` whose nearest existing folder takes no new entry.
+
+    ``os.access`` says yes to root on ``/proc`` and ``/sys``, where making a folder fails
+    later with a bare OS error; so a folder is made and removed in it (nothing stays).
+    """
+    path = Path(path).absolute()
+    probe = next(p for p in (path, *path.parents) if p.exists())
+    if not probe.is_dir():
+        raise ConfigError(f"{field}: {probe} exists and is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".casd-ray-probe-", dir=probe))
+    except OSError as err:
+        raise ConfigError(f"{field}: {probe} is not writable ({err.strerror})") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

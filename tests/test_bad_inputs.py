@@ -106,6 +106,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("data root is a file", ["run", "--set", "data.root={tmp}/c.yaml"], "c.yaml"),
     ("output_dir is a file", ["run", "--set", "output_dir={tmp}/c.yaml"], "output_dir:"),
     (
+        "output_dir on a pseudo-filesystem (D13)",
+        ["run", "--set", "output_dir=/proc/casd-ray-runs"],
+        "output_dir: /proc is not writable",
+    ),
+    (
+        "storage_path of an unknown scheme (D14)",
+        ["run", "--set", "search.storage_path=foo://x"],
+        "search.storage_path: foo://x",
+    ),
+    (
+        "storage_path on a pseudo-filesystem (D14)",
+        ["run", "--set", "search.storage_path=/proc/casd-ray-search"],
+        "search.storage_path: /proc is not writable",
+    ),
+    (
         "teacher checkpoint missing",
         ["run", "--set", "teacher.checkpoint={tmp}/none.pt"],
         "teacher.checkpoint:",

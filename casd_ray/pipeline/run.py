@@ -21,7 +21,6 @@ only then ``config.yaml`` and the stage records are written.
 from __future__ import annotations
 
 import functools
-import os
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from casd_ray.config_file import save_config
 from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
+from casd_ray.files import check_writable
 from casd_ray.models.family import with_ignore
 from casd_ray.pipeline.plan import (
     STAGES,
@@ -52,6 +52,7 @@ from casd_ray.pipeline.stages.teacher import load_checkpoint, make_teacher, teac
 from casd_ray.report.build import build_report
 from casd_ray.search.run import rebuild_table, run_search
 from casd_ray.search.session import check_resources
+from casd_ray.search.storage import check_storage
 from casd_ray.search.trial_plan import trial_plan
 from casd_ray.widths import space
 
@@ -67,9 +68,7 @@ def check_output(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"output_dir: {out} exists and is not a folder")
     if run.exists() and not run.is_dir():
         raise ConfigError(f"name: {run} exists and is not a folder")
-    probe = next(p for p in (run, out, *out.absolute().parents) if p.exists())
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir: {probe} is not writable")
+    check_writable(run, "output_dir")
 
 
 # --------------------------------------------------------------------------- execute
@@ -96,8 +95,10 @@ def execute(
     p = plan(cfg, [s for s in stages if s != "report"], fresh)
     run_dir = cfg.run_dir
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
-    if p.runs("search") and address is None:
-        check_resources(cfg.search)
+    if p.runs("search"):
+        check_storage(run_dir, cfg.search.storage_path)
+        if address is None:
+            check_resources(cfg.search)
     # Data and the finished teacher are read from disk at most once per command.
     dataset = (lambda: data) if data is not None else functools.cache(partial(_load_data, cfg))
     loaded: dict = {}

@@ -23,9 +23,29 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from casd_ray.errors import ConfigError
+from casd_ray.files import check_writable
 from casd_ray.search import restore_point, trust
 
 SEARCH_DIR = "search"
+
+
+def check_storage(run_dir: Path, storage_path: str | None) -> None:
+    """Refuse, before the teacher trains, a ``search.storage_path`` the search cannot use.
+
+    A URI whose scheme ``pyarrow.fs`` does not know (or whose bucket cannot be reached) and
+    a folder that cannot be written both failed only when the search started.
+    """
+    if not storage_path:
+        return
+    if "://" not in storage_path:
+        check_writable(storage_path, "search.storage_path")
+        return
+    try:
+        SearchStorage.of(run_dir, storage_path)._fs()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"search.storage_path: {storage_path}: {first[:200]}") from None
 
 
 @dataclass(frozen=True)
