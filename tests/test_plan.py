@@ -25,3 +25,30 @@ def test_nothing_to_redo_moves_nothing(tmp_path):
     (tmp_path / "report.md").write_text("x")
     set_aside_outputs(tmp_path, [], lambda _: None)
     assert (tmp_path / "report.md").exists() and not (tmp_path / "previous").exists()
+
+
+def test_the_reports_audit_advice_is_a_command_that_runs(tmp_path):
+    """D9: the report advised `--set audit.top_k=5`, which the same run folder refused."""
+    import re
+    import shlex
+
+    import pytest
+
+    from casd_ray.cli import build_parser
+    from casd_ray.config_file import load_config
+    from casd_ray.errors import StageMismatch
+    from casd_ray.pipeline.plan import TRAINED, fingerprints, mark_stage, plan
+    from casd_ray.report.markdown import _audit_lines
+
+    off = load_config(None, [f"output_dir={tmp_path}", "audit.top_k=0"])
+    for stage, fp in fingerprints(off).items():
+        mark_stage(off.run_dir, stage, fp, "done")
+    text = " ".join(_audit_lines({"top_k": 0}, None))
+    (advice,) = re.findall(r"`(casd-ray [^`]+)`", text)
+    args = build_parser().parse_args(shlex.split(advice)[1:])
+    assert args.fresh == "audit"
+    cfg = load_config(None, [f"output_dir={tmp_path}", *args.set])
+    with pytest.raises(StageMismatch):  # what the old advice ran into
+        plan(cfg, list(TRAINED))
+    p = plan(cfg, list(TRAINED), args.fresh)
+    assert p.actions == {"teacher": "reuse", "search": "reuse", "finetune": "reuse", "audit": "new"}

@@ -58,10 +58,11 @@ def _audit_lines(audit: dict | None, val_images: int | None) -> list[str]:
     lines = ["## How far to trust the search ranking", ""]
     if not audit.get("top_k"):
         return lines + [
-            "The proxy-fidelity audit is off (`audit.top_k: 0`). Run it with `casd-ray run "
-            "CONFIG --set audit.top_k=5`: it fine-tunes the 5 best completed trials (and the "
-            "uniform control) with the final recipe, one fine-tune each, and reports how well "
-            "the search's score predicts their final validation accuracy.",
+            "The proxy-fidelity audit is off (`audit.top_k: 0`). Run it on this run folder "
+            "with `casd-ray run CONFIG --set audit.top_k=5 --fresh audit` (the teacher, "
+            "search and fine-tune are reused): it fine-tunes the 5 best completed trials (and "
+            "the uniform control) with the final recipe, one fine-tune each, and reports how "
+            "well the search's score predicts their final validation accuracy.",
             "",
         ]
 
