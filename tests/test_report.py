@@ -133,3 +133,26 @@ def test_report_names_the_network_to_deploy_by_final_validation(run_copy, better
     assert deploy["part"] == better
     assert deploy["folder"] == str(run_dir / better)
     assert f"Deploy `{better}/`" in text
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"name": "fashion_mnist", "mea'])
+def test_a_damaged_data_json_is_one_line_not_dropped(run_copy, text):
+    """D11: a list gave AttributeError; a truncated file was silently left out of report.json."""
+    run_dir, _, _ = run_copy
+    (run_dir / "teacher" / "data.json").write_text(text)
+    with pytest.raises(ArtifactError, match=r"teacher/data.json: .*rerun"):
+        build_report(run_dir)
+
+
+def test_a_rerun_rewrites_a_damaged_data_json(run_copy):
+    """D11: the data summary is derived from the data: a rerun rebuilds it, keeping the teacher."""
+    from casd_ray.pipeline.run import execute
+
+    run_dir, cfg, _ = run_copy
+    good = json.loads((run_dir / "teacher" / "data.json").read_text())
+    (run_dir / "teacher" / "data.json").write_text("[1, 2]")
+    logs: list[str] = []
+    cfg = cfg.model_copy(update={"output_dir": str(run_dir.parent), "name": run_dir.name})
+    execute(cfg, ["teacher"], log=logs.append)
+    assert json.loads((run_dir / "teacher" / "data.json").read_text()) == good
+    assert any("reusing" in line for line in logs) and any("data.json" in x for x in logs)

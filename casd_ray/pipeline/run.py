@@ -34,7 +34,7 @@ from casd_ray.config_file import save_config
 from casd_ray.data.load import load_dataset
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
-from casd_ray.files import check_writable
+from casd_ray.files import check_writable, read_json, write_json
 from casd_ray.models.family import with_ignore
 from casd_ray.pipeline.plan import (
     STAGES,
@@ -125,7 +125,7 @@ def execute(
         if stage == "report":
             log(f"{head}: report written: {report(run_dir)}")
             continue
-        if action == "reuse" and _output_ok(stage, cfg, rules, teacher, trust_folder, log):
+        if action == "reuse" and _output_ok(stage, cfg, rules, teacher, trust_folder, log, dataset):
             log(f"{head}: reusing {run_dir} (same settings)")
             continue
         log(f"{head}: {'resuming' if action == 'resume' else 'running'}")
@@ -179,7 +179,7 @@ def load_teacher(cfg: ExperimentConfig, folder: Path):
 
 
 def _output_ok(
-    stage: str, cfg: ExperimentConfig, rules, teacher, trust_folder: bool, log: Log
+    stage: str, cfg: ExperimentConfig, rules, teacher, trust_folder: bool, log: Log, dataset
 ) -> bool:
     """Whether a finished stage's outputs can be reused as they are.
 
@@ -189,6 +189,12 @@ def _output_ok(
     run_dir = cfg.run_dir
     if stage == "teacher":
         teacher()  # checks every teacher file (and keeps the network for the next stages)
+        data_file = run_dir / "teacher" / "data.json"
+        try:
+            read_json(data_file)
+        except ArtifactError as err:  # derived from the data: rewritten, the teacher is kept
+            log(f"teacher: {err}; rewriting it")
+            write_json(data_file, dataset().describe())
     if stage == "search":
         try:
             read_trials(run_dir / TRIALS_FILE)

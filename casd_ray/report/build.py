@@ -32,6 +32,14 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _read_data(path: Path) -> dict | None:
+    """The teacher's data summary; absent before the teacher ran, refused when damaged (the
+    noise estimates and the deploy notes need it: dropping it would make a lesser report)."""
+    if not path.exists():
+        return None
+    return read_json(path, hint="rerun the same `casd-ray run` command to rewrite it")
+
+
 def _load_trials(run_dir: Path) -> pd.DataFrame | None:
     path = run_dir / TRIALS_FILE
     return read_trials(path) if path.exists() else None
@@ -78,7 +86,7 @@ def build_report_json(run_dir: Path) -> dict:
             "command": f"casd-ray run {run_dir / 'config.yaml'}",
             "report_command": f"casd-ray report {run_dir}",
         },
-        "data": _read_json(run_dir / "teacher" / "data.json"),
+        "data": _read_data(run_dir / "teacher" / "data.json"),
         "model": config.get("model"),
         "flops_convention": "FlopCounterMode: 2 FLOPs per multiply-add; conv and linear only",
         "missing": [],
