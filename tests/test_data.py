@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import shutil
 import struct
 import warnings
 from pathlib import Path
@@ -423,3 +424,24 @@ def test_split_seed_pins_the_validation_split_across_run_seeds(tmp_path):
     assert not np.array_equal(own[0].x_val, own[1].x_val)
     same_as_seed_7 = load_dataset(DataConfig(root=str(root), val_size=10), seed=7)
     assert np.array_equal(same_as_seed_7.x_val, pinned[0].x_val)
+
+
+def test_one_class_is_refused(tmp_path):
+    """D3: a one-class image folder was accepted; the report showed 100 %, ±0.00."""
+    root = make_imagefolder(tmp_path / "a")
+    for split in ("train", "test"):
+        for cls in ("ant", "bee"):
+            shutil.rmtree(root / split / cls)
+    one_line_error(
+        DataConfig(dataset="imagefolder", root=str(root), val_size=2),
+        str(root / "train"),
+        "1 class",
+        "at least 2",
+    )
+
+
+def test_a_train_subset_of_one_class_is_refused(tmp_path):
+    """D3: a training split that holds a single class teaches nothing to compare."""
+    root = make_imagefolder(tmp_path / "a", per_class=5)
+    cfg = DataConfig(dataset="imagefolder", root=str(root), val_size=2, train_subset=1)
+    one_line_error(cfg, "data.train_subset: ", "one class")

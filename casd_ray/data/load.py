@@ -58,6 +58,12 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
         (xtr, ytr), (xte, yte), classes = load_imagefolder(root, cfg.image_size)
         augment = "flip_crop"
 
+    if len(classes) < 2:  # accuracy would be 100 % whatever the network (D3)
+        where = root / "train" if cfg.dataset == "imagefolder" else root
+        raise DataError(
+            f"{where}: {len(classes)} class ({', '.join(classes)}); a classifier needs at "
+            "least 2 classes (one folder per class)"
+        )
     n = len(ytr)
     if cfg.val_size > n - 2:
         raise DataError(
@@ -72,6 +78,12 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataSplits:
     if cfg.train_subset is not None:  # at most N: a larger value just means all of it
         train_idx = train_idx[: cfg.train_subset]
     train_idx = np.sort(train_idx)
+    if len(np.unique(ytr[train_idx])) < 2:
+        where = "data.train_subset" if cfg.train_subset is not None else f"data.root {root}"
+        raise DataError(
+            f"{where}: the {len(train_idx)} training images hold one class; a classifier "
+            "needs at least 2 (use more training images)"
+        )
     if cfg.test_subset is not None and cfg.test_subset < len(yte):
         test_perm = np.random.default_rng(seed_words(split, 0x7E5)).permutation(len(yte))
         test_idx = np.sort(test_perm[: cfg.test_subset])
