@@ -311,3 +311,14 @@ def test_load_network_and_numpy_state_round_trip(tmp_path, data_root):
     (torn / "model.pt").write_bytes(b"torn")
     with pytest.raises(ArtifactError, match="model.pt"):
         load_network(torn)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, data_root):
+    """D4: a teacher.checkpoint with widths.json beside it silently overrode model.arch."""
+    src = ensure(_cfg(tmp_path, data_root, name="src4", epochs=1))
+    for model in ({"arch": "resnet8", "width": 8}, {"arch": "resnet14", "width": 4}):
+        cfg = _cfg(tmp_path, data_root, name="other", checkpoint=str(src.path))
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=model)})
+        with pytest.raises(ConfigError, match=r"^teacher.checkpoint: .*model.arch"):
+            ensure(cfg)
+        assert not cfg.run_dir.exists()  # refused before anything is written

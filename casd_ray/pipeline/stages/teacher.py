@@ -21,7 +21,7 @@ from casd_ray.data.batches import to_tensors
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
 from casd_ray.files import atomic_write, write_json, write_text
-from casd_ray.models.family import Spec, build_model, flops, params, spec_for
+from casd_ray.models.family import Spec, build_model, flops, group_widths, params, spec_for
 from casd_ray.train.devices import pick_device, prepare_model
 from casd_ray.train.loop import Checkpoint, evaluate_splits, fit, resume
 from casd_ray.train.recipe import make_optimizer, make_scheduler, steps_per_epoch
@@ -107,6 +107,7 @@ def load_checkpoint(
         ):
             net = load_network(src)
             model, spec = net.model, net.spec
+            _check_same_architecture(src, spec, teacher_spec(model_cfg, data), model_cfg)
         else:
             if src.is_dir():
                 raise ConfigError(f"teacher.checkpoint: {src} has no model.pt/widths.json")
@@ -123,6 +124,22 @@ def load_checkpoint(
         )
     log(f"teacher: loaded {src}")
     return model, spec
+
+
+def _check_same_architecture(src: Path, spec: Spec, expected: Spec, model_cfg: ModelConfig):
+    """A checkpoint's own widths.json must describe the network the config names: it used to
+    replace ``model.arch`` silently, so a run was labelled with one network and was another."""
+    same = (
+        type(spec) is type(expected)
+        and getattr(spec, "arch", None) == getattr(expected, "arch", None)
+        and group_widths(spec) == group_widths(expected)
+    )
+    if not same:
+        width = "" if ":" in model_cfg.arch else f", model.width {model_cfg.width}"
+        raise ConfigError(
+            f"teacher.checkpoint: {src} holds another network than model.arch "
+            f"{model_cfg.arch}{width} describes; set model.* to the checkpoint's network"
+        )
 
 
 def _train(
