@@ -27,6 +27,7 @@ from torch import nn
 from casd_ray import load_compressed
 from casd_ray.artifacts.network import load_torchscript
 from casd_ray.cli import main
+from casd_ray.errors import SourceError
 from casd_ray.models.cost import measure_flops
 from casd_ray.models.family import (
     build_model,
@@ -160,6 +161,13 @@ def test_ignore_keeps_modules_full():
     model = build_model(student)
     assert model.layer4[1].conv1.out_channels == 512 and model.fc.in_features == 512
     assert flops(student) == measure_flops(model, (3, 32, 32))
+
+
+@pytest.mark.parametrize("typo, hint", [("layr4", "did you mean 'layer4'"), ("fc.x", "")])
+def test_an_ignore_prefix_that_names_no_module_is_refused(typo, hint):
+    """D7: `space.ignore: [layr4]` was accepted silently, and layer4 was pruned."""
+    with pytest.raises(SourceError, match=rf"^space.ignore: .*{typo!r}.*{hint}"):
+        with_ignore(teacher_spec("torchvision:resnet18"), ["layer4", typo])
 
 
 def test_builtin_resnet_through_the_generic_path_matches_the_hand_written_one():

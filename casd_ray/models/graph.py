@@ -19,6 +19,7 @@ Layers whose output is the network's output (the classifier) and the modules in 
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -173,10 +174,22 @@ def _traced_groups(
     return sorted(out, key=lambda g: order[g[0]])
 
 
+def _check_ignore(model: nn.Module, spec: GraphSpec) -> None:
+    """Every ``space.ignore`` prefix must name a module: a typo (``layr4``) kept nothing full
+    and let the search prune what the user meant to protect."""
+    names = [n for n, _ in model.named_modules() if n]
+    for prefix in spec.ignore:
+        if not any(_ignored(n, (prefix,)) for n in names):
+            close = difflib.get_close_matches(prefix, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SourceError(f"space.ignore: {spec.arch} has no module {prefix!r}{hint}")
+
+
 @lru_cache(maxsize=16)
 def _structure(key: str) -> Structure:
     spec = GraphSpec.model_validate_json(key)
     model = fresh_model(spec).eval()
+    _check_ignore(model, spec)
     x = example_input(spec)
     outputs, positions = _trace(model, spec, x)
     try:
