@@ -170,6 +170,18 @@ def test_an_ignore_prefix_that_names_no_module_is_refused(typo, hint):
         with_ignore(teacher_spec("torchvision:resnet18"), ["layer4", typo])
 
 
+@pytest.mark.parametrize("target", [0.5, 1.0])
+def test_a_model_with_nothing_to_prune_is_refused_before_training(target):
+    """D5: no prunable channels gave a misleading budget error, or (target 1.0) a crash after
+    the teacher trained: `max() arg is an empty sequence`."""
+    every = ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    spec = with_ignore(teacher_spec("torchvision:resnet18"), every)
+    assert not group_widths(spec)
+    rules = space.SpaceRules("stage", target)
+    with pytest.raises(SourceError, match=r"^model.arch: .* no channel group .*space.ignore"):
+        space.check_budget(rules, spec)
+
+
 def test_builtin_resnet_through_the_generic_path_matches_the_hand_written_one():
     """Torch-Pruning's groups and the hand-written wiring agree on ResNet-20: the same
     channels are kept and the students are bit-identical (so the built-in path may stay)."""

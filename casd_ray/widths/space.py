@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from casd_ray.config import SpaceConfig
-from casd_ray.errors import BudgetError
+from casd_ray.errors import BudgetError, SourceError
 from casd_ray.models.base import GRANULARITIES
 from casd_ray.models.family import Spec, family_of, flops, params
 
@@ -333,6 +333,13 @@ def check_budget(rules: SpaceRules, teacher_spec: Spec) -> None:
     With repair off, no candidate in the space can be cheaper than every gene at
     ``space.min_ratio``, so a target below that is refused too.
     """
+    if not group_names(teacher_spec):  # no genes: nothing to search, every width is fixed
+        arch = getattr(teacher_spec, "arch", "the model")
+        raise SourceError(
+            f"model.arch: {arch} has no channel group that can be pruned (every conv/linear "
+            "layer feeds the output or sits under space.ignore); shorten space.ignore or "
+            "compress another model"
+        )
     metric, target = rules.metric, rules.target
     _check_target(teacher_spec, target, metric, rules.min_channels, rules.divisible_by)
     if not rules.repair:
