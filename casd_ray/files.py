@@ -23,6 +23,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
     The temporary name is unique (two writers never share it), the data is fsync'ed before
     the rename, and the rename is atomic on POSIX because both names are in one folder.
+    ``mkstemp`` makes the file 0600; it gets the mode a plain ``open`` would (0666 less the
+    umask), so others on a shared cluster can read a run as their umask allows.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +32,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -52,6 +55,13 @@ def check_writable(path: str | Path, field: str) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".casd-ray-probe-", dir=probe))
     except OSError as err:
         raise ConfigError(f"{field}: {probe} is not writable ({err.strerror})") from None
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, the only portable way, and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -103,3 +103,18 @@ def test_missing_or_corrupt_files_name_the_path(tmp_path):
     torch.save(build_model(other).state_dict(), tmp_path / "model.pt")
     with pytest.raises(ArtifactError, match="does not fit the architecture in widths.json"):
         load_compressed(tmp_path)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_exports_are_readable_by_others_as_the_umask_allows(tmp_path, pruned_spec, umask, mode):
+    """Also seen: outputs were written mode 0600, unreadable by others on a shared cluster."""
+    import os
+    import stat
+
+    before = os.umask(umask)
+    try:
+        out = save_compressed(_trained_like(pruned_spec), pruned_spec, tmp_path / "w", {})
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, mode)
