@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from casd_ray.artifacts.network import ONNX_FILE, load_compressed
+from casd_ray.artifacts.network import ONNX_FILE, PREPROCESSING, load_compressed, preprocessing_of
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import load_config, validate_config
@@ -35,7 +35,6 @@ from casd_ray.pipeline.plan import STAGES
 from casd_ray.pipeline.run import execute
 
 METRICS = ("flops", "params")
-PREPROCESSING = "preprocessing.json"
 
 
 @dataclass
@@ -188,9 +187,7 @@ def result_of(run_dir: str | Path) -> Result:
     report = read_json(run_dir / "report.json", hint="run the pipeline to the report first")
     choice = (report.get("deploy") or {}).get("part", "winner")
     data = read_json(run_dir / "teacher" / "data.json", hint="the teacher stage writes it")
-    preprocessing = {k: data.get(k) for k in ("mean", "std", "shape", "classes", "dtype")}
-    scale = "pixels / 255" if data.get("dtype", "uint8") == "uint8" else "x"
-    preprocessing["formula"] = f"input = ({scale} - mean) / std, per channel, NCHW"
+    preprocessing = preprocessing_of(data)
     return Result(
         model=load_compressed(run_dir / choice),
         choice=choice,

@@ -118,3 +118,26 @@ def test_exports_are_readable_by_others_as_the_umask_allows(tmp_path, pruned_spe
         os.umask(before)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes == dict.fromkeys(modes, mode)
+
+
+def test_load_compressed_returns_the_preprocessing_and_stays_a_module(tmp_path, pruned_spec):
+    """The deployable folder carries its preprocessing; load_compressed still returns the
+    nn.Module it always did, with a ``preprocessing`` attribute (None for an older folder)."""
+    pre = {"mean": [0.5], "std": [0.25], "shape": [1, 28, 28], "classes": list("abcdefghij")}
+    model = _trained_like(pruned_spec)
+    out = save_compressed(model, pruned_spec, tmp_path / "w", {}, preprocessing=pre)
+    net = load_compressed(out)
+    assert isinstance(net, torch.nn.Module) and net.preprocessing == pre
+    (out / "preprocessing.json").unlink()
+    assert load_compressed(out).preprocessing is None
+
+
+def test_verify_export_refuses_what_load_compressed_would(tmp_path, pruned_spec):
+    """D10: what the report tells a user to deploy is loaded and run once first."""
+    from casd_ray.artifacts.network import verify_export
+
+    out = save_compressed(_trained_like(pruned_spec), pruned_spec, tmp_path / "w", {})
+    assert verify_export(out).spec == pruned_spec
+    (out / "model.pt").write_bytes(b"garbled")
+    with pytest.raises(ArtifactError, match="model.pt"):
+        verify_export(out)

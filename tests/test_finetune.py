@@ -176,3 +176,33 @@ def test_teacher_logits_are_computed_once_and_change_nothing(finetuned_run, tmp_
         assert [{k: h[k] for k in keys} for h in a["history"]] == [
             {k: h[k] for k in keys} for h in b["history"]
         ]
+
+
+@pytest.mark.parametrize("name, damage", [("model.pt", b"garbled"), ("widths.json", b"{}")])
+def test_a_garbled_export_is_redone_not_reused(finetuned_run, tmp_path, name, damage):
+    """D10: a garbled winner/model.pt or widths.json passed reruns; exports are re-checked."""
+    cfg, _, _ = finetuned_run
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    cfg2 = cfg.model_copy(update={"output_dir": str(tmp_path)})
+    (cfg2.run_dir / "winner" / name).write_bytes(damage)
+    logs: list[str] = []
+    finetune_stage(cfg2, log=logs.append)
+    assert "finetune: reusing" not in " ".join(x for x in logs if "winner" in x)
+    assert any("reusing" in x and "uniform" in x for x in logs)  # only the broken part redone
+    load_compressed(cfg2.run_dir / "winner")
+
+
+def test_exports_carry_their_preprocessing(finetuned_run):
+    """Also seen: the mean/std/classes an export expects were only in teacher/data.json."""
+    cfg, _, _ = finetuned_run
+    data = json.loads((cfg.run_dir / "teacher" / "data.json").read_text())
+    for part in ("winner", "uniform"):
+        net = load_compressed(cfg.run_dir / part)
+        pre = net.preprocessing
+        assert pre == json.loads((cfg.run_dir / part / "preprocessing.json").read_text())
+        assert (pre["mean"], pre["std"], pre["classes"]) == (
+            data["mean"],
+            data["std"],
+            data["classes"],
+        )
+        assert pre["shape"] == data["shape"] and "pixels / 255" in pre["formula"]

@@ -156,3 +156,15 @@ def test_a_rerun_rewrites_a_damaged_data_json(run_copy):
     execute(cfg, ["teacher"], log=logs.append)
     assert json.loads((run_dir / "teacher" / "data.json").read_text()) == good
     assert any("reusing" in line for line in logs) and any("data.json" in x for x in logs)
+
+
+def test_the_report_never_recommends_a_folder_that_does_not_load(run_copy):
+    """D10: the report told the user to deploy a folder that load_compressed rejects."""
+    run_dir, _, _ = run_copy
+    build_report(run_dir)
+    pick = json.loads((run_dir / "report.json").read_text())["deploy"]["part"]
+    before = (run_dir / "report.md").read_text()
+    (run_dir / pick / "model.pt").write_bytes(b"garbled")
+    with pytest.raises(ArtifactError, match=rf"{pick}/model.pt: .*rerun"):
+        build_report(run_dir)
+    assert (run_dir / "report.md").read_text() == before  # the old report is left as it was

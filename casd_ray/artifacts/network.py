@@ -27,6 +27,7 @@ from casd_ray.models.source import register_as
 
 FILES = ("model.pt", "widths.json", "model.ts", "metrics.json")
 ONNX_FILE = "model.onnx"
+PREPROCESSING = "preprocessing.json"  # optional: folders exported before it lack it
 
 
 @dataclass
@@ -85,12 +86,31 @@ def trace(model: nn.Module, spec: Spec) -> torch.jit.ScriptModule:
         return torch.jit.trace(model, example, check_trace=False)
 
 
+def preprocessing_of(data: dict) -> dict:
+    """What an input to the exported network must look like, from the teacher's
+    ``data.json`` (:meth:`casd_ray.data.splits.DataSplits.describe`): per-channel mean and
+    std, the input shape, the class names in output order, and the formula that uses them.
+    Without them an export cannot be used: the numbers lived only in the run folder."""
+    out = {k: data.get(k) for k in ("mean", "std", "shape", "classes", "dtype")}
+    scale = "pixels / 255" if data.get("dtype", "uint8") == "uint8" else "x"
+    out["formula"] = f"input = ({scale} - mean) / std, per channel, NCHW"
+    return out
+
+
 def save_compressed(
-    model: nn.Module, spec: Spec, out_dir: str | Path, metrics: dict | None = None
+    model: nn.Module,
+    spec: Spec,
+    out_dir: str | Path,
+    metrics: dict | None = None,
+    *,
+    preprocessing: dict | None = None,
 ) -> Path:
-    """Write ``model.pt``, ``widths.json``, ``model.ts`` and ``metrics.json`` into ``out_dir``."""
+    """Write ``model.pt``, ``widths.json``, ``model.ts``, ``model.onnx``, ``preprocessing.json``
+    (when given) and ``metrics.json`` (last: it marks a complete folder) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if preprocessing is not None:
+        write_json(out / PREPROCESSING, preprocessing)
     net = _cpu_copy(model, spec)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     atomic_write(out / "model.pt", lambda p: torch.save(state, p))
@@ -167,6 +187,25 @@ def load_network(path: str | Path) -> Network:
     return Network(model.eval(), spec, folder, metrics)
 
 
+def verify_export(path: str | Path) -> Network:
+    """Load an exported network and run it on one blank image: what a user is told to deploy
+    must load with :func:`load_compressed` and give one finite row of class scores.
+
+    A garbled ``model.pt`` or ``widths.json`` used to pass reruns and reach the report's
+    *Deploy* line; here it is one :class:`ArtifactError` naming the file.
+    """
+    net = load_network(path)
+    spec = net.spec
+    with torch.no_grad():
+        y = net.model(torch.zeros(1, spec.in_channels, *spec.image_size))
+    if tuple(y.shape) != (1, spec.num_classes) or not bool(torch.isfinite(y).all()):
+        raise ArtifactError(
+            f"{net.path / 'model.pt'}: gives scores of shape {tuple(y.shape)} (or not finite) "
+            f"for one image, not (1, {spec.num_classes}); export it again"
+        )
+    return net
+
+
 def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild an exported model from ``widths.json`` + ``model.pt`` alone (eval mode, CPU).
 
@@ -174,6 +213,9 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     :meth:`casd_ray.Result.save` wrote) or its ``model.pt``. A network compressed from an
     ``nn.Module`` given to :func:`casd_ray.compress` has no importable factory: pass ``model``,
     any instance of that architecture (its weights are not used), or load ``model.ts``.
+
+    The module's ``preprocessing`` attribute holds ``preprocessing.json`` (mean, std, input
+    shape, classes and the input formula; None for a folder exported before it existed).
     """
     p = Path(path)
     spec = read_spec((p.parent if p.is_file() else p) / "widths.json")
@@ -185,7 +227,10 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
                 "architecture> to load_compressed, or load model.ts with torch.jit.load"
             )
         register_as(arch, model)
-    return load_network(path).model
+    net = load_network(path).model
+    pre = (p.parent if p.is_file() else p) / PREPROCESSING
+    net.preprocessing = read_json(pre) if pre.is_file() else None
+    return net
 
 
 def state_to_numpy(state_dict: dict[str, Tensor]) -> dict[str, np.ndarray]:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
-from casd_ray.artifacts.network import load_network
-from casd_ray.artifacts.run_folder import SUMMARY, read_summary
+from casd_ray.artifacts.network import load_network, verify_export
+from casd_ray.artifacts.run_folder import PARTS, SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import save_config
@@ -207,6 +207,8 @@ def _output_ok(
     if stage == "finetune":
         try:
             read_summary(run_dir / SUMMARY)
+            for part in PARTS:  # what the report may tell a user to deploy must load and run
+                verify_export(run_dir / part)
         except ArtifactError as err:
             log(f"finetune: {err}")
             return False

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from casd_ray.artifacts.network import verify_export
 from casd_ray.artifacts.run_folder import PARTS
+from casd_ray.errors import ArtifactError
 
 
 def validated_pick(candidates: dict[str, dict]) -> str:
@@ -40,6 +42,10 @@ def deploy_choice(run_dir: Path, models: dict, audit: dict | None) -> dict:
                 "flops_ratio": row["flops_ratio"],
             }
     pick = validated_pick(candidates)
+    try:  # never tell a user to deploy a folder that load_compressed rejects
+        verify_export(run_dir / pick)
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}; rerun the command that made {run_dir}") from None
     return {
         "part": pick,
         "folder": str(run_dir / pick),

@@ -28,7 +28,13 @@ from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.data.splits import DataSplits
 from casd_ray.files import read_json_or_none, write_json
 from casd_ray.models.family import spec_from_json
-from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, reusable, train_export
+from casd_ray.pipeline.stages.student import (
+    StudentRecipe,
+    add_preprocessing,
+    part_settings,
+    reusable,
+    train_export,
+)
 from casd_ray.train import devices
 from casd_ray.widths.space import SpaceRules
 
@@ -100,6 +106,7 @@ def run_audit(
             folder = run_dir / AUDIT_DIR / tid
             part = part_settings(settings, spec)
             if reusable(folder, part):
+                add_preprocessing(folder, data)
                 metrics = read_json_or_none(folder / "metrics.json")
             else:
                 metrics = train_export(

@@ -19,7 +19,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from casd_ray.artifacts.network import FILES, ONNX_FILE, Network, load_compressed
+from casd_ray.artifacts.network import (
+    FILES,
+    ONNX_FILE,
+    PREPROCESSING,
+    Network,
+    load_compressed,
+)
 from casd_ray.artifacts.run_folder import PARTS, SUMMARY
 from casd_ray.artifacts.trials import rank_of, select_winner
 from casd_ray.config import DistillConfig, FinetuneConfig
@@ -30,6 +36,7 @@ from casd_ray.models.family import Spec, flops, spec_from_json
 from casd_ray.pipeline.stages.student import (
     EVAL_BATCH,
     StudentRecipe,
+    add_preprocessing,
     cost_entry,
     part_settings,
     reusable,
@@ -111,6 +118,7 @@ def run_finetune(
     for name in PARTS:
         folder = run_dir / name
         if name not in todo:
+            add_preprocessing(folder, data)
             log(f"finetune: reusing {folder} (same settings)")
             continue
         spec = specs[name]
@@ -146,7 +154,7 @@ def run_finetune(
 
 def _copy_export(src: Path, dst: Path, trial_id: str | None) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in (*FILES, ONNX_FILE):
+    for name in (*FILES, ONNX_FILE, PREPROCESSING):
         if name != "metrics.json" and (src / name).is_file():
             data = (src / name).read_bytes()
             atomic_write(dst / name, lambda p, d=data: p.write_bytes(d))

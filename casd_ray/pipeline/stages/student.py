@@ -16,11 +16,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from casd_ray.artifacts.network import Network, is_complete, save_compressed
+from casd_ray.artifacts.network import (
+    PREPROCESSING,
+    Network,
+    is_complete,
+    preprocessing_of,
+    save_compressed,
+    verify_export,
+)
 from casd_ray.config import DistillConfig, FinetuneConfig
 from casd_ray.data.batches import to_tensors
 from casd_ray.data.splits import DataSplits
-from casd_ray.files import read_json_or_none
+from casd_ray.errors import ArtifactError
+from casd_ray.files import read_json_or_none, write_json
 from casd_ray.models.cost import measure_flops
 from casd_ray.models.family import Spec, build_model, flops, params, spec_summary
 from casd_ray.train import devices
@@ -53,10 +61,24 @@ def part_settings(stage: dict, spec: Spec) -> dict:
 
 
 def reusable(folder: Path, settings: dict) -> bool:
+    """Whether an exported part can be reused: complete, made with ``settings``, and it
+    loads and runs (a garbled ``model.pt`` or ``widths.json`` is exported again)."""
     if not is_complete(folder):
         return False
     saved = read_json_or_none(folder / "metrics.json")
-    return isinstance(saved, dict) and saved.get("settings") == json.loads(json.dumps(settings))
+    if not (isinstance(saved, dict) and saved.get("settings") == json.loads(json.dumps(settings))):
+        return False
+    try:
+        verify_export(folder)
+    except ArtifactError:
+        return False
+    return True
+
+
+def add_preprocessing(folder: Path, data: DataSplits) -> None:
+    """Write ``preprocessing.json`` into a reused folder exported before it existed."""
+    if not (folder / PREPROCESSING).is_file():
+        write_json(folder / PREPROCESSING, preprocessing_of(data.describe()))
 
 
 def finetune_student(
@@ -180,7 +202,7 @@ def train_export(
         "history": history,
         "settings": settings,
     }
-    save_compressed(model, spec, folder, metrics)
+    save_compressed(model, spec, folder, metrics, preprocessing=preprocessing_of(data.describe()))
     (folder / "last.pt").unlink(missing_ok=True)
     log(f"finetune: {label} val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f}")
     return metrics
