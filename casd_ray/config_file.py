@@ -81,7 +81,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     A scalar field gets the text itself and pydantic reads it by the field's type, so
     ``name=42`` is the name "42" and ``search.num_samples=true`` is refused (YAML's guess
     made them an int and a 1, D15); ``null`` (or nothing) is None. Lists, mappings and
-    unknown keys are read as YAML.
+    unknown keys are read as YAML (the items of a list of names as text).
     """
     out = []
     for item in items:
@@ -96,8 +96,10 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if annotation is not None and not _is_container(annotation):
             out.append((key, raw))
             continue
+        # a list of names (space.ignore=[0, fc]) keeps every item as text, as a name field does
+        names = typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=yaml.BaseLoader if names else yaml.SafeLoader)  # noqa: S506
         except yaml.YAMLError as err:
             first = str(err).splitlines()[0]
             raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({first})") from None

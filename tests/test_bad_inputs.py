@@ -130,12 +130,76 @@ CASES: list[tuple[str, list[str], str]] = [
         ["run", "--set", "teacher.checkpoint={tmp}/garbage.pt"],
         "teacher.checkpoint:",
     ),
+    (
+        "one-class image folder (D3)",
+        ["run", "--set", "data.dataset=imagefolder", "--set", "data.root={tmp}/one_class"],
+        "1 class (cat); a classifier needs at least 2",
+    ),
+    (
+        "typo in space.ignore (D7)",
+        ["run", "--set", "model.arch=python:{tmp}/tiny_net.py:Net", "--set", "space.ignore=[bdy]"],
+        "space.ignore: python:{tmp}/tiny_net.py:Net has no module 'bdy'; did you mean 'body'?",
+    ),
+    (
+        "nothing left to prune (D5)",
+        ["run", "--set", "model.arch=python:{tmp}/tiny_net.py:Net", "--set", "space.ignore=[body]"],
+        "model.arch: python:{tmp}/tiny_net.py:Net has no channel group that can be pruned",
+    ),
+    (
+        "nothing left to prune at budget 1.0 (D5)",
+        [
+            "run",
+            "--set",
+            "model.arch=python:{tmp}/tiny_net.py:Net",
+            "--set",
+            "space.ignore=[body]",
+            "--set",
+            "space.budget.target=1.0",
+        ],
+        "has no channel group that can be pruned",
+    ),  # fmt: skip
     ("--fresh of a stage not run", ["teacher", "--fresh", "search"], "--fresh search"),
     ("search before a teacher", ["search"], "needs a finished teacher"),
     ("fine-tune before a search", ["finetune"], "needs a finished teacher"),
     ("report of no folder", ["report", "{tmp}/nowhere"], "run folder not found"),
     ("report of a non-run folder", ["report", "{data}"], "config.yaml: not found"),
+    ("report with a damaged data.json (D11)", ["report", "{tmp}/damaged"], "data.json: expected"),
 ]
+
+
+TINY_NET = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+"""
+
+
+def _inputs(tmp: Path) -> None:
+    """Files some cases point at: a small factory, a one-class image folder, a run folder
+    whose teacher/data.json is damaged."""
+    from PIL import Image
+
+    (tmp / "tiny_net.py").write_text(TINY_NET)
+    for split in ("train", "test"):
+        folder = tmp / "one_class" / split / "cat"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (8, 8), 20 * i).save(folder / f"{i}.png")
+    (tmp / "damaged" / "teacher").mkdir(parents=True)
+    (tmp / "damaged" / "config.yaml").write_text("name: damaged\n")
+    (tmp / "damaged" / "teacher" / "data.json").write_text("[1, 2]")
 
 
 def _config(tmp: Path, data: Path) -> Path:
@@ -150,6 +214,7 @@ def _config(tmp: Path, data: Path) -> Path:
     path = tmp / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     (tmp / "garbage.pt").write_bytes(b"not a checkpoint")
+    _inputs(tmp)
     return path
 
 

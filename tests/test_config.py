@@ -163,3 +163,8 @@ def test_every_subcommand_help_has_a_description_and_an_example(capsys, command)
     out = capsys.readouterr().out
     assert "example:" in out.lower() and f"casd-ray {command} " in out
     assert out.split("\n\n")[1].strip(), "no description under the usage line"
+
+
+def test_set_a_list_of_names_keeps_them_text():
+    """D15: `space.ignore=[0]` (a Sequential's first module) was refused as not a string."""
+    assert load_config(None, ["space.ignore=[0, fc, 1e3]"]).space.ignore == ["0", "fc", "1e3"]
