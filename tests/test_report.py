@@ -168,3 +168,15 @@ def test_the_report_never_recommends_a_folder_that_does_not_load(run_copy):
     with pytest.raises(ArtifactError, match=rf"{pick}/model.pt: .*rerun"):
         build_report(run_dir)
     assert (run_dir / "report.md").read_text() == before  # the old report is left as it was
+
+
+def test_the_report_says_how_to_feed_the_deployed_network(run_copy):
+    """Also seen: neither README nor report said exports expect normalised inputs."""
+    run_dir, _, _ = run_copy
+    build_report(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    data = report["data"]
+    pre = report["deploy"]["preprocessing"]
+    assert (pre["mean"], pre["std"], pre["classes"]) == (data["mean"], data["std"], data["classes"])
+    md = (run_dir / "report.md").read_text()
+    assert "preprocessing.json" in md and f"{data['mean'][0]:.4f}" in md

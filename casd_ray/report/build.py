@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from casd_ray.artifacts.network import preprocessing_of
 from casd_ray.artifacts.run_folder import PARTS, SUMMARY, read_summary
 from casd_ray.artifacts.trials import TRIALS_FILE, eligible, read_trials
 from casd_ray.errors import ArtifactError
@@ -119,6 +120,8 @@ def build_report_json(run_dir: Path) -> dict:
         report["audit"] = read_json(audit, hint="rerun the same command to rebuild it")
     if finetune is not None:
         report["deploy"] = deploy_choice(run_dir, finetune["models"], report.get("audit"))
+        if report["data"] is not None:  # what its inputs must look like (preprocessing.json)
+            report["deploy"]["preprocessing"] = preprocessing_of(report["data"])
     trials = _load_trials(run_dir)
     if trials is not None:
         report["search"] = search_summary(trials, config)

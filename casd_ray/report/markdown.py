@@ -31,11 +31,25 @@ def _deploy_line(deploy: dict | None) -> list[str]:
         "than uniform slimming, so the search's choice is not shipped",
     }.get(part, "an audited trial validated highest after the identical fine-tune")
     scores = ", ".join(f"{name} {_pct(v)}" for name, v in deploy["val_acc"].items())
-    return [
+    lines = [
         "",
         f"**Deploy `{part}/`** ({deploy['folder']}): {why} (validation accuracy: {scores}; "
         "the test split chooses nothing).",
     ]
+    pre = deploy.get("preprocessing")
+    if pre:  # raw pixels in would give wrong answers with no error
+        lines += [
+            "",
+            f"Its inputs: `{pre['formula']}`, mean ({_nums(pre['mean'])}), std "
+            f"({_nums(pre['std'])}), shape {'x'.join(map(str, pre['shape']))}; the outputs are "
+            f"the classes in the order of `preprocessing.json` beside the model "
+            "(`casd_ray.load_compressed(folder).preprocessing`).",
+        ]
+    return lines
+
+
+def _nums(xs: list[float]) -> str:
+    return ", ".join(f"{x:.4f}" for x in xs)
 
 
 def _pct(x: float | None) -> str:
