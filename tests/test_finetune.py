@@ -10,7 +10,13 @@ import pytest
 import torch
 from conftest import finetune_stage, rules_of, tiny_config
 
-from casd_ray.artifacts.network import FILES, ONNX_FILE, load_compressed, load_torchscript
+from casd_ray.artifacts.network import (
+    FILES,
+    ONNX_FILE,
+    PREPROCESSING,
+    load_compressed,
+    load_torchscript,
+)
 from casd_ray.artifacts.trials import rank_of, read_trials, select_winner
 from casd_ray.errors import ArtifactError, SelectionError
 from casd_ray.models.family import flops, spec_for
@@ -79,7 +85,11 @@ def test_run_finetune_exports_winner_and_uniform(finetuned_run):
     trials = pd.read_parquet(cfg.run_dir / "trials.parquet")
     for part in ("winner", "uniform"):
         folder = cfg.run_dir / part
-        assert {p.name for p in folder.iterdir()} == {*FILES, ONNX_FILE}  # last.pt removed
+        assert {p.name for p in folder.iterdir()} == {
+            *FILES,
+            ONNX_FILE,
+            PREPROCESSING,
+        }  # no last.pt
         metrics = json.loads((folder / "metrics.json").read_text())
         assert 0 <= metrics["test_acc"] <= 1 and 0 <= metrics["val_acc"] <= 1
         assert metrics["flops"] == metrics["flops_measured"]

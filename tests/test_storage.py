@@ -228,3 +228,17 @@ def test_a_search_stopped_before_its_first_snapshot_is_not_restorable(tmp_path):
     assert not store.restorable()
     (folder / "experiment_state-2026-12-05_07-00-00.json").write_text("{}")
     assert store.restorable()
+
+
+def test_storage_path_is_checked_before_anything_runs(tmp_path):
+    """D14: `search.storage_path=foo://x` was only refused after the teacher had trained."""
+    from casd_ray.errors import ConfigError
+    from casd_ray.search.storage import check_storage
+
+    run = tmp_path / "runs" / "r"
+    for fine in (None, str(tmp_path / "shared"), f"file://{tmp_path}/shared"):
+        check_storage(run, fine)
+    assert not (tmp_path / "shared").exists()  # a check writes nothing
+    for bad, needle in (("foo://x", "Unrecognized filesystem"), ("/proc/x", "not writable")):
+        with pytest.raises(ConfigError, match=rf"^search.storage_path: .*{needle}"):
+            check_storage(run, bad)
