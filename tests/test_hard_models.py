@@ -303,3 +303,25 @@ def test_registry_model_compresses_exactly_or_is_refused_up_front(arch):
     assert row["outcome"] in {"exact", "refused", "too big"}, row
     assert row["outcome"] == FAST.get(arch, row["outcome"]), row
     assert "\n" not in row.get("line", "")
+
+
+@pytest.mark.parametrize("name", ["GroupedSE", "Ghost"])
+def test_export_of_a_grouped_candidate_reloads_equal(name, tmp_path):
+    """widths.json rebuilds the grouped candidate; TorchScript and ONNX give its outputs."""
+    import onnxruntime
+
+    from casd_ray import load_compressed
+    from casd_ray.artifacts.network import ONNX_FILE, load_torchscript, save_compressed
+
+    spec = spec_of(name)
+    student = candidates(spec, n=2)[1]
+    model = inherit(build_model(spec).eval(), spec, student).eval()
+    save_compressed(model, student, tmp_path / "net")
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(load_compressed(tmp_path / "net").eval()(x), want)
+        assert torch.allclose(load_torchscript(tmp_path / "net")(x), want, atol=1e-5)
+    session = onnxruntime.InferenceSession(str(tmp_path / "net" / ONNX_FILE))
+    (got,) = session.run(None, {"images": x.numpy()})
+    assert np.abs(got - want.numpy()).max() <= 1e-4 * (1 + float(want.abs().max()))

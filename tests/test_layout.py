@@ -110,7 +110,8 @@ ALLOWED = {
     "report": {"artifacts", "files", "errors"},
     "errors": set(),
     "files": {"errors"},
-    "config": {"errors", "files", "models"},
+    "config": {"errors", "files", "models", "config_data"},
+    "config_data": {"errors"},
     "stream": {"data", "config", "files", "errors"},
 }
 

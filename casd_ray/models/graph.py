@@ -13,13 +13,18 @@ vector operations (:func:`flops`, :func:`params`) — budget repair evaluates hu
 candidates without building one; tests check the counts against ``FlopCounterMode`` and
 ``numel`` of the built candidate.
 
+A group touched by a grouped conv, or read only in blocks (a split, a ghost module's
+concat), moves in *units* that keep every block the same size (:func:`_unit`), so
+``groups`` stays valid and the linear cost model exact; tests and the pre-flight check
+(:mod:`casd_ray.widths.preflight`) compare it with the built candidates.
+
 Layers whose output is the network's output (the classifier) and the modules in ``ignore``
-(by module-path prefix) are never pruned. Building candidates: :mod:`casd_ray.models.surgery`.
+(by module-path prefix, their inputs included) are never pruned. Building candidates:
+:mod:`casd_ray.models.surgery`.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from casd_ray.errors import SourceError
+from casd_ray.models.names import check_ignore
 from casd_ray.models.source import build_external
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -184,33 +190,20 @@ def _traced_groups(
     out = []
     for group in graph.get_all_groups(ignored_layers=ignored_layers, root_module_types=PRUNABLE):
         deps = _deps(group, owners)
-        writers = [d for d in deps if d[1] == "out" and isinstance(_module(model, d[0]), PRUNABLE)]
+        writers = [
+            d for d in deps if d[1] == "out" and isinstance(model.get_submodule(d[0]), PRUNABLE)
+        ]
         if not writers or any((d[1] == "out" and d[0] in outputs) or d[0] in ignored for d in deps):
             continue  # a group that reaches the output or an ignored module stays full
         name = min(writers, key=lambda d: order[d[0]])[0]
-        root = _module(model, name)
+        root = model.get_submodule(name)
         conv = isinstance(root, nn.Conv2d)
         fn = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
         width = root.out_channels if conv else root.out_features
         deps = _deps(graph.get_pruning_group(root, fn, idxs=list(range(width))), owners)
-        if all(_fits(_module(model, d[0]), d[1], d[2]) for d in deps):
+        if all(_fits(model.get_submodule(d[0]), d[1], d[2]) for d in deps):
             out.append((name, deps))  # else Torch-Pruning mis-traced it (torch.chunk + cat)
     return sorted(out, key=lambda g: order[g[0]])
-
-
-def _check_ignore(model: nn.Module, spec: GraphSpec) -> None:
-    """Every ``space.ignore`` prefix must name a module: a typo (``layr4``) kept nothing full
-    and let the search prune what the user meant to protect."""
-    names = [n for n, _ in model.named_modules() if n]
-    for prefix in spec.ignore:
-        if not any(_ignored(n, (prefix,)) for n in names):
-            close = difflib.get_close_matches(prefix, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SourceError(f"space.ignore: {spec.arch} has no module {prefix!r}{hint}")
-
-
-def _module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def _deps(group, names: dict) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...]]]:
@@ -242,7 +235,7 @@ def _unit(model: nn.Module, deps: list, width: int) -> int:
     """
     unit = 1
     for module, _kind, _idxs, _roots in deps:
-        m = _module(model, module)
+        m = model.get_submodule(module)
         if isinstance(m, nn.Conv2d) and m.groups > 1 and not _depthwise(m):
             unit = math.lcm(unit, m.groups)
     counts = np.zeros((len(deps), width), dtype=np.int64)
@@ -277,7 +270,7 @@ def _depthwise(m: nn.Module) -> bool:
 def _structure(key: str) -> Structure:
     spec = GraphSpec.model_validate_json(key)
     model = fresh_model(spec).eval()
-    _check_ignore(model, spec)
+    check_ignore([n for n, _ in model.named_modules() if n], spec.arch, spec.ignore)
     x = example_input(spec)
     outputs, positions = _trace(model, spec, x)
     try:

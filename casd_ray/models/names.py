@@ -10,6 +10,7 @@ line) never pays for torch; building the model is :mod:`casd_ray.models.family`'
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -87,3 +88,13 @@ def source_digest(arch: str) -> str | None:
     if path is None or not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_ignore(modules: list[str], arch: str, ignore: tuple[str, ...]) -> None:
+    """Every ``space.ignore`` prefix must name one of ``modules``: a typo (``layr4``) kept
+    nothing full and let the search prune what the user meant to protect (D7)."""
+    for prefix in ignore:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in modules):
+            close = difflib.get_close_matches(prefix, modules, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SourceError(f"space.ignore: {arch} has no module {prefix!r}{hint}")

@@ -19,6 +19,7 @@ from torch import nn
 
 from casd_ray.models.family import Spec, family_of, group_widths, with_group_widths
 from casd_ray.widths import space
+from casd_ray.widths.bisection import last_true
 from casd_ray.widths.inherit import channel_importance
 
 
@@ -87,7 +88,7 @@ def global_ranking_spec(
         return candidate(0)
     # the smallest k that fits: cost falls as k grows, and removing everything removable fits
     # (check_budget above)
-    return candidate(space.last_true(lambda k: not fits(k), 0, len(owner)) + 1)
+    return candidate(last_true(lambda k: not fits(k), 0, len(owner)) + 1)
 
 
 def torch_pruning_allocation(

@@ -73,8 +73,11 @@ def check_candidate(teacher: nn.Module, spec: Spec, student: Spec) -> str | None
         return f"{name} rebuilt from widths.json has another shape"
     measured = measure_flops(model, shape)
     if measured != flops(student):
-        wrong = _miscounted_layer(model, student) or "a layer"
-        return f"{wrong} is costed wrong ({flops(student)} FLOPs counted, {measured} run)"
+        wrong = _miscounted_layer(model, student)
+        what = f"{wrong} is costed wrong" if wrong else "operations besides conv/linear layers"
+        if not wrong:  # e.g. attention's matrix products, which scale with the widths
+            what += " (matrix products?) change with the widths"
+        return f"{what} ({flops(student)} FLOPs counted, {measured} run)"
     counted = sum(p.numel() for p in model.parameters())
     if counted != params(student):
         wrong = _miscounted_layer(model, student) or "a parameter"

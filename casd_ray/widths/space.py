@@ -25,6 +25,7 @@ from casd_ray.config import SpaceConfig
 from casd_ray.errors import BudgetError, SourceError
 from casd_ray.models.base import GRANULARITIES
 from casd_ray.models.family import Spec, family_of, flops, params
+from casd_ray.widths.bisection import last_true
 
 METRICS = {"flops": flops, "params": params}
 RatioFn = Callable[[Spec], float]
@@ -249,20 +250,6 @@ def repair(
     # Largest index whose cost fits; index 0 (all minimal) fits after _check_target.
     scale = float(scales[last_true(fits, 0, len(scales) - 1)])
     return student_at(scale), scale
-
-
-def last_true(pred, lo: int, hi: int) -> int:
-    """The largest ``i`` in ``[lo, hi]`` with ``pred(i)``, for a ``pred`` that is true up to
-    some index and false after it, and true at ``lo`` (bisection: log2(hi - lo) calls)."""
-    if pred(hi):
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 def scaled_ratios(ratios: dict[str, float], scale: float) -> dict[str, float]:
