@@ -128,6 +128,15 @@ def test_latency_model_error_on_a_small_model_is_bounded(monkeypatch):
     monkeypatch.setattr(
         lm, "measure_spec", lambda spec, dep: latency.Latency(_roofline_ms(spec), 0.0, 1)
     )
+    ends = {
+        "t": SMALL,
+        "s": space.widths_from_ratios(SMALL, dict.fromkeys(space.group_names(SMALL), 1e-12)),
+    }
+    monkeypatch.setattr(
+        lm,
+        "measure_together",
+        lambda nets, dep: {k: {"median_ms": _roofline_ms(ends[k])} for k in nets},
+    )
     cfg = LatencyConfig(runtime="torch", fit_networks=12, check_networks=30, **QUICK)
     model = lm.build_latency_model(SMALL, cfg, 0.6, log=lambda _: None)
     assert model.error["networks"] == 30
