@@ -7,11 +7,11 @@ the fitted latency model predicts, with the uniform network repaired onto the ta
    spread of the rounds ((max - min) / median). This is why a latency budget is measured
    only while no trial runs (``casd-ray run`` fits the model before the search and measures
    the finals after it).
-2. Model: per architecture and batch size, the teacher's latency, the target (``--target``
-   times the teacher's), the fastest reachable network, the latency model's MAPE and worst
-   error on ``--check`` random networks, and the uniform network repaired onto the target
-   *as measured* (``repair_measured``), beside the uniform network at the same FLOPs
-   fraction (what a FLOPs budget of ``--target`` would give).
+2. Model: per architecture and batch size, the latency model's MAPE and worst error on
+   ``--check`` random networks; then, measured side by side in interleaved rounds: the
+   teacher, the uniform network repaired onto ``--target`` times the teacher's latency *as
+   measured* (``repair_measured``), the uniform network at ``--target`` of the teacher's
+   FLOPs (what a FLOPs budget would give) and the fastest network in the space.
 
     python benchmarks/latency_budget.py [--runtime onnxruntime] [--archs resnet20
         torchvision:mobilenet_v2] [--batches 1 64] [--target 0.5] [--fit 24] [--check 50]
@@ -28,7 +28,7 @@ import torch
 
 from casd_ray.config import LatencyConfig
 from casd_ray.models.family import build_model, flops, spec_for
-from casd_ray.models.latency import Deployment, measure
+from casd_ray.models.latency import Deployment, measure, measure_together
 from casd_ray.widths import space
 from casd_ray.widths.latency_model import build_latency_model, repair_measured
 
@@ -73,10 +73,11 @@ def noise(runtime: str, batch: int, rounds: int, min_run_time: float) -> None:
 def model_rows(args) -> None:
     print(f"\nlatency model on {args.runtime}, target {args.target} x the teacher's latency")
     print(
-        "| arch | batch | teacher ms | target ms | fastest ms | MAPE % | worst % | "
-        "uniform (latency) ms | its FLOPs ratio | uniform (FLOPs) ms |"
+        "| arch | batch | MAPE % | worst % | teacher ms | target ms | uniform under the "
+        "latency budget: ms (FLOPs ratio) | uniform at the same FLOPs ratio as the target: ms "
+        "| fastest network ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         teacher = spec_for(arch)
         for batch in args.batches:
@@ -86,21 +87,27 @@ def model_rows(args) -> None:
             )  # fmt: skip
             model = build_latency_model(teacher, cfg, args.target, log=lambda _: None)
             uni = space.uniform_genome(teacher, "stage")
-            by_latency, lat = repair_measured(
+            by_latency, _ = repair_measured(
                 teacher, "stage", uni, model, min_run_time=args.min_run_time
             )
             by_flops, _ = space.repair(teacher, "stage", uni, target=args.target)
-            flops_ms = measure(build_model(by_flops), model.deployment(args.min_run_time))
             smallest = space.widths_from_ratios(
                 teacher, dict.fromkeys(space.group_names(teacher), 1e-12)
             )
-            low = measure(build_model(smallest), model.deployment(args.min_run_time))
-            e = model.error
+            specs = {"teacher": teacher, "latency": by_latency, "flops": by_flops,
+                     "smallest": smallest}  # fmt: skip
+            # side by side, in interleaved rounds: a change in load falls on all alike
+            ms = measure_together(
+                {k: build_model(v) for k, v in specs.items()},
+                model.deployment(args.min_run_time),
+                rounds=3,
+            )
+            t, e = ms["teacher"]["median_ms"], model.error
             print(
-                f"| {arch} | {batch} | {model.teacher_ms:.3f} | {model.target_ms:.3f} | "
-                f"{low.median_ms:.3f} | {e.get('mape_pct')} | {e.get('worst_pct')} | "
-                f"{lat.median_ms:.3f} | {flops(by_latency) / flops(teacher):.3f} | "
-                f"{flops_ms.median_ms:.3f} |"
+                f"| {arch} | {batch} | {e.get('mape_pct')} | {e.get('worst_pct')} | {t:.3f} | "
+                f"{args.target * t:.3f} | {ms['latency']['median_ms']:.3f} "
+                f"({flops(by_latency) / flops(teacher):.3f}) | {ms['flops']['median_ms']:.3f} | "
+                f"{ms['smallest']['median_ms']:.3f} |"
             )
 
 

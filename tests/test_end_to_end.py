@@ -106,10 +106,11 @@ def test_rerun_reuses_finished_stages_and_report_rebuilds(finished_run):
 @pytest.mark.slow
 def test_a_latency_budget_end_to_end(tmp_path):
     """A run under a measured latency budget: the model kept, trials repaired onto it, the
-    finals measured and reported."""
+    finals measured and reported. The smoke ResNet-8 of width 4 is mostly per-layer overhead
+    (its narrowest network measures ~0.8 of it at batch 8), hence batch 32 and target 0.95."""
     latency = {
-        "space.budget.metric": "latency", "space.budget.target": 0.7,
-        "space.budget.latency.runtime": "torch", "space.budget.latency.batch_size": 8,
+        "space.budget.metric": "latency", "space.budget.target": 0.95,
+        "space.budget.latency.runtime": "torch", "space.budget.latency.batch_size": 32,
         "space.budget.latency.fit_networks": 4, "space.budget.latency.check_networks": 4,
         "space.budget.latency.min_run_time": 0.02, "search.controls": "[uniform]",
     }  # fmt: skip

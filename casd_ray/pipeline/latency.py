@@ -26,6 +26,17 @@ def _settings(cfg: ExperimentConfig) -> dict:
     return {"target": b.target, **b.latency.model_dump(), "seed": cfg.seed}
 
 
+def saved_latency(cfg: ExperimentConfig, rules: SpaceRules) -> SpaceRules:
+    """``rules`` with the model this run folder keeps for the same settings, if any (stages
+    that are reused, and a trials table rebuilt, need the same model but no measurement)."""
+    saved = read_json_or_none(cfg.run_dir / LATENCY_FILE)
+    if not (rules.metric == "latency" and isinstance(saved, dict)):
+        return rules
+    if saved.get("settings") != _settings(cfg):
+        return rules
+    return replace(rules, latency=LatencyModel.from_dict(saved["model"]))
+
+
 def with_latency(
     cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: Log
 ) -> SpaceRules:
@@ -39,10 +50,10 @@ def with_latency(
             "search.algorithm: optuna-nsga2 trades accuracy against FLOPs, not latency; with "
             "space.budget.metric latency use optuna-tpe, evolution or random"
         )
-    saved = read_json_or_none(cfg.run_dir / LATENCY_FILE)
-    if isinstance(saved, dict) and saved.get("settings") == _settings(cfg):
+    kept = saved_latency(cfg, rules)
+    if kept.latency is not None:
         log(f"latency: reusing the model in {cfg.run_dir / LATENCY_FILE}")
-        return replace(rules, latency=LatencyModel.from_dict(saved["model"]))
+        return kept
     b, s = cfg.space.budget, cfg.space
     model = build_latency_model(
         teacher_spec, b.latency, b.target, min_channels=s.min_channels,

@@ -36,7 +36,7 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.errors import ArtifactError, ConfigError
 from casd_ray.files import check_writable, read_json, write_json
 from casd_ray.models.family import with_ignore
-from casd_ray.pipeline.latency import save_latency, with_latency
+from casd_ray.pipeline.latency import save_latency, saved_latency, with_latency
 from casd_ray.pipeline.plan import (
     STAGES,
     TRAINED,
@@ -97,7 +97,7 @@ def execute(
     check_output(cfg)
     p = plan(cfg, [s for s in stages if s != "report"], fresh)
     run_dir = cfg.run_dir
-    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
     if p.runs("search"):
         check_storage(run_dir, cfg.search.storage_path)
         if address is None:
