@@ -166,3 +166,56 @@ def test_ray_data_decodes_the_same_windows_as_the_trial(packed, ray_local):
     assert [len(y) for _, y in mine] == [len(y) for _, y in theirs] == [32, 32, 26]
     for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+# ---------------------------------------------------------------- shards in a bucket (moto S3)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """moto's S3 server on a free loopback port (started and stopped here by its pid)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    try:
+        client = boto3.client("s3")
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="shards")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                time.sleep(0.1)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_shards_stream_from_a_bucket(packed, bucket):
+    for f in packed.iterdir():
+        bucket.upload_file(str(f), "shards", f"p/{f.name}")
+    uri = "s3://shards/p"
+    assert verify(uri, **QUIET) == verify(str(packed), **QUIET)
+    local = split_stream(read_manifest(str(packed)), "train", None, window=32)
+    remote = split_stream(read_manifest(uri), "train", None, window=32)
+    for (xa, ya), (xb, yb) in zip(local.windows(32, 1, 0), remote.windows(32, 1, 0), strict=True):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
