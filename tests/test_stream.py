@@ -219,3 +219,16 @@ def test_shards_stream_from_a_bucket(packed, bucket):
     remote = split_stream(read_manifest(uri), "train", None, window=32)
     for (xa, ya), (xb, yb) in zip(local.windows(32, 1, 0), remote.windows(32, 1, 0), strict=True):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+def test_a_stream_read_in_part_stops_its_reader_thread():
+    import threading
+    import time
+
+    from casd_ray.stream.decode import prefetched
+
+    it = prefetched(iter(range(100)))
+    assert next(it) == 0 and next(it) == 1
+    it.close()  # BN recalibration stops after a few batches
+    time.sleep(0.5)
+    assert not any(t.name == "casd-prefetch" and t.is_alive() for t in threading.enumerate())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from casd_ray.data.seeds import seed_words
-from casd_ray.stream.decode import decode_table, rebatch
+from casd_ray.stream.decode import decode_table, prefetched, rebatch
 from casd_ray.stream.raydata import ray_chunks
 from casd_ray.stream.shards import Manifest, filesystem, open_shard, shard_path
 
@@ -89,7 +89,7 @@ class StreamedImages:
         order = self.shard_order(seed, epoch)
         if self.decode == "ray_data":
             return rebatch(ray_chunks(self, order, size), size)
-        return rebatch(self._decoded(order), size)
+        return rebatch(prefetched(self._decoded(order)), size)
 
     def _decoded(self, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Each shard's kept rows, read with pyarrow and decoded in this process."""
