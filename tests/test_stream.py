@@ -232,3 +232,21 @@ def test_a_stream_read_in_part_stops_its_reader_thread():
     it.close()  # BN recalibration stops after a few batches
     time.sleep(0.5)
     assert not any(t.name == "casd-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["pack", "{tmp}/nowhere", "{tmp}/dst"], "nowhere/train: no such folder"),
+        (["verify", "{tmp}"], "manifest.json: not found"),
+    ],
+)
+def test_the_data_commands_fail_in_one_line(tmp_path, args, names):
+    import subprocess
+    import sys
+
+    argv = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "casd_ray.cli", "data", *argv],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and names in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "dst").exists()
