@@ -133,6 +133,8 @@ def main() -> None:
         ray.init(address="local", num_cpus=args.threads, include_dashboard=False,
                  logging_level="ERROR")  # fmt: skip
         try:
+            epoch_rate(arms["memory"], model, args.batch_size)  # warm-up, untimed: the first
+            # epoch of a process pays one-off costs that would land on whichever arm ran first
             rates: dict[str, list[float]] = {k: [] for k in arms}
             for r in range(args.rounds):
                 for name, data in arms.items():
