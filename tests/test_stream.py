@@ -166,3 +166,87 @@ def test_ray_data_decodes_the_same_windows_as_the_trial(packed, ray_local):
     assert [len(y) for _, y in mine] == [len(y) for _, y in theirs] == [32, 32, 26]
     for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+# ---------------------------------------------------------------- shards in a bucket (moto S3)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """moto's S3 server on a free loopback port (started and stopped here by its pid)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    try:
+        client = boto3.client("s3")
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="shards")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                time.sleep(0.1)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_shards_stream_from_a_bucket(packed, bucket):
+    for f in packed.iterdir():
+        bucket.upload_file(str(f), "shards", f"p/{f.name}")
+    uri = "s3://shards/p"
+    assert verify(uri, **QUIET) == verify(str(packed), **QUIET)
+    local = split_stream(read_manifest(str(packed)), "train", None, window=32)
+    remote = split_stream(read_manifest(uri), "train", None, window=32)
+    for (xa, ya), (xb, yb) in zip(local.windows(32, 1, 0), remote.windows(32, 1, 0), strict=True):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+def test_a_stream_read_in_part_stops_its_reader_thread():
+    import threading
+    import time
+
+    from casd_ray.stream.decode import prefetched
+
+    it = prefetched(iter(range(100)))
+    assert next(it) == 0 and next(it) == 1
+    it.close()  # BN recalibration stops after a few batches
+    time.sleep(0.5)
+    assert not any(t.name == "casd-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["pack", "{tmp}/nowhere", "{tmp}/dst"], "nowhere/train: no such folder"),
+        (["verify", "{tmp}"], "manifest.json: not found"),
+    ],
+)
+def test_the_data_commands_fail_in_one_line(tmp_path, args, names):
+    import subprocess
+    import sys
+
+    argv = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "casd_ray.cli", "data", *argv],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and names in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "dst").exists()

@@ -58,6 +58,7 @@ def test_the_search_ships_the_stream_not_the_images(shards, tmp_path):
     assert data.x_val.shape == (24, 1, 8, 8)  # validation is decoded once, into memory
     packed = pack_data(data, train_subset=50, seed=0)
     assert isinstance(packed["x_train"], StreamedImages) and len(packed["y_train"]) == 50
+    assert len(packed["x_train"].files) < len(data.x_train.files)  # whole shards, not rows
     assert len(cloudpickle.dumps(packed["x_train"])) < 4096  # names and masks, no pixels
     auto = load_data(stream_cfg(tmp_path, shards, "x", {"stream": "auto"}).data, 0)
     assert isinstance(auto.x_train, np.ndarray)  # small data: in memory, chosen by size

@@ -71,3 +71,45 @@ def rebatch(parts, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             xs, ys, held = [x_all[size:]], [y_all[size:]], held - size
     if held:
         yield np.concatenate(xs), np.concatenate(ys)
+
+
+_END = object()
+
+
+def prefetched(parts: Iterator, depth: int = 1) -> Iterator:
+    """``parts`` produced by a background thread, ``depth`` items ahead: the next shard is read
+    and decoded (PIL releases the GIL while it decodes) while the trial trains on this one.
+    A consumer that stops early (BN recalibration reads a few batches) stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in parts:
+                if not put(item):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            put(err)
+            return
+        put(_END)
+
+    threading.Thread(target=produce, daemon=True, name="casd-prefetch").start()
+    try:
+        while (item := q.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

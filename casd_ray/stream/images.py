@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from casd_ray.data.seeds import seed_words
-from casd_ray.stream.decode import decode_table, rebatch
+from casd_ray.stream.decode import decode_table, prefetched, rebatch
 from casd_ray.stream.raydata import ray_chunks
 from casd_ray.stream.shards import Manifest, filesystem, open_shard, shard_path
 
@@ -36,6 +36,7 @@ class StreamedImages:
     image_shape: tuple[int, int, int]
     labels: np.ndarray = field(repr=False)  # labels of the kept rows, in row order
     keep: np.ndarray = field(repr=False)  # bool per row of the split: the rows it reads
+    spans: tuple[tuple[int, int], ...] = ()  # each file's rows (packing numbers them in order)
     image_size: int | None = None
     window: int = 4096
     decode: str = "trial"
@@ -57,13 +58,22 @@ class StreamedImages:
         return replace(self, device=str(device))
 
     def subset(self, n: int, seed: int) -> StreamedImages:
-        """A seeded ``n`` of the kept rows (``search.train_subset``): still a stream."""
-        keep = self.keep.copy()
-        kept = np.flatnonzero(keep)
-        chosen = np.sort(np.random.default_rng(seed).choice(len(kept), n, replace=False))
-        keep[:] = False
-        keep[kept[chosen]] = True
-        return replace(self, keep=keep, labels=self.labels[chosen])
+        """``n`` of the kept rows, from whole shards drawn with ``seed`` (``train_subset``):
+        an epoch then reads only those shards, not every shard for a tenth of its rows (the
+        pack's shuffle makes whole shards a random sample)."""
+        keep, picked, count = np.zeros_like(self.keep), [], 0
+        for i in np.random.default_rng(seed).permutation(len(self.files)):
+            lo, hi = self.spans[i]
+            rows = np.flatnonzero(self.keep[lo:hi])[: n - count] + lo
+            keep[rows], count = True, count + len(rows)
+            picked.append(int(i))
+            if count >= n:
+                break
+        picked.sort()
+        at = np.searchsorted(np.flatnonzero(self.keep), np.flatnonzero(keep))
+        return replace(self, files=tuple(self.files[i] for i in picked),
+                       spans=tuple(self.spans[i] for i in picked), keep=keep,
+                       labels=self.labels[at])  # fmt: skip
 
     def shard_order(self, seed: int | None, epoch: int | None) -> list[int]:
         """Shards in file order (evaluation) or in the order drawn from (seed, epoch)."""
@@ -79,7 +89,7 @@ class StreamedImages:
         order = self.shard_order(seed, epoch)
         if self.decode == "ray_data":
             return rebatch(ray_chunks(self, order, size), size)
-        return rebatch(self._decoded(order), size)
+        return rebatch(prefetched(self._decoded(order)), size)
 
     def _decoded(self, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Each shard's kept rows, read with pyarrow and decoded in this process."""
@@ -95,11 +105,13 @@ def split_stream(m: Manifest, split: str, keep: np.ndarray | None, **settings) -
     fs, _ = filesystem(m.root)
     labels = np.zeros(m.rows(split), dtype=np.int64)
     keep = np.ones(len(labels), bool) if keep is None else np.asarray(keep, bool)
+    rows = np.array([s["rows"] for s in m.shards(split)], dtype=np.int64)
+    ends = np.cumsum(rows)
     for shard in m.shards(split):
         table = open_shard(fs, shard_path(m.root, shard["file"]), ["label", "row"])
         labels[table.column("row").to_numpy()] = table.column("label").to_numpy()
     return StreamedImages(
         root=m.root, files=tuple(s["file"] for s in m.shards(split)), image_shape=m.shape,
-        labels=labels[keep], keep=keep,
+        labels=labels[keep], keep=keep, spans=tuple(zip(ends - rows, ends, strict=True)),
         image_size=m.image_size, **settings,
     )  # fmt: skip

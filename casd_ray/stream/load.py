@@ -4,12 +4,14 @@ The choice is by size (``data.stream: auto`` streams a training split whose deco
 exceed ``data.memory_limit_gb``) or forced. Either way selection never sees the test split,
 and validation is carved from train with ``data.split_seed``: whole shards drawn in a seeded
 order, cut at ``val_size`` rows, so carving reads ``val_size`` images, not the dataset (the
-pack's shuffle already mixed every shard). Validation is always decoded into memory; it is
-read every epoch by every trial. Normalisation comes from the pack's pixel sums of the whole
-training split (a pass over the data would cost an epoch).
+pack's shuffle already mixed every shard); ``train_subset`` likewise keeps whole shards.
+Validation is always decoded into memory: every trial reads it every epoch. Normalisation
+comes from the pack's pixel sums of the whole training split (a pass would cost an epoch).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -52,13 +54,7 @@ def _masks(cfg: DataConfig, m: Manifest, seed: int) -> tuple[np.ndarray, np.ndar
     val_rows = np.concatenate([rows[i] for i in order])[: cfg.val_size]
     val = np.zeros(n, bool)
     val[val_rows] = True
-    train = ~val
-    if cfg.train_subset is not None and cfg.train_subset < train.sum():
-        kept = np.flatnonzero(train)
-        pick = np.random.default_rng(seed_words(split, 0x5B5)).permutation(len(kept))
-        train = np.zeros(n, bool)
-        train[kept[pick[: cfg.train_subset]]] = True
-    return val, train
+    return val, ~val
 
 
 def to_memory(s: StreamedImages) -> tuple[np.ndarray, np.ndarray]:
@@ -91,12 +87,15 @@ def load_shards(cfg: DataConfig, seed: int) -> DataSplits:
         pick = np.random.default_rng(seed_words(split, 0x7E5)).permutation(len(test_mask))
         test_mask[pick[: cfg.test_subset]] = True
     train = split_stream(m, "train", train_mask, **settings)
+    if cfg.train_subset is not None and cfg.train_subset < len(train):  # whole shards
+        split = seed if cfg.split_seed is None else cfg.split_seed
+        train = train.subset(cfg.train_subset, int(seed_words(split, 0x5B5).generate_state(1)[0]))
     test = split_stream(m, "test", test_mask, **settings)
     if should_stream(cfg, m):
         (x_train, y_train), (x_test, y_test) = (train, train.labels), (test, test.labels)
     else:
         memory = {**settings, "decode": "trial"}
-        x_train, y_train = to_memory(split_stream(m, "train", train_mask, **memory))
+        x_train, y_train = to_memory(replace(train, **memory))
         x_test, y_test = to_memory(split_stream(m, "test", test_mask, **memory))
     mean, std = m.stats("train")
     return DataSplits(

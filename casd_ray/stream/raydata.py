@@ -12,6 +12,7 @@ scheduler in Ray 2.60: the trial hung), on CPUs the search leaves free:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -38,7 +39,9 @@ def ray_chunks(images, order: list[int], size: int) -> Iterator[tuple[np.ndarray
     paths = [shard_path(images.root, images.files[i]) for i in order]
     # Outside the trial's placement group: its CPUs are the trial's own (see the module doc).
     free = {"scheduling_strategy": "DEFAULT"}
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None, ray_remote_args=free)
+    with warnings.catch_warnings():  # no named parameter for scheduling_strategy in 2.60
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None, ray_remote_args=free)
     ds = ds.map_batches(
         _decode,
         batch_format="pyarrow",
