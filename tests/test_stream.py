@@ -61,6 +61,25 @@ def test_pack_resumes_where_it_stopped(tmp_path):
     assert out["counts"]["train"]["c0"] == 10 and not (tmp_path / "dst" / STATE).exists()
 
 
+def test_repacked_shards_change_the_teacher_fingerprint(tmp_path, packed):
+    """Shards packed again from other images are other data: every stage must redo, not
+    reuse a teacher trained on the old ones (the manifest's shard checksums are in the
+    teacher's fingerprint, and so, through ``after``, in every later stage's)."""
+    from casd_ray.config import ExperimentConfig
+    from casd_ray.pipeline.plan import fingerprints
+
+    copy = tmp_path / "p"
+    shutil.copytree(packed, copy)
+    cfg = ExperimentConfig.model_validate({"data": {"dataset": "shards", "root": str(copy)}})
+    before = fingerprints(cfg)
+    assert fingerprints(cfg) == before  # reading it twice is the same data
+    src = write_image_tree(tmp_path / "src", per_class=31, test_per_class=5)
+    shutil.rmtree(copy)
+    pack(src, copy, shard_rows=25, **QUIET)
+    after = fingerprints(cfg)
+    assert after["teacher"] != before["teacher"] and after["search"] != before["search"]
+
+
 def test_the_stream_holds_every_kept_row_once_and_its_labels(packed):
     m = read_manifest(str(packed))
     keep = np.ones(m.rows("train"), bool)

@@ -20,6 +20,7 @@ from casd_ray.config import ExperimentConfig, ScreenConfig
 from casd_ray.errors import ArtifactError, ConfigError, StageMismatch
 from casd_ray.files import read_json, write_json
 from casd_ray.models.names import source_digest
+from casd_ray.stream.shards import content_digest
 
 STAGES = ("teacher", "search", "finetune", "audit", "report")
 TRAINED = STAGES[:-1]  # stages with a fingerprint (the report is always rebuilt)
@@ -61,6 +62,8 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
     digest = source_digest(cfg.model.arch)
     if digest is not None:  # editing a python: factory's file changes the architecture
         teacher["model"]["source_sha256"] = digest
+    if cfg.data.dataset == "shards":  # re-packed shards are other data, at the same root
+        teacher["data"]["shards_sha256"] = content_digest(cfg.data.root)
     search_section = {k: v for k, v in dump["search"].items() if k not in VOLATILE["search"]}
     for key, off in ADDED_OFF["search"].items():  # run folders from before the setting existed
         if search_section.get(key) == off:
