@@ -226,7 +226,26 @@ def test_a_search_stopped_before_its_first_snapshot_is_not_restorable(tmp_path):
     (folder / "tuner.pkl").write_bytes(b"")
     assert tune.Tuner.can_restore(store.uri)
     assert not store.restorable()
-    (folder / "experiment_state-2026-12-05_07-00-00.json").write_text("{}")
+    (folder / "experiment_state-2026-12-05_07-00-00.json").write_text('{"trial_data": ["t1"]}')
+    assert store.restorable()
+
+
+def test_a_search_stopped_before_its_first_trial_is_not_restorable(tmp_path):
+    """CI (late0): a Ctrl-C before Tune added its first trial still saves a snapshot, with no
+    trials. The signing callback learns where Tune stages its state from the first trial, so
+    that snapshot is unsigned and the resume refused it as "not signed by this user". It holds
+    nothing to resume: the next run starts afresh (the folder set aside, not loaded)."""
+    store = SearchStorage.of(tmp_path / "run", None)
+    folder = Path(store.uri)
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(b"")
+    state = folder / "experiment_state-2026-12-05_07-00-00.json"
+    state.write_text('{"trial_data": [], "runner_data": {}}')
+    assert not store.restorable()
+    # the newest snapshot decides: an older one with trials does not make it restorable
+    (folder / "experiment_state-2026-12-05_06-00-00.json").write_text('{"trial_data": ["t"]}')
+    assert not store.restorable()
+    state.write_text('{"trial_data": ["t1"], "runner_data": {}}')
     assert store.restorable()
 
 

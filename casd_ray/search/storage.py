@@ -15,6 +15,7 @@ signature is written beside it. A resume first puts back Tune's last whole snaps
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -78,17 +79,28 @@ class SearchStorage:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def restorable(self) -> bool:
-        """Whether Tune can resume this experiment: ``tuner.pkl`` *and* a snapshot of its
-        state. An interrupt between the two leaves only ``tuner.pkl``, which
-        ``Tuner.can_restore`` accepts and ``Tuner.restore`` then refuses."""
+        """Whether there is a search to resume: ``tuner.pkl`` *and* a snapshot of Tune's
+        state that holds a trial. An interrupt between the first two leaves only
+        ``tuner.pkl``, which ``Tuner.can_restore`` accepts and ``Tuner.restore`` then refuses;
+        one before Tune added its first trial leaves an empty snapshot, unsigned (the signing
+        callback learns where Tune stages its state from a trial) and with nothing in it.
+        Only the JSON skeleton is read here, never its pickled parts."""
         fs, path = self._fs()
         if fs.get_file_info(f"{path}/tuner.pkl").type != pafs.FileType.File:
             return False
         found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        return any(
-            i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
-            for i in found
-        )
+        snapshots = [
+            i.path for i in found
+            if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
+        ]  # fmt: skip
+        if not snapshots:
+            return False
+        try:  # the newest by name, as Tune chooses
+            with fs.open_input_stream(max(snapshots)) as f:
+                state = json.loads(f.readall())
+        except (OSError, ValueError):
+            return True  # torn or odd: let the resume's checks name the file
+        return not isinstance(state, dict) or bool(state.get("trial_data", True))
 
     def set_aside(self, log: Callable[[str], None]) -> None:
         """Move an old experiment under ``previous/`` beside it (never delete a user's work)."""
