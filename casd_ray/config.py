@@ -203,6 +203,15 @@ class ScreenConfig(_Strict):
     score: Literal["acc", "kd"] = Field(
         "acc", description="rank by accuracy, or by the KD loss to the teacher's logits"
     )
+    observe: float = Field(
+        0.37,
+        ge=0,
+        lt=1,
+        description=(
+            "part of the candidates only screened, none promoted (the controls excepted): a "
+            "searcher that learns proposes its best late (the secretary rule's 1/e)"
+        ),
+    )
 
 
 class SearchConfig(_Strict):

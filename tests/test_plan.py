@@ -52,3 +52,19 @@ def test_the_reports_audit_advice_is_a_command_that_runs(tmp_path):
         plan(cfg, list(TRAINED))
     p = plan(cfg, list(TRAINED), args.fresh)
     assert p.actions == {"teacher": "reuse", "search": "reuse", "finetune": "reuse", "audit": "new"}
+
+
+def test_a_setting_added_later_reuses_old_folders_when_set_off():
+    """A rung-0 search made before ``search.screen.observe`` existed has no such key in its
+    fingerprint: the new default (0.37) changes the result and is refused as changed, while
+    ``--set search.screen.observe=0`` (the old behaviour) must match the old fingerprint."""
+    from casd_ray.config import ExperimentConfig
+    from casd_ray.pipeline.plan import fingerprints
+
+    raw = {"name": "r", "search": {"screen": {"promote": 3, "steps": 2}}}
+    old = fingerprints(ExperimentConfig.model_validate(raw))["search"]
+    del old["search"]["screen"]["observe"]  # as written before the setting existed
+    new = fingerprints(ExperimentConfig.model_validate(raw))["search"]
+    assert new != old
+    raw["search"]["screen"]["observe"] = 0
+    assert fingerprints(ExperimentConfig.model_validate(raw))["search"] == old

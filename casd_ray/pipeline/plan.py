@@ -44,6 +44,8 @@ ADDED_OFF = {
         "screen": json.loads(ScreenConfig().model_dump_json()),
     }
 }
+# The same, one level down: sub-settings added to a section that already existed.
+ADDED_OFF_WITHIN = {"search": {"screen": {"observe": 0.0}}}
 
 Log = Callable[[str], None]
 
@@ -68,6 +70,11 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
     for key, off in ADDED_OFF["search"].items():  # run folders from before the setting existed
         if search_section.get(key) == off:
             del search_section[key]
+    for section, added in ADDED_OFF_WITHIN["search"].items():
+        inner = search_section.get(section)
+        for key, off in added.items():
+            if isinstance(inner, dict) and inner.get(key) == off:
+                del inner[key]
     search = {
         "after": _digest(teacher),
         "space": dump["space"],

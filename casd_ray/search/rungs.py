@@ -8,7 +8,12 @@ width search needs.
    seen so far (at least the best), and the last candidates are promoted regardless when
    the quota would otherwise go unfilled. The search's compute is then fixed in advance —
    ``num_samples`` rung-0 scores plus ``promote`` distillations — which is what makes an
-   equal-compute comparison exact.
+   equal-compute comparison exact. The first ``search.screen.observe`` part of the
+   candidates is only screened (the secretary rule's observation phase): a searcher that
+   learns proposes its best candidates late, and on CIFAR-10 the places had gone to the
+   first leaders (rung-0 ranks 15-25 of 48) before TPE proposed its best (``docs/results.md``).
+   Decisions are made as scores arrive, not after all of rung 0, so that no trial waits,
+   paused and holding a slot of the searcher's concurrency limit, for the others.
 1. **The controls are never stopped** (``search.keep_control``). The free allocations
    (:mod:`casd_ray.widths.controls`) are the yardstick of every search: the report compares
    the winner with them, and a control stopped early says little. Their results still enter
@@ -64,7 +69,8 @@ class SearchASHA(ASHAScheduler):
 
     ``controls``: the controls' genomes (empty: every trial may be stopped);
     ``generation_size``: trials per generation (``None``: Ray's asynchronous ASHA);
-    ``promote``: candidates that pass rung 0 out of ``num_samples`` (``None``: no rung 0).
+    ``promote``: candidates that pass rung 0 out of ``num_samples`` (``None``: no rung 0);
+    ``observe``: the part of the ``num_samples`` (in proposal order) only screened.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class SearchASHA(ASHAScheduler):
         *,
         promote: int | None = None,
         num_samples: int = 0,
+        observe: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -81,7 +88,7 @@ class SearchASHA(ASHAScheduler):
         self.generation_size = generation_size
         self.generation: dict[str, int] = {}  # trial id -> generation, in the order added
         self.order: dict[str, int] = {}  # trial id -> index in proposal order
-        self.promote, self.num_samples = promote, num_samples
+        self.promote, self.num_samples, self.observe = promote, num_samples, observe
         self.rung0: dict[str, float] = {}  # trial id -> rung-0 score
         self.promoted: list[str] = []
         self.controls_screened = 0
@@ -111,10 +118,12 @@ class SearchASHA(ASHAScheduler):
         # may arrive after the others filled the quota, and is promoted all the same
         held = max(0, len(self.controls) - self.controls_screened)
         need = self.promote - len(self.promoted) - held
-        left = self.num_samples - 1 - self.order.get(tid, len(self.order))  # after this one
+        position = self.order.get(tid, len(self.order))
+        left = self.num_samples - 1 - position  # after this one
         quota = max(1, math.ceil(self.promote * (len(pool) + 1) / max(self.num_samples, 1)))
         rank = 1 + sum(v >= score for v in pool)  # a tie does not earn a place
-        keep = control or (need > 0 and (rank <= quota or left - held < need))
+        leads = rank <= quota and position >= self.observe * self.num_samples
+        keep = control or (need > 0 and (leads or left - held < need))
         if keep:
             self.promoted.append(tid)
             return self.CONTINUE
@@ -155,6 +164,7 @@ def make_scheduler(s: SearchConfig, controls: list[dict[str, float]]) -> TrialSc
         s.generation_size,
         promote=None if promote is None else min(promote, s.num_samples),
         num_samples=s.num_samples,
+        observe=s.screen.observe,
         metric=METRIC,
         mode="max",
         time_attr="epoch",
