@@ -52,6 +52,7 @@ def prepare(
 def start_ray(cfg: ExperimentConfig) -> None:
     """A local instance with exactly the CPUs the search's concurrent trials use."""
     ray.init(
+        address="local",
         num_cpus=int(cfg.search.max_concurrent * cfg.search.cpus_per_trial),
         log_to_driver=False,
         logging_level=logging.WARNING,

@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--smoke-test", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     dashboard = f"http://{ctx.dashboard_url}"
     try:
         with tempfile.TemporaryDirectory(prefix="casd-dashboard-") as runs:

@@ -149,7 +149,7 @@ def main() -> None:
     data_mb = sum(v.nbytes for v in packed.values() if isinstance(v, np.ndarray)) / MB
     teacher_mb = sum(v.nbytes for v in teacher_state.values()) / MB
     storage = f"/tmp/casd-trial-memory-{os.getpid()}"
-    ray.init(num_cpus=max(levels), include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=max(levels), include_dashboard=False, logging_level="ERROR")
     rows = []
     try:
         for mode in MODES:

@@ -88,7 +88,7 @@ def main() -> None:
     bare_before, total_before = run_bare()
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
     init_s = time.perf_counter() - t0
     try:
         with tempfile.TemporaryDirectory(prefix="casd-overhead-") as storage:

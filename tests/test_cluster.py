@@ -21,9 +21,11 @@ import pandas as pd
 import pytest
 from conftest import ensure_teacher, search_with, tiny_search_cfg
 from ray import cloudpickle
+from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 
 from casd_ray.config import DataConfig, ExperimentConfig
+from casd_ray.search.session import start_ray
 from casd_ray.search.trial import distill_trial
 from casd_ray.stream.pack import pack
 
@@ -37,6 +39,11 @@ def cluster():
     c.wait_for_nodes()
     yield c, workers
     c.shutdown()
+    # Cluster wrote its address to Ray's "current cluster" file, where every later plain
+    # ray.init() on this machine would find it: remove what this test started, nothing else.
+    address_file = Path(get_ray_address_file(None))
+    if address_file.exists() and address_file.read_text().strip() == c.address:
+        address_file.unlink()
 
 
 def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
@@ -44,6 +51,24 @@ def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:
         root, images, name, num_samples=4, max_epochs=EPOCHS, max_concurrent=3,
         scheduler="fifo", algorithm="random", **search,
     )  # fmt: skip
+
+
+def test_a_search_without_address_starts_its_own_ray_beside_a_running_cluster(cluster, monkeypatch):
+    """CI and a compare run crashed at ray.init: a cluster started earlier on the machine (here
+    the test cluster; for a user, any ``ray start --head``, even one long gone) is recorded in
+    Ray's current-cluster file, and a plain ``ray.init()`` joins it (or fails to reach it).
+    Without ``--address`` a search starts its own instance; joining is asked for by name."""
+    import ray
+
+    c, _ = cluster
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert Path(get_ray_address_file(None)).read_text().strip() == c.address
+    try:
+        assert start_ray(None, False, lambda _: None) is True
+        assert ray.get_runtime_context().gcs_address != c.address
+        assert ray.cluster_resources()["CPU"] == os.cpu_count()
+    finally:
+        ray.shutdown()
 
 
 def test_streamed_search_spreads_over_nodes(cluster, tmp_path, image_tree):

@@ -44,7 +44,11 @@ def free_port() -> int:
 def ray_dashboard():
     port = free_port()
     ctx = ray.init(
-        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _metrics_export_port=port
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _metrics_export_port=port,
     )
     yield f"http://{ctx.dashboard_url}", f"http://127.0.0.1:{port}/metrics"
     ray.shutdown()

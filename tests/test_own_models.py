@@ -292,7 +292,7 @@ def ray_local():
     """One local Ray for the module's ``casd-ray run`` calls (each would start its own)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -106,7 +106,7 @@ def test_search_survives_injected_failures(tmp_path, image_tree, monkeypatch):
     markers.mkdir()
     monkeypatch.setenv("CASD_SOAK_MARKERS", str(markers))  # Ray's workers inherit it
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         path = search_with(cfg, faulty_trial)
     finally:
@@ -136,7 +136,7 @@ def test_search_with_failures_and_two_interrupts_resumes_to_every_trial(
 
         threading.Thread(target=watch, daemon=True).start()
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         for i, n in enumerate((8, 18)):
             ctrl_c_after(n)

@@ -32,13 +32,20 @@ def dashboard_login_hint() -> str:
 
 
 def start_ray(address: str | None, dashboard: bool, log: Log) -> bool:
-    """Connect to or start Ray; returns whether this call started it (and must stop it)."""
+    """Connect to or start Ray; returns whether this call started it (and must stop it).
+
+    A cluster is joined only when asked: by ``address`` or by ``RAY_ADDRESS`` (which Ray Jobs
+    set). A plain ``ray.init()`` would also join whatever cluster was last started on this
+    machine, recorded in Ray's current-cluster file even after it is gone; a search would then
+    run on someone else's cluster, or fail to reach a dead one.
+    """
     import ray
 
     if ray.is_initialized():
         if address or dashboard:
             log("ray: already initialised in this process; --address/--dashboard ignored")
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address)
         log(f"ray: joined cluster at {address}: {ray.cluster_resources()}")
@@ -48,7 +55,11 @@ def start_ray(address: str | None, dashboard: bool, log: Log) -> bool:
     # (its metrics, or its error) reaches the driver through Tune and trials.parquet, and
     # forwarding would print a SIGTERM traceback for every trial ASHA stops.
     ctx = ray.init(
-        include_dashboard=dashboard, logging_level=logging.WARNING, log_to_driver=False, **extra
+        address="local",
+        include_dashboard=dashboard,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        **extra,
     )
     if dashboard:
         log(f"ray dashboard: http://{ctx.dashboard_url} - {dashboard_login_hint()}")
