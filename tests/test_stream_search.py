@@ -126,7 +126,14 @@ def test_search_and_finetune_with_an_object_store_smaller_than_the_data(tmp_path
     packed_s = time.time() - t0
     cfg = stream_cfg(tmp_path, tmp_path / "shards", "big", {"val_size": 500, "window": 2048},
                      batch_size=128, cpus_per_trial=1, max_concurrent=1)  # fmt: skip
-    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"batch_size": 128})})
+    # every stage at batch 128: the fine-tune at stream_cfg's 16 took most of the test's time
+    big_batch = {"batch_size": 128}
+    cfg = cfg.model_copy(
+        update={
+            "teacher": cfg.teacher.model_copy(update=big_batch),
+            "finetune": cfg.finetune.model_copy(update=big_batch),
+        }
+    )
     decoded = 25_000 * 3 * 64 * 64
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20,
              include_dashboard=False, logging_level="ERROR")  # fmt: skip
