@@ -173,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def with_cluster(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--address", default=None, help="join a running Ray cluster (auto|ray://…)")
+        p.add_argument(
+            "--address",
+            default=None,
+            help="join a running Ray cluster (auto|ray://…, or RAY_ADDRESS); default: a local Ray",
+        )
         p.add_argument(
             "--dashboard",
             action="store_true",

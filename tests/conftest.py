@@ -441,3 +441,14 @@ def smoke_overrides(config_path: Path, base: Path) -> list[str]:
     if ":" not in cfg.model.arch:  # a built-in ResNet shrinks; a user's own model is kept
         items.update({"model.arch": "resnet8", "model.width": 4})
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def forget_cluster_address(address: str) -> None:
+    """Remove the address a ``ray.cluster_utils.Cluster`` wrote to Ray's current-cluster file,
+    where every later plain ``ray.init()`` on this machine would find it - only if it is still
+    this cluster's (what a test started, nothing else)."""
+    from ray._private.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    if address_file.exists() and address_file.read_text().strip() == address:
+        address_file.unlink()

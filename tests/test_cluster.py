@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ensure_teacher, search_with, tiny_search_cfg
+from conftest import ensure_teacher, forget_cluster_address, search_with, tiny_search_cfg
 from ray import cloudpickle
 from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
@@ -39,11 +39,7 @@ def cluster():
     c.wait_for_nodes()
     yield c, workers
     c.shutdown()
-    # Cluster wrote its address to Ray's "current cluster" file, where every later plain
-    # ray.init() on this machine would find it: remove what this test started, nothing else.
-    address_file = Path(get_ray_address_file(None))
-    if address_file.exists() and address_file.read_text().strip() == c.address:
-        address_file.unlink()
+    forget_cluster_address(c.address)
 
 
 def make_cfg(root: Path, images: Path, name: str, **search) -> ExperimentConfig:

@@ -24,12 +24,18 @@ import pytest
 import ray
 from conftest import (
     ensure_teacher,
+    forget_cluster_address,
     search_with,
     tiny_search_cfg,
     write_fake_fashion_mnist,
     write_run_config,
 )
 from ray import cloudpickle
+from ray._private.authentication.authentication_token_setup import (
+    enable_token_auth_by_default,
+    ensure_token_if_auth_enabled,
+)
+from ray.cluster_utils import Cluster
 
 from casd_ray.search.trial import EXPORTED, distill_trial
 
@@ -42,16 +48,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_dashboard():
-    port = free_port()
-    ctx = ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _metrics_export_port=port,
-    )
-    yield f"http://{ctx.dashboard_url}", f"http://127.0.0.1:{port}/metrics"
+    """A head node with its dashboard, every port picked free: another Ray instance on the
+    machine (a search someone runs) holds Ray's fixed defaults (dashboard 8265, job agent
+    52365), and ``ray.init`` cannot move the agent - jobs then found "No available agent"."""
+    dash, agent, metrics = free_port(), free_port(), free_port()
+    head = {"num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dash, "dashboard_agent_listen_port": agent,
+            "metrics_export_port": metrics}  # fmt: skip
+    # what ray.init does before it starts a new local cluster: token mode, a token on disk
+    enable_token_auth_by_default()
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    ray.init(address=cluster.address)
+    yield f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics"
     ray.shutdown()
+    cluster.shutdown()
+    forget_cluster_address(cluster.address)
 
 
 def token() -> str:
