@@ -256,6 +256,5 @@ def test_failed_trials_are_recorded_and_the_search_ends(tmp_path, capsys):
         failed = trials["status"] == "ERROR"
         assert len(trials) == 4 and failed.sum() >= 2
         assert trials.loc[failed, "error"].str.contains("non-finite loss").all()
-        assert (trials.loc[~failed, "epochs"] == 0).all() and trials.loc[
-            ~failed, "stopped_early"
-        ].all()
+        # (a screened candidate may have begun its first epoch when the search ended)
+        assert not trials.loc[~failed, "completed"].any()
