@@ -56,9 +56,8 @@ def s3():
                 break
             except Exception:  # noqa: BLE001 - the server is still starting
                 time.sleep(0.1)
-        ray.init(
-            address="local", num_cpus=2, include_dashboard=False
-        )  # after the env: workers inherit it
+        # after the env: workers inherit it
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
         yield client, ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()

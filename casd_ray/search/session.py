@@ -45,7 +45,7 @@ def start_ray(address: str | None, dashboard: bool, log: Log) -> bool:
         if address or dashboard:
             log("ray: already initialised in this process; --address/--dashboard ignored")
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         log(f"ray: joined cluster at {address}: {ray.cluster_resources()}")
