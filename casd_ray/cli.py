@@ -118,7 +118,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
     if args.data_command == "pack":
         out = pack.pack(args.src, args.dst, shard_rows=args.shard_rows,
-                        image_size=args.image_size, log=_log)  # fmt: skip
+                        image_size=args.image_size, shard_format=args.format,
+                        log=_log)  # fmt: skip
     else:
         out = shards.verify(args.dst, log=lambda _: None)
     for split, counts in out["counts"].items():
@@ -205,12 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
     data = sub.add_parser("data", help="pack an image folder into shards that stream; verify")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    pack = data_sub.add_parser("pack", help="SRC/{train,test}/<class>/* -> Parquet shards")
+    pack = data_sub.add_parser(
+        "pack", help="SRC/{train,test}/<class>/* -> Parquet (or WebDataset tar) shards"
+    )
     pack.add_argument("src")
     pack.add_argument("dst", help="an empty folder (or the folder of an interrupted pack)")
     pack.add_argument("--shard-rows", type=int, default=2048, help="images per shard")
     pack.add_argument(
         "--image-size", type=int, default=None, help="resize (shorter side) and centre-crop"
+    )
+    pack.add_argument(
+        "--format",
+        choices=("parquet", "webdataset"),
+        default="parquet",
+        help="webdataset: <split>-NNNNN.tar with <row>.cls + <row>.png|jpg per image",
     )
     verify = data_sub.add_parser("verify", help="check shards against their manifest")
     verify.add_argument("dst", help="a packed folder or s3:// URI")

@@ -175,16 +175,122 @@ def ray_local():
     ray.shutdown()
 
 
-def test_ray_data_decodes_the_same_windows_as_the_trial(packed, ray_local):
-    m = read_manifest(str(packed))
-    keep = np.arange(m.rows("train")) % 4 != 0
-    mine = list(split_stream(m, "train", keep, window=32).windows(32, seed=5, epoch=2))
-    theirs = list(
-        split_stream(m, "train", keep, window=32, decode="ray_data").windows(32, seed=5, epoch=2)
-    )
-    assert [len(y) for _, y in mine] == [len(y) for _, y in theirs] == [32, 32, 26]
+def both_decoders(root: Path, every: int, seed: int, epoch: int) -> list[int]:
+    """Window sizes of an epoch read by the trial and by Ray Data, asserting them equal."""
+    m = read_manifest(str(root))
+    keep = np.arange(m.rows("train")) % every != 0
+    mine = list(split_stream(m, "train", keep, window=32).windows(32, seed, epoch))
+    ray_data = split_stream(m, "train", keep, window=32, decode="ray_data")
+    theirs = list(ray_data.windows(32, seed, epoch))
+    assert [len(y) for _, y in mine] == [len(y) for _, y in theirs]
     for (xa, ya), (xb, yb) in zip(mine, theirs, strict=True):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    return [len(y) for _, y in mine]
+
+
+def test_ray_data_decodes_the_same_windows_as_the_trial(packed, ray_local):
+    assert both_decoders(packed, every=4, seed=5, epoch=2) == [32, 32, 26]
+
+
+# ---------------------------------------------------------------- WebDataset tar shards
+
+
+@pytest.fixture(scope="module")
+def packed_tar(tmp_path_factory) -> Path:
+    src = write_image_tree(tmp_path_factory.mktemp("src"), per_class=30, test_per_class=5)
+    dst = tmp_path_factory.mktemp("shards") / "w"
+    pack(src, dst, shard_rows=25, shard_format="webdataset", **QUIET)
+    return dst
+
+
+def test_a_webdataset_pack_streams_what_the_parquet_pack_does(packed, packed_tar):
+    """The same folder packed as WebDataset tars: the same counts, and every window of an
+    epoch the same images and labels in the same order as from Parquet (common random
+    numbers do not depend on the shard format)."""
+    assert sorted(p.name for p in packed_tar.glob("train-*.tar")) == [
+        f"train-{k:05d}.tar" for k in range(5)
+    ]
+    assert verify(str(packed_tar), **QUIET)["counts"] == verify(str(packed), **QUIET)["counts"]
+    a = split_stream(read_manifest(str(packed)), "train", None, window=32)
+    b = split_stream(read_manifest(str(packed_tar)), "train", None, window=32)
+    assert np.array_equal(a.labels, b.labels)
+    for (xa, ya), (xb, yb) in zip(a.windows(32, 3, 1), b.windows(32, 3, 1), strict=True):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+def test_webdataset_shards_follow_the_convention(packed_tar, tmp_path):
+    """One sample per key, ``<key>.cls`` the label and ``<key>.png`` the source file's bytes,
+    members adjacent and named in order: what the ``webdataset`` library and Ray Data's
+    ``read_webdataset`` expect."""
+    import tarfile
+
+    with tarfile.open(packed_tar / "train-00000.tar") as tar:
+        names = tar.getnames()
+        label = int(tar.extractfile(names[0]).read())
+    assert names[:2] == ["00000000.cls", "00000000.png"] and names == sorted(names)
+    assert len(names) == 50 and 0 <= label < 4
+    src = write_image_tree(tmp_path / "src", per_class=30, test_per_class=5)
+    again = pack(src, tmp_path / "again", shard_rows=25, shard_format="webdataset", **QUIET)
+    assert again == verify(str(packed_tar), **QUIET)  # the same folder packs to the same bytes
+
+
+def test_a_webdataset_stream_starts_without_reading_its_tars(tmp_path, packed_tar):
+    """The labels come from the pack's small label file: with every tar gone the stream is
+    still set up (and fails only when it reads one, naming it); a label file that disagrees
+    with the tars' ``.cls`` members fails verification."""
+    copy = tmp_path / "w"
+    shutil.copytree(packed_tar, copy)
+    for tar in copy.glob("train-*.tar"):
+        tar.unlink()
+    s = split_stream(read_manifest(str(copy)), "train", None, window=32)
+    assert len(s) == 120 and np.bincount(s.labels).tolist() == [30] * 4
+    with pytest.raises(DataError, match=r"train-0000\d\.tar: not readable"):
+        next(iter(s.windows(32, seed=0, epoch=0)))
+    shutil.rmtree(copy)
+    shutil.copytree(packed_tar, copy)
+    table = pq.read_table(copy / "train-labels.parquet")
+    labels = table.column("label").to_numpy().copy()
+    labels[:3] = (labels[:3] + 1) % 4
+    pq.write_table(table.set_column(1, "label", pa.array(labels, pa.int32())),
+                   copy / "train-labels.parquet")  # fmt: skip
+    with pytest.raises(DataError, match=r"train-labels\.parquet: checksum differs"):
+        verify(str(copy), **QUIET)
+
+
+def test_ray_data_reads_webdataset_shards_as_the_trial_does(packed_tar, ray_local):
+    """The trial parses tars itself; Ray Data reads them with ``read_webdataset``: the two
+    must give the same windows."""
+    assert both_decoders(packed_tar, every=3, seed=2, epoch=0) == [32, 32, 16]
+
+
+def test_a_bad_webdataset_shard_names_the_file(tmp_path, packed_tar, ray_local):
+    import io
+    import tarfile
+
+    copy = tmp_path / "w"
+    shutil.copytree(packed_tar, copy)
+    shard = copy / "train-00002.tar"
+    shard.write_bytes(shard.read_bytes()[:700])  # truncated
+    with pytest.raises(DataError, match=r"train-00002\.tar: checksum differs"):
+        verify(str(copy), **QUIET)
+    m = read_manifest(str(copy))
+    with pytest.raises(DataError, match=r"train-00002\.tar: unreadable shard"):
+        list(split_stream(m, "train", None, window=32).windows(32))
+    shutil.copy(packed_tar / shard.name, shard)
+    with tarfile.open(shard.with_name("train-00003.tar")) as tar:  # cut between samples
+        cut = tar.getmembers()[20].offset
+    shard = shard.with_name("train-00003.tar")
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with pytest.raises(DataError, match=r"train-00003\.tar: 10 rows, manifest.json says 25"):
+        list(split_stream(m, "train", None, window=32).windows(32, seed=0, epoch=0))
+    with pytest.raises(DataError, match=r"Ray Data read 105 of 120 rows"):
+        list(split_stream(m, "train", None, window=32, decode="ray_data").windows(32))
+    with tarfile.open(copy / "test-00000.tar", "w") as tar:  # a sample without its label
+        info = tarfile.TarInfo("00000000.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"png"))
+    with pytest.raises(DataError, match=r"test-00000\.tar: sample 00000000 has no \.cls"):
+        list(split_stream(m, "test", None, window=32).windows(32))
 
 
 # ---------------------------------------------------------------- shards in a bucket (moto S3)

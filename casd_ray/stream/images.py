@@ -20,9 +20,18 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from casd_ray.data.seeds import seed_words
+from casd_ray.errors import DataError
 from casd_ray.stream.decode import decode_table, prefetched, rebatch
 from casd_ray.stream.raydata import ray_chunks
-from casd_ray.stream.shards import Manifest, filesystem, open_shard, shard_path
+from casd_ray.stream.shards import (
+    MANIFEST,
+    Manifest,
+    filesystem,
+    open_shard,
+    shard_path,
+    shard_spans,
+    split_labels,
+)
 
 DECODERS = ("trial", "ray_data")
 
@@ -96,22 +105,20 @@ class StreamedImages:
         fs, _ = filesystem(self.root)
         for i in order:
             path = shard_path(self.root, self.files[i])
-            yield decode_table(open_shard(fs, path), self.keep, self.image_shape,
-                               self.image_size, path)  # fmt: skip
+            table = open_shard(fs, path)
+            lo, hi = self.spans[i] if self.spans else (0, table.num_rows)
+            if table.num_rows != hi - lo:  # a tar cut between samples still reads
+                raise DataError(f"{path}: {table.num_rows} rows, {MANIFEST} says {hi - lo} "
+                                "(a truncated or changed shard; casd-ray data verify)")  # fmt: skip
+            yield decode_table(table, self.keep, self.image_shape, self.image_size, path)
 
 
 def split_stream(m: Manifest, split: str, keep: np.ndarray | None, **settings) -> StreamedImages:
     """The stream of ``split`` of a packed folder, with the labels of the rows it keeps."""
-    fs, _ = filesystem(m.root)
-    labels = np.zeros(m.rows(split), dtype=np.int64)
+    labels = split_labels(m, split)
     keep = np.ones(len(labels), bool) if keep is None else np.asarray(keep, bool)
-    rows = np.array([s["rows"] for s in m.shards(split)], dtype=np.int64)
-    ends = np.cumsum(rows)
-    for shard in m.shards(split):
-        table = open_shard(fs, shard_path(m.root, shard["file"]), ["label", "row"])
-        labels[table.column("row").to_numpy()] = table.column("label").to_numpy()
     return StreamedImages(
         root=m.root, files=tuple(s["file"] for s in m.shards(split)), image_shape=m.shape,
-        labels=labels[keep], keep=keep, spans=tuple(zip(ends - rows, ends, strict=True)),
+        labels=labels[keep], keep=keep, spans=tuple(shard_spans(m, split)),
         image_size=m.image_size, **settings,
     )  # fmt: skip

@@ -21,7 +21,7 @@ from casd_ray.data.seeds import seed_words
 from casd_ray.data.splits import DataSplits
 from casd_ray.errors import DataError
 from casd_ray.stream.images import StreamedImages, split_stream
-from casd_ray.stream.shards import Manifest, filesystem, open_shard, read_manifest, shard_path
+from casd_ray.stream.shards import Manifest, read_manifest, shard_spans
 
 
 def should_stream(cfg: DataConfig, m: Manifest) -> bool:
@@ -33,11 +33,7 @@ def should_stream(cfg: DataConfig, m: Manifest) -> bool:
 
 
 def _rows_of(m: Manifest, split: str) -> list[np.ndarray]:
-    fs, _ = filesystem(m.root)
-    return [
-        open_shard(fs, shard_path(m.root, s["file"]), ["row"]).column("row").to_numpy()
-        for s in m.shards(split)
-    ]
+    return [np.arange(lo, hi) for lo, hi in shard_spans(m, split)]
 
 
 def _masks(cfg: DataConfig, m: Manifest, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""The shard format: Parquet files of encoded images plus one ``manifest.json``.
+"""The shard format: Parquet files (or WebDataset tars) of encoded images plus one
+``manifest.json``.
 
 A packed folder (local or ``s3://``) holds ``<split>-00000.parquet`` files with the columns
 ``image`` (the source file's bytes), ``label`` (int32) and ``row`` (the image's index in its
@@ -6,12 +7,19 @@ split, after packing's fixed shuffle, so every shard mixes classes) and a manife
 image shape, per-split counts per class, per-channel pixel sums (normalisation without a pass
 over the data), and each shard's rows and SHA-256. The manifest is written last: a folder
 without one is an unfinished pack.
+
+A ``webdataset`` pack holds ``<split>-00000.tar`` files instead, in the WebDataset convention
+(``<row>.cls`` the label, ``<row>.png``/``.jpg`` the source file's bytes, members adjacent
+and in key order), so the shards are also readable by the ``webdataset`` library and Ray
+Data's ``read_webdataset``; :func:`open_shard` gives both formats as the same table.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +34,8 @@ FORMAT = "casd-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("row", pa.int64())])
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+SHARD_SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}  # pack --format -> file suffix
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -116,6 +126,8 @@ def content_digest(root: str) -> str:
 
 def open_shard(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
     """One shard's table, its schema checked first; DataError naming the file otherwise."""
+    if path.endswith(SHARD_SUFFIX["webdataset"]):
+        return tar_table(read_bytes(fs, path), path).select(columns or SCHEMA.names)
     try:
         with fs.open_input_file(path) as f:
             schema = pq.read_schema(f)
@@ -129,6 +141,72 @@ def open_shard(fs: pafs.FileSystem, path: str, columns: list[str] | None = None)
     except (OSError, pa.ArrowException) as err:
         msg = " ".join(str(err).split())
         raise DataError(f"{path}: unreadable shard ({type(err).__name__}: {msg})") from None
+
+
+def tar_member_name(row: int, suffix: str) -> str:
+    """A WebDataset member: the sample key (the row, zero-padded so names sort in row order)
+    and the extension that says what it holds (``cls``, ``png``, ``jpg``)."""
+    return f"{row:08d}.{suffix}"
+
+
+def tar_table(data: bytes, where: str) -> pa.Table:
+    """A WebDataset tar (one ``.cls`` and one image member per key) as a shard table."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.rpartition("/")[2].partition(".")
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"{where}: unreadable shard ({type(err).__name__}: {err})") from None
+    images, labels, rows = [], [], []
+    for key, sample in samples.items():
+        pictures = [v for ext, v in sample.items() if ext.lower() in IMAGE_EXTENSIONS]
+        problem = (
+            "has no .cls label" if "cls" not in sample
+            else f"holds {len(pictures)} images (.png/.jpg), expected 1" if len(pictures) != 1
+            else "has a key that is not a row number" if not key.isdigit()
+            else None
+        )  # fmt: skip
+        if problem:
+            raise DataError(f"{where}: sample {key} {problem}; not a casd-ray WebDataset shard")
+        try:
+            labels.append(int(sample["cls"]))
+        except ValueError:
+            raise DataError(f"{where}: sample {key}: .cls is not an integer label") from None
+        images.append(pictures[0])
+        rows.append(int(key))
+    return pa.table([images, labels, rows], schema=SCHEMA)
+
+
+def split_labels(m: Manifest, split: str) -> np.ndarray:
+    """Every row's label of ``split`` (int64, indexed by row): from a WebDataset pack's label
+    file, or from the shards' label and row columns (Parquet reads them without the images)."""
+    fs, _ = filesystem(m.root)
+    labels = np.zeros(m.rows(split), dtype=np.int64)
+    if "labels" in m.splits[split]:
+        path = shard_path(m.root, m.splits[split]["labels"]["file"])
+        try:
+            tables = [(path, pq.read_table(pa.BufferReader(read_bytes(fs, path))))]
+        except pa.ArrowException as err:
+            raise DataError(f"{path}: unreadable label file ({err})") from None
+    else:
+        paths = [shard_path(m.root, s["file"]) for s in m.shards(split)]
+        tables = [(p, open_shard(fs, p, ["label", "row"])) for p in paths]
+    for path, table in tables:
+        rows = table.column("row").to_numpy()
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(labels)):
+            raise DataError(f"{path}: row numbers beyond the {len(labels)} of {MANIFEST}")
+        labels[rows] = table.column("label").to_numpy()
+    return labels
+
+
+def shard_spans(m: Manifest, split: str) -> list[tuple[int, int]]:
+    """Each shard's rows ``[lo, hi)``: packing numbers rows in shard order, from the manifest
+    alone (a stream's start-up reads no shard for them)."""
+    ends = np.cumsum([s["rows"] for s in m.shards(split)], dtype=np.int64)
+    return [(int(e - s["rows"]), int(e)) for e, s in zip(ends, m.shards(split), strict=True)]
 
 
 def shard_path(root: str, file: str) -> str:
@@ -145,6 +223,7 @@ def verify(root: str, log=print) -> dict[str, Any]:
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         found = np.zeros(len(m.classes), dtype=np.int64)
+        by_row = np.full(m.rows(split), -1, dtype=np.int64)
         for i, shard in enumerate(m.shards(split)):
             path = shard_path(root, shard["file"])
             data = read_bytes(fs, path)
@@ -154,9 +233,16 @@ def verify(root: str, log=print) -> dict[str, Any]:
             if table.num_rows != shard["rows"]:
                 raise DataError(f"{path}: {table.num_rows} rows, {MANIFEST} says {shard['rows']}")
             labels = table.column("label").to_numpy()
+            by_row[np.clip(table.column("row").to_numpy(), 0, len(by_row) - 1)] = labels
             found += np.bincount(labels, minlength=len(m.classes))[: len(m.classes)]
             digest.update(shard["sha256"].encode())
             log(f"verify: {split} shard {i + 1}/{len(m.shards(split))} ok")
+        if "labels" in m.splits[split]:  # a WebDataset pack's label file must agree
+            path = shard_path(root, m.splits[split]["labels"]["file"])
+            if sha256(read_bytes(fs, path)) != m.splits[split]["labels"]["sha256"]:
+                raise DataError(f"{path}: checksum differs from {MANIFEST} (a changed file)")
+            if not np.array_equal(split_labels(m, split), by_row):
+                raise DataError(f"{path}: labels differ from the shards' .cls members")
         want = m.splits[split]["counts"]
         counts[split] = dict(zip(m.classes, map(int, found), strict=True))
         if counts[split] != want:
