@@ -6,10 +6,12 @@ its README) into Parquet shards, then trains the same network for one epoch on t
 
 - memory: the shards decoded once into uint8 arrays (today's path);
 - stream/trial: shards read with pyarrow and decoded in the training process, window by window;
-- stream/ray_data: shards read and decoded by Ray Data tasks (``data.data_cpus`` of them).
+- stream/ray_data: shards read and decoded by Ray Data tasks (``data.data_cpus`` of them);
+- stream/webdataset: the same images packed as WebDataset tars, read in the trial.
 
 Printed: images/s of each arm, its ratio to memory within each round and the median of those
-(the goal is >= 0.9), the pack time, and the decode cost per image (PIL, one process).
+(the goal is >= 0.9), the pack time, and the read and decode cost per image of both shard
+formats (PIL, one process).
 
     python benchmarks/stream_throughput.py [--images 10000] [--rounds 2] [--smoke-test]
 """
@@ -110,13 +112,18 @@ def main() -> None:
             tar.extractall(src, filter="data")
         roots = [p for p in src.rglob("train") if p.is_dir()]
         t1 = time.perf_counter()
-        out = pack(roots[0].parent, dst, shard_rows=2048, log=lambda _: None)
-        pack_s = time.perf_counter() - t1
-        n = sum(sum(c.values()) for c in out["counts"].values())
-        print(f"extract {t1 - t0:.1f}s; pack {n} images {pack_s:.1f}s "
-              f"({pack_s / n * 1e6:.0f} us/image, decode-checked)")  # fmt: skip
-        read_us, decode_us = decode_cost(str(dst))
-        print(f"per image: read {read_us:.1f} us, read + decode {decode_us:.1f} us (one process)")
+        print(f"extract {t1 - t0:.1f}s")
+        tars = Path(tmp) / "tars"
+        for fmt, folder in (("parquet", dst), ("webdataset", tars)):
+            t1 = time.perf_counter()
+            out = pack(roots[0].parent, folder, shard_rows=2048, shard_format=fmt,
+                       log=lambda _: None)  # fmt: skip
+            pack_s = time.perf_counter() - t1
+            n = sum(sum(c.values()) for c in out["counts"].values())
+            read_us, decode_us = decode_cost(str(folder))
+            print(f"{fmt}: pack {n} images {pack_s:.1f}s ({pack_s / n * 1e6:.0f} us/image, "
+                  f"decode-checked); per image read {read_us:.1f} us, read + decode "
+                  f"{decode_us:.1f} us (one process)")  # fmt: skip
         ms, size = imagenet_like_decode_ms()
         print(f"ImageNet-like 500x375 JPEG ({size / 1024:.0f} KiB) -> 224: {ms:.2f} ms/image")
 
@@ -126,6 +133,9 @@ def main() -> None:
             "memory": load_data(DataConfig(**base, stream="memory"), 0),
             "stream/trial": load_data(DataConfig(**base, stream="stream"), 0),
             "stream/ray_data": load_data(DataConfig(**base, stream="stream", decode="ray_data"), 0),
+            "stream/webdataset": load_data(
+                DataConfig(**{**base, "root": str(tars)}, stream="stream"), 0
+            ),
         }
         spec = teacher_spec(ModelConfig(arch=args.arch, width=args.width), arms["memory"])
         torch.manual_seed(0)
@@ -150,7 +160,7 @@ def main() -> None:
         ratios = [r / m for r, m in zip(rs, rates["memory"], strict=True)]
         shown = " ".join(f"{r:.2f}" for r in ratios)
         print(
-            f"  {name:16s} best {max(rs):7.0f} img/s  ratio to memory per round {shown}, "
+            f"  {name:18s} best {max(rs):7.0f} img/s  ratio to memory per round {shown}, "
             f"median {statistics.median(ratios):.2f}"
         )
 
