@@ -95,10 +95,14 @@ def test_corrupt_summary_is_an_error_not_a_lesser_report(run_copy):
     assert (run_dir / "report.md").read_text() == before  # the complete report is kept
 
 
-def test_report_states_the_noise_in_winner_minus_uniform(run_copy):
+def test_report_states_the_paired_noise_in_winner_minus_uniform(run_copy):
     """A user must be able to tell a real gain from split noise: the report gives the
-    difference on each split beside the binomial standard error of a difference there."""
-    import math
+    difference on each split beside its paired standard error (from each network's per-image
+    results, which the fine-tune stores) and McNemar's test, as scipy computes them."""
+    import numpy as np
+    from scipy import stats
+
+    from casd_ray.artifacts.correct import decode_correct
 
     run_dir, _, _ = run_copy
     text = build_report(run_dir).read_text()
@@ -107,13 +111,53 @@ def test_report_states_the_noise_in_winner_minus_uniform(run_copy):
     w, u = report["models"]["winner"], report["models"]["uniform"]
     for split in ("val", "test"):
         got = report["noise"][split]
-        p, q, n = w[f"{split}_acc"], u[f"{split}_acc"], sizes[split]
-        assert got["images"] == n
-        assert got["winner_minus_uniform"] == pytest.approx(p - q)
-        assert got["se_difference"] == pytest.approx(math.sqrt((p * (1 - p) + q * (1 - q)) / n))
-    assert "Winner − uniform:" in text and "standard error" in text
-    noise = report["noise"]["val"]
-    assert f"{100 * noise['se_difference']:.2f}" in text
+        a, b = (decode_correct(m["correct"][split]) for m in (w, u))
+        assert len(a) == len(b) == sizes[split] == got["images"]
+        assert a.mean() == pytest.approx(w[f"{split}_acc"]) and got["paired"]
+        assert got["winner_minus_uniform"] == pytest.approx(a.mean() - b.mean())
+        se = stats.sem(a.astype(float) - b.astype(float))
+        assert got["se_difference"] == pytest.approx(0.0 if np.isnan(se) else se)
+        only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+        assert (got["only_first_right"], got["only_second_right"]) == (only_a, only_b)
+        if only_a + only_b:
+            assert got["mcnemar_p"] == pytest.approx(
+                stats.binomtest(only_a, only_a + only_b).pvalue
+            )
+    assert "Winner − uniform:" in text and "Paired over the same" in text
+    assert f"±{100 * report['noise']['val']['se_difference']:.2f}" in text
+
+
+def test_a_run_without_per_image_results_reports_the_unpaired_bound(run_copy):
+    """Run folders from before per-image results were kept: the binomial upper bound."""
+    import math
+
+    run_dir, _, _ = run_copy
+    summary = json.loads((run_dir / "finetune.json").read_text())
+    for part in ("winner", "uniform"):
+        summary["models"][part].pop("correct")
+    (run_dir / "finetune.json").write_text(json.dumps(summary))
+    text = build_report(run_dir).read_text()
+    report = json.loads((run_dir / "report.json").read_text())
+    w, u, n = report["models"]["winner"], report["models"]["uniform"], report["data"]["sizes"]
+    for split in ("val", "test"):
+        p, q = w[f"{split}_acc"], u[f"{split}_acc"]
+        got = report["noise"][split]
+        assert "paired" not in got
+        assert got["se_difference"] == pytest.approx(
+            math.sqrt((p * (1 - p) + q * (1 - q)) / n[split])
+        )
+    assert "an upper bound" in text
+
+
+def test_unreadable_per_image_results_name_the_file():
+    import numpy as np
+
+    from casd_ray.artifacts.correct import decode_correct, encode_correct
+
+    flags = np.array([True, False, True] * 7)
+    assert np.array_equal(decode_correct(encode_correct(flags)), flags)
+    with pytest.raises(ArtifactError, match="finetune.json: per-image results unreadable"):
+        decode_correct({"images": 99, "bits": encode_correct(flags)["bits"]}, "finetune.json")
 
 
 @pytest.mark.parametrize("better", ["winner", "uniform"])

@@ -10,14 +10,27 @@ def _noise_line(noise: dict | None) -> list[str]:
     if not noise or set(noise) != {"val", "test"}:
         return []
     v, t = noise["val"], noise["test"]
-    return [
+    head = (
         f"Winner − uniform: **{100 * v['winner_minus_uniform']:+.2f}** points on validation, "
-        f"**{100 * t['winner_minus_uniform']:+.2f}** on test. With {v['images']:,} validation "
-        f"and {t['images']:,} test images the standard error of such a difference is at most "
-        f"±{100 * v['se_difference']:.2f} and ±{100 * t['se_difference']:.2f} points "
-        "(binomial, unpaired: an upper bound). A difference within about two of these is no "
-        "evidence that either network is better; `casd-ray compare` measures the spread over "
-        "seeds.",
+        f"**{100 * t['winner_minus_uniform']:+.2f}** on test. "
+    )
+    tail = (
+        "A difference within about two of these is no evidence that either network is better "
+        "on these images; it says nothing of another seed's training, which `casd-ray compare` "
+        "measures."
+    )
+    if v.get("paired") and t.get("paired"):
+        return [
+            head + f"Paired over the same {v['images']:,} validation and {t['images']:,} test "
+            f"images, the standard error of that difference is ±{100 * v['se_difference']:.2f} "
+            f"and ±{100 * t['se_difference']:.2f} points; only the winner was right on "
+            f"{t['only_first_right']:,} test images, only uniform on {t['only_second_right']:,} "
+            f"(McNemar p = {t['mcnemar_p']:.2g}; validation p = {v['mcnemar_p']:.2g}). " + tail
+        ]
+    return [
+        head + f"With {v['images']:,} validation and {t['images']:,} test images the standard "
+        f"error of such a difference is at most ±{100 * v['se_difference']:.2f} and "
+        f"±{100 * t['se_difference']:.2f} points (binomial, unpaired: an upper bound). " + tail
     ]
 
 

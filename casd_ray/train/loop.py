@@ -122,8 +122,10 @@ def evaluate(
     mean,
     std,
     amp: bool = False,
+    per_image: bool = False,
 ) -> dict:
-    """Mean CE loss and accuracy over ``(x, y)`` in eval mode (BN running statistics).
+    """Mean CE loss and accuracy over ``(x, y)`` in eval mode (BN running statistics);
+    with ``per_image`` also ``correct``, a bool per image in order (paired comparisons).
 
     The model's train/eval mode is restored afterwards, so calling this between training
     epochs has no side effect.
@@ -132,24 +134,35 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    hits: list[Tensor] = []
     seen = 0
     try:
         for xb, yb in eval_batches(x, y, batch_size=batch_size, mean=mean, std=std):
             with autocast(device, amp):
                 logits = model(xb)
             loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
+            hits.append(logits.argmax(1) == yb)
             seen += len(yb)
     finally:
         model.train(was_training)
-    return {"loss": loss_sum.item() / max(1, seen), "acc": correct.item() / max(1, seen)}
+    correct = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=device)
+    out = {"loss": loss_sum.item() / max(1, seen), "acc": correct.sum().item() / max(1, seen)}
+    if per_image:
+        out["correct"] = correct.cpu().numpy()
+    return out
 
 
 def evaluate_splits(
-    model: nn.Module, data: DataSplits, device: torch.device, *, batch_size: int, amp: bool = False
+    model: nn.Module,
+    data: DataSplits,
+    device: torch.device,
+    *,
+    batch_size: int,
+    amp: bool = False,
+    per_image: bool = False,
 ) -> dict:
-    """``val_acc``/``val_loss``/``test_acc``/``test_loss`` of a finished model.
+    """``val_acc``/``val_loss``/``test_acc``/``test_loss`` of a finished model (with
+    ``per_image`` also ``val_correct``/``test_correct``, bool arrays).
 
     Only the teacher and fine-tune stages call this: the test split is read here, for the
     final numbers, and never during selection.
@@ -157,8 +170,11 @@ def evaluate_splits(
     out = {}
     for split in ("val", "test"):
         xs, ys = to_tensors(getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), device)
-        res = evaluate(model, xs, ys, batch_size=batch_size, mean=data.mean, std=data.std, amp=amp)
+        res = evaluate(model, xs, ys, batch_size=batch_size, mean=data.mean, std=data.std,
+                       amp=amp, per_image=per_image)  # fmt: skip
         out[f"{split}_acc"], out[f"{split}_loss"] = res["acc"], res["loss"]
+        if per_image:
+            out[f"{split}_correct"] = res["correct"]
     return out
 
 

@@ -244,7 +244,8 @@ def _summarize(
     }
     for part in PARTS:
         m = json.loads((run_dir / part / "metrics.json").read_text())
-        keep = ("val_acc", "test_acc", "flops", "flops_measured", "params", "params_measured")
+        keep = ("val_acc", "test_acc", "flops", "flops_measured", "params", "params_measured",
+                "correct")  # fmt: skip
         entries[part] = {k: m[k] for k in keep if k in m}
         entries[part].update(
             flops_ratio=m["flops_ratio"],

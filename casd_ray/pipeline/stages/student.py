@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from casd_ray.artifacts.correct import encode_correct
 from casd_ray.artifacts.network import (
     PREPROCESSING,
     Network,
@@ -192,8 +193,11 @@ def train_export(
         recipe, data, teacher, spec, folder, settings, device, log, label, start
     )
     amp = bool(recipe.amp and device.type == "cuda")
+    scores = evaluate_splits(model, data, device, batch_size=EVAL_BATCH, amp=amp, per_image=True)
+    correct = {split: encode_correct(scores.pop(f"{split}_correct")) for split in ("val", "test")}
     metrics = {
-        **evaluate_splits(model, data, device, batch_size=EVAL_BATCH, amp=amp),
+        **scores,
+        "correct": correct,  # per image: the report's paired standard errors
         **cost_entry(model, spec, teacher.spec),
         "epochs": recipe.finetune.epochs,
         "seconds": round(sum(h["epoch_seconds"] for h in history), 2),
