@@ -124,12 +124,16 @@ def content_digest(root: str) -> str:
     return sha256(json.dumps([m.classes, shards], sort_keys=True).encode())[:16]
 
 
-def open_shard(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One shard's table, its schema checked first; DataError naming the file otherwise."""
+def open_shard(
+    fs: pafs.FileSystem, path: str, columns: list[str] | None = None, data: bytes | None = None
+) -> pa.Table:
+    """One shard's table, its schema checked first; DataError naming the file otherwise.
+    ``data``: the shard's bytes when the caller has read them already (not read again)."""
     if path.endswith(SHARD_SUFFIX["webdataset"]):
-        return tar_table(read_bytes(fs, path), path).select(columns or SCHEMA.names)
+        raw = read_bytes(fs, path) if data is None else data
+        return tar_table(raw, path).select(columns or SCHEMA.names)
     try:
-        with fs.open_input_file(path) as f:
+        with fs.open_input_file(path) if data is None else pa.BufferReader(data) as f:
             schema = pq.read_schema(f)
             wanted = [SCHEMA.field(c) for c in (columns or SCHEMA.names)]
             have = {(f.name, f.type) for f in schema}
@@ -229,7 +233,7 @@ def verify(root: str, log=print) -> dict[str, Any]:
             data = read_bytes(fs, path)
             if sha256(data) != shard["sha256"]:
                 raise DataError(f"{path}: checksum differs from {MANIFEST} (a changed shard)")
-            table = open_shard(fs, path)
+            table = open_shard(fs, path, data=data)
             if table.num_rows != shard["rows"]:
                 raise DataError(f"{path}: {table.num_rows} rows, {MANIFEST} says {shard['rows']}")
             labels = table.column("label").to_numpy()
