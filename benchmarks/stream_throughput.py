@@ -2,7 +2,8 @@
 
 One run packs the CIFAR-10 JPEG image folder (``/work/shared/data/cifar10-jpeg.tar.gz``, see
 its README) into Parquet shards, then trains the same network for one epoch on the same
-``train_subset`` images, alternating the arms in rounds so the machine's load hits them alike:
+``train_subset`` images, alternating the arms in rounds (each round starting one arm later)
+so the machine's load hits them alike:
 
 - memory: the shards decoded once into uint8 arrays (today's path);
 - stream/trial: shards read with pyarrow and decoded in the training process, window by window;
@@ -13,7 +14,7 @@ Printed: images/s of each arm, its ratio to memory within each round and the med
 (the goal is >= 0.9), the pack time, and the read and decode cost per image of both shard
 formats (PIL, one process).
 
-    python benchmarks/stream_throughput.py [--images 10000] [--rounds 2] [--smoke-test]
+    python benchmarks/stream_throughput.py [--images 10000] [--rounds 4] [--smoke-test]
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=ARCHIVE)
     parser.add_argument("--images", type=int, default=10000, help="training images per epoch")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -146,8 +147,12 @@ def main() -> None:
             epoch_rate(arms["memory"], model, args.batch_size)  # warm-up, untimed: the first
             # epoch of a process pays one-off costs that would land on whichever arm ran first
             rates: dict[str, list[float]] = {k: [] for k in arms}
+            names = list(arms)
             for r in range(args.rounds):
-                for name, data in arms.items():
+                # Each round starts one arm later, so no arm always runs first or last (a
+                # machine that warms or drifts within a round would favour one position).
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    data = arms[name]
                     rates[name].append(epoch_rate(data, model, args.batch_size))
                     print(f"round {r + 1} {name}: {rates[name][-1]:.0f} img/s")
         finally:

@@ -56,6 +56,7 @@ def ray_chunks(images, order: list[int], size: int) -> Iterator[tuple[np.ndarray
     # Outside the trial's placement group: its CPUs are the trial's own (see the module doc).
     free = {"scheduling_strategy": "DEFAULT"}
     with warnings.catch_warnings():  # no named parameter for scheduling_strategy in 2.60
+        # (read_* and map_batches warn that ray_remote_args goes in 2.64)
         warnings.simplefilter("ignore", DeprecationWarning)
         if all(p.endswith(SHARD_SUFFIX["webdataset"]) for p in paths):
             ds = ray.data.read_webdataset(
@@ -63,14 +64,14 @@ def ray_chunks(images, order: list[int], size: int) -> Iterator[tuple[np.ndarray
             )
         else:
             ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=None, ray_remote_args=free)
-    ds = ds.map_batches(
-        _decode,
-        batch_format="pyarrow",
-        fn_kwargs={"keep": images.keep, "shape": images.image_shape,
-                   "image_size": images.image_size},
-        num_cpus=1,
-        **free,
-    )  # fmt: skip
+        ds = ds.map_batches(
+            _decode,
+            batch_format="pyarrow",
+            fn_kwargs={"keep": images.keep, "shape": images.image_shape,
+                       "image_size": images.image_size},
+            num_cpus=1,
+            **free,
+        )  # fmt: skip
     want = sum(int(images.keep[lo:hi].sum()) for lo, hi in (images.spans[i] for i in order))
     got = 0
     for batch in ds.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=1):
