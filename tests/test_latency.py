@@ -145,8 +145,10 @@ def test_latency_model_error_on_a_small_model_is_bounded(monkeypatch):
 
 
 def test_latency_model_on_measurements_is_built_and_sane():
+    # a target well above the narrowest network's fixed cost (0.62x the teacher on a busy CI
+    # machine): this test is about the fit, not about reaching a tight target
     cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=4, **QUICK)
-    model = lm.build_latency_model(SMALL, cfg, 0.6, log=lambda _: None)
+    model = lm.build_latency_model(SMALL, cfg, 0.9, log=lambda _: None)
     assert model.error["networks"] == 4 and np.isfinite(model.error["mape_pct"])
     assert all(c >= 0 for c in model.coef) and model.predict_ms(SMALL) > 0
 
@@ -178,7 +180,7 @@ def test_repair_measured_repairs_again_when_the_model_under_predicts(monkeypatch
 
 def test_budget_holds_after_repair_as_measured():
     cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **QUICK)
-    model = lm.build_latency_model(SMALL, cfg, 0.7, log=lambda _: None)
+    model = lm.build_latency_model(SMALL, cfg, 0.85, log=lambda _: None)
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
     student, lat = lm.repair_measured(SMALL, "stage", genome, model, min_run_time=0.02)
     assert lat.median_ms <= model.target_ms * (1 + lm.TOLERANCE)

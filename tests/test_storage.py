@@ -250,6 +250,50 @@ def test_a_search_stopped_before_its_first_trial_is_not_restorable(tmp_path):
     assert store.restorable()
 
 
+def test_every_snapshot_that_holds_a_trial_is_signed_from_the_first(tmp_path):
+    """CI (late0, third cause): Ray 2.60 never calls a callback's ``on_trial_add``, and Tune
+    takes its first snapshot in the step that adds the first trials, after ``on_step_begin``
+    saw none. The signing callback did not yet know where Tune stages its state, so that
+    snapshot went unsigned, as did the final one after a Ctrl-C in that step: the resume
+    refused the folder as "not signed by this user"."""
+    from ray import tune
+
+    signed: list[bool] = []
+
+    class Probe(restore_point.StateCallback):
+        trials: list = []
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            Probe.trials = trials  # Tune's own list: it holds the trials added later this step
+            super().on_step_begin(iteration=iteration, trials=trials, **info)
+
+        def get_state(self) -> None:
+            super().get_state()
+            if Probe.trials:
+                staging = Path(Probe.trials[0].storage.experiment_driver_staging_path)
+                try:
+                    trust.verify(staging)
+                    signed.append(True)
+                except UntrustedRunError:
+                    signed.append(False)
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        tune.Tuner(
+            lambda config: {"score": config["x"]},
+            param_space={"x": tune.grid_search([1, 2])},
+            run_config=tune.RunConfig(
+                name="probe", storage_path=str(tmp_path), verbose=0, callbacks=[Probe()]
+            ),
+        ).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    assert signed and all(signed), signed
+
+
 def test_storage_path_is_checked_before_anything_runs(tmp_path):
     """D14: `search.storage_path=foo://x` was only refused after the teacher had trained."""
     from casd_ray.errors import ConfigError

@@ -104,21 +104,23 @@ class StateCallback(tune.Callback):
 
     def __init__(self) -> None:
         self.storage = None  # the trials' StorageContext: staging folder, storage fs and path
+        self.trials: list = []
 
     def __getstate__(self) -> dict:
-        return {"storage": None}
-
-    def on_trial_add(self, iteration, trials, trial, **info) -> None:
-        self.storage = trial.storage
+        return {"storage": None, "trials": []}
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        if self.storage is None and trials:
-            self.storage = trials[0].storage
+        # Tune's own list, not a copy: Ray 2.60 never calls a callback's on_trial_add, and it
+        # saves its first snapshot in the step that adds the first trials, after this hook
+        # saw none. Through the list, that snapshot (and a Ctrl-C's last) is signed too.
+        self.trials = trials
 
     def get_state(self) -> None:
         # Tune calls this inside its save, after writing the experiment and searcher state
         # and before copying the staging folder to storage. Returning None writes no file.
-        if self.storage is None:
+        if self.storage is None and self.trials:
+            self.storage = self.trials[0].storage
+        if self.storage is None:  # no trial yet: the snapshot holds nothing to resume
             return None
         staging = Path(self.storage.experiment_driver_staging_path)
         if not staging.is_dir():
