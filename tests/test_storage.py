@@ -261,16 +261,10 @@ def test_every_snapshot_that_holds_a_trial_is_signed_from_the_first(tmp_path):
     signed: list[bool] = []
 
     class Probe(restore_point.StateCallback):
-        trials: list = []
-
-        def on_step_begin(self, iteration, trials, **info) -> None:
-            Probe.trials = trials  # Tune's own list: it holds the trials added later this step
-            super().on_step_begin(iteration=iteration, trials=trials, **info)
-
         def get_state(self) -> None:
             super().get_state()
-            if Probe.trials:
-                staging = Path(Probe.trials[0].storage.experiment_driver_staging_path)
+            if self.trials:  # Tune's own list: it holds the trials added later in the step
+                staging = Path(self.trials[0].storage.experiment_driver_staging_path)
                 try:
                     trust.verify(staging)
                     signed.append(True)

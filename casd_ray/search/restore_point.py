@@ -103,11 +103,10 @@ class StateCallback(tune.Callback):
     """Signs Tune's staged state and writes the restore point, right after Tune saves."""
 
     def __init__(self) -> None:
-        self.storage = None  # the trials' StorageContext: staging folder, storage fs and path
-        self.trials: list = []
+        self.trials: list = []  # Tune's trials; their StorageContext says where state is staged
 
     def __getstate__(self) -> dict:
-        return {"storage": None, "trials": []}
+        return {"trials": []}
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         # Tune's own list, not a copy: Ray 2.60 never calls a callback's on_trial_add, and it
@@ -118,15 +117,14 @@ class StateCallback(tune.Callback):
     def get_state(self) -> None:
         # Tune calls this inside its save, after writing the experiment and searcher state
         # and before copying the staging folder to storage. Returning None writes no file.
-        if self.storage is None and self.trials:
-            self.storage = self.trials[0].storage
-        if self.storage is None:  # no trial yet: the snapshot holds nothing to resume
+        if not self.trials:  # no trial yet: the snapshot holds nothing to resume
             return None
-        staging = Path(self.storage.experiment_driver_staging_path)
+        storage = self.trials[0].storage
+        staging = Path(storage.experiment_driver_staging_path)
         if not staging.is_dir():
             return None
         trust.sign(staging)
-        fs, folder = self.storage.storage_filesystem, self.storage.experiment_fs_path
+        fs, folder = storage.storage_filesystem, storage.experiment_fs_path
         try:
             write(staging, fs, folder)
         except OSError as err:  # storage unreachable: Tune's own copy will fail and say so
