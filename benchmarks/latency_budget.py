@@ -11,7 +11,10 @@ the fitted latency model predicts, with the uniform network repaired onto the ta
    ``--check`` random networks; then, measured side by side in interleaved rounds: the
    teacher, the uniform network repaired onto ``--target`` times the teacher's latency *as
    measured* (``repair_measured``), the uniform network at ``--target`` of the teacher's
-   FLOPs (what a FLOPs budget would give) and the fastest network in the space.
+   FLOPs (what a FLOPs budget would give), the same with every width a whole channel block
+   (``divisible_by``: the model's block, else 16) and the fastest network in the space. The
+   model's error is printed with the alignment feature (its chosen block) and without it,
+   on the same measured networks.
 
     python benchmarks/latency_budget.py [--runtime onnxruntime] [--archs resnet20
         torchvision:mobilenet_v2] [--batches 1 64] [--target 0.5] [--fit 24] [--check 50]
@@ -27,6 +30,7 @@ import statistics
 import torch
 
 from casd_ray.config import LatencyConfig
+from casd_ray.errors import BudgetError
 from casd_ray.models.family import build_model, flops, spec_for
 from casd_ray.models.latency import Deployment, measure, measure_together
 from casd_ray.widths import space
@@ -73,11 +77,12 @@ def noise(runtime: str, batch: int, rounds: int, min_run_time: float) -> None:
 def model_rows(args) -> None:
     print(f"\nlatency model on {args.runtime}, target {args.target} x the teacher's latency")
     print(
-        "| arch | batch | MAPE % | worst % | teacher ms | target ms | uniform under the "
-        "latency budget: ms (FLOPs ratio) | uniform at the same FLOPs ratio as the target: ms "
-        "| fastest network ms |"
+        "| arch | batch | MAPE % | worst % | block | without alignment: MAPE % | worst % "
+        "| teacher ms | target ms | uniform under the latency budget: ms (FLOPs ratio) "
+        "| uniform at the same FLOPs ratio as the target: ms | same, widths in whole blocks: "
+        "ms (FLOPs ratio) | fastest network ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         teacher = spec_for(arch)
         for batch in args.batches:
@@ -91,11 +96,20 @@ def model_rows(args) -> None:
                 teacher, "stage", uni, model, min_run_time=args.min_run_time
             )
             by_flops, _ = space.repair(teacher, "stage", uni, target=args.target)
+            block = model.block if model.block > 1 else 16  # e.g. AVX-512's 16 floats
+            try:
+                in_blocks, _ = space.repair(
+                    teacher, "stage", uni, target=args.target, divisible_by=block
+                )
+            except BudgetError:  # whole blocks cannot reach the target: the smallest ones
+                in_blocks = space.widths_from_ratios(
+                    teacher, dict.fromkeys(space.group_names(teacher), 1e-12), divisible_by=block
+                )
             smallest = space.widths_from_ratios(
                 teacher, dict.fromkeys(space.group_names(teacher), 1e-12)
             )
             specs = {"teacher": teacher, "latency": by_latency, "flops": by_flops,
-                     "smallest": smallest}  # fmt: skip
+                     "blocks": in_blocks, "smallest": smallest}  # fmt: skip
             # side by side, in interleaved rounds: a change in load falls on all alike
             ms = measure_together(
                 {k: build_model(v) for k, v in specs.items()},
@@ -103,10 +117,13 @@ def model_rows(args) -> None:
                 rounds=3,
             )
             t, e = ms["teacher"]["median_ms"], model.error
+            e1 = e.get("without_alignment", {})
             print(
-                f"| {arch} | {batch} | {e.get('mape_pct')} | {e.get('worst_pct')} | {t:.3f} | "
+                f"| {arch} | {batch} | {e.get('mape_pct')} | {e.get('worst_pct')} | "
+                f"{e.get('block')} | {e1.get('mape_pct')} | {e1.get('worst_pct')} | {t:.3f} | "
                 f"{args.target * t:.3f} | {ms['latency']['median_ms']:.3f} "
                 f"({flops(by_latency) / flops(teacher):.3f}) | {ms['flops']['median_ms']:.3f} | "
+                f"{ms['blocks']['median_ms']:.3f} ({flops(in_blocks) / flops(teacher):.3f}) | "
                 f"{ms['smallest']['median_ms']:.3f} |"
             )
 

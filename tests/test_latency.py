@@ -31,7 +31,7 @@ def _dep(runtime: str = "torch", batch: int = 1) -> latency.Deployment:
     return latency.Deployment(runtime, (batch, 3, 32, 32), 1, 0.01)
 
 
-def _fake_model(coef=(0.05, 20.0, 1.0, 0.1), target_ratio: float = 0.5) -> lm.LatencyModel:
+def _fake_model(coef=(0.05, 20.0, 1.0, 0.1, 0.0), target_ratio: float = 0.5) -> lm.LatencyModel:
     teacher_ms = float(lm.features(SMALL) @ np.array(coef))
     return lm.LatencyModel(coef, teacher_ms, target_ratio * teacher_ms, "torch", (1, 3, 32, 32), 1)
 
@@ -87,11 +87,38 @@ def test_bad_runtimes_are_refused_in_one_line(monkeypatch, runtime, patch, words
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
+def _mixed_specs(n: int) -> list:
+    """Random widths, half of them in whole blocks of 8 channels (as the fit draws them)."""
+    return [
+        SMALL,
+        *lm.random_specs(SMALL, n, seed=0),
+        *lm.random_specs(SMALL, n, seed=2, divisible_by=8),
+    ]
+
+
 def test_fit_recovers_a_known_linear_latency():
-    coef = (0.05, 20.0, 1.0, 0.1)
-    specs = [SMALL, *lm.random_specs(SMALL, 12, seed=0)]
-    ms = [float(lm.features(s) @ np.array(coef)) for s in specs]
-    assert np.allclose(lm.fit(specs, ms), coef, rtol=1e-3, atol=1e-6)
+    coef = (0.05, 20.0, 1.0, 0.1, 30.0)  # unaligned FLOPs cost 2.5x aligned ones
+    specs = _mixed_specs(8)
+    ms = [float(lm.features(s, 8) @ np.array(coef)) for s in specs]
+    assert np.allclose(lm.fit(specs, ms, block=8), coef, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 8, 16])
+def test_the_channel_block_is_chosen_from_measurements(block):
+    """A device whose kernels slow down off whole blocks of ``block`` channels (1: a device
+    without such a path): the out-of-sample choice finds that block."""
+    coef = (0.05, 20.0, 1.0, 0.1, 30.0 if block > 1 else 0.0)
+    specs = _mixed_specs(10)
+    rng = np.random.default_rng(0)  # 2 % measurement noise
+    ms = [float(lm.features(s, block) @ np.array(coef)) * rng.normal(1, 0.02) for s in specs]
+    assert lm.choose_block(specs, ms) == block
+
+
+def test_unaligned_flops_count_the_convolutions_off_whole_blocks():
+    aligned = spec_for("resnet8", width=16)  # every width a multiple of 16
+    assert lm.unaligned_flops(aligned, 16) == 0 and lm.unaligned_flops(aligned, 1) == 0
+    odd = space._with_widths(aligned, [w - 1 for w in space._layout(aligned)[1]])
+    assert 0 < lm.unaligned_flops(odd, 16) <= lm.features(odd)[1] * 1e9
 
 
 def test_prediction_is_monotone_in_every_width():

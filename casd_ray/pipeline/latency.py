@@ -15,7 +15,7 @@ from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json
 from casd_ray.models.family import Spec
 from casd_ray.pipeline.plan import Log
-from casd_ray.widths.latency_model import LatencyModel, build_latency_model
+from casd_ray.widths.latency_model import FEATURES, LatencyModel, build_latency_model
 from casd_ray.widths.space import SpaceRules
 
 LATENCY_FILE = "latency.json"
@@ -23,7 +23,13 @@ LATENCY_FILE = "latency.json"
 
 def _settings(cfg: ExperimentConfig) -> dict:
     b = cfg.space.budget
-    return {"target": b.target, **b.latency.model_dump(), "seed": cfg.seed}
+    # the feature list too: a model saved with other features cannot be reused
+    return {
+        "target": b.target,
+        **b.latency.model_dump(),
+        "seed": cfg.seed,
+        "features": list(FEATURES),
+    }
 
 
 def saved_latency(cfg: ExperimentConfig, rules: SpaceRules) -> SpaceRules:

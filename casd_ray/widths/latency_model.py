@@ -4,11 +4,16 @@ Repair evaluates a candidate's cost a dozen times per genome, so it cannot time 
 A fitted model predicts instead: milliseconds per batch as a non-negative combination of the
 candidate's FLOPs, its activation elements (every module's output: the memory traffic that
 makes narrow and depthwise layers slow) and its parameters, plus a fixed per-network cost
-(the per-layer call overhead that dominates a small network at batch 1). The coefficients
+(the per-layer call overhead that dominates a small network at batch 1), and the FLOPs of
+convolutions whose channels are not whole SIMD blocks (CPU kernels take a slower path for
+them: a network with half the FLOPs can be slower than its teacher). The coefficients
 are fitted on ``fit_networks`` random-width networks *measured* on the deployment; relative
-error is what is minimised, so small and large networks count alike. Every feature grows
-with every width and no coefficient is negative, so the prediction is monotone in the
-widths: repair's bisection stays valid. Its error (MAPE and worst case) is measured on
+error is what is minimised, so small and large networks count alike; the block (or none)
+is the one that predicts best out of sample. Without alignment every feature grows with
+every width and no coefficient is negative, so the prediction is monotone in the widths;
+with it the prediction drops where a width reaches a whole block, as the device's latency
+does, and repair's bisection still returns a network within the budget (possibly not the
+largest one). Its error (MAPE and worst case) is measured on
 ``check_networks`` further random networks and reported. Networks are only ever *judged* by
 measurement: :func:`repair_measured` repairs again from the measured latency whenever the
 model under-predicted.
@@ -16,6 +21,7 @@ model under-predicted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,33 +45,57 @@ from casd_ray.widths import space
 # A measured latency may exceed the target by this fraction and still meet the budget:
 # the median of a measurement moves by about this much between runs on a quiet CPU.
 TOLERANCE = 0.03
-FEATURES = ("one", "gflops", "mactivations", "mparams")
+FEATURES = ("one", "gflops", "mactivations", "mparams", "unaligned_gflops")
+# Channel blocks tried for the unaligned-FLOPs feature (1: none). CPU kernels (ONNX Runtime's
+# NCHWc layout, oneDNN) work on channel blocks of the SIMD width, 8 floats with AVX2 and 16
+# with AVX-512; a convolution whose channels are not whole blocks takes a slower path: on an
+# AVX-512 CPU a 3x3 convolution of 17 channels took 2.4x the time of one of 16 (ONNX Runtime,
+# batch 64, docs/performance.md "Latency budgets"). The block is chosen from measurements.
+BLOCKS = (1, 4, 8, 16)
 
 
 @lru_cache(maxsize=4096)
-def _activations(spec_json: str) -> int:
-    """Output elements of every leaf module for one image (a forward on the meta device)."""
+def _layer_facts(spec_json: str) -> tuple[int, tuple[tuple[int, int, int], ...]]:
+    """Output elements of every leaf module for one image, and every convolution's
+    ``(in_channels, out_channels, flops)`` (a forward on the meta device)."""
     spec = spec_from_json(spec_json)
     model = build_model(spec).eval().to("meta")
     total = 0
+    convs: list[tuple[int, int, int]] = []
 
-    def hook(_m, _i, out):
+    def hook(m, _i, out):
         nonlocal total
         if isinstance(out, torch.Tensor):
             total += out[0].numel()
+            if isinstance(m, torch.nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1]
+                fl = 2 * out[0].numel() * (m.in_channels // m.groups) * k
+                convs.append((m.in_channels, m.out_channels, fl))
 
     for m in model.modules():
         if not list(m.children()):
             m.register_forward_hook(hook)
     with torch.no_grad():
         model(torch.zeros(1, spec.in_channels, *spec.image_size, device="meta"))
-    return total
+    return total, tuple(convs)
 
 
-def features(spec: Spec) -> np.ndarray:
+def unaligned_flops(spec: Spec, block: int) -> int:
+    """FLOPs of the convolutions whose channels are not whole blocks of ``block`` (an input
+    of at most 4 channels, an image's, counts as aligned: kernels special-case it)."""
+    if block <= 1:
+        return 0
+    _, convs = _layer_facts(spec.model_dump_json())
+    return sum(fl for cin, cout, fl in convs if cout % block or (cin % block and cin > 4))
+
+
+def features(spec: Spec, block: int = 1) -> np.ndarray:
     """The model's inputs for ``spec`` (per image; the batch size is in the coefficients)."""
-    act = _activations(spec.model_dump_json())
-    return np.array([1.0, flops(spec) / 1e9, act / 1e6, params(spec) / 1e6])
+    act, _ = _layer_facts(spec.model_dump_json())
+    return np.array([
+        1.0, flops(spec) / 1e9, act / 1e6, params(spec) / 1e6,
+        unaligned_flops(spec, block) / 1e9,
+    ])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,10 +110,11 @@ class LatencyModel:
     shape: tuple[int, ...]
     threads: int
     relative: bool = True  # the target is a fraction of the teacher, not fixed milliseconds
+    block: int = 1  # channel block of the unaligned-FLOPs feature (1: no such feature)
     error: dict = field(default_factory=dict, compare=False)
 
     def predict_ms(self, spec: Spec) -> float:
-        return float(features(spec) @ np.array(self.coef))
+        return float(features(spec, self.block) @ np.array(self.coef))
 
     def ratio(self, spec: Spec) -> float:
         """Predicted latency over the teacher's measured latency."""
@@ -143,12 +174,31 @@ def random_specs(
     return out
 
 
-def fit(specs: list[Spec], ms: list[float]) -> tuple[float, ...]:
+def fit(specs: list[Spec], ms: list[float], block: int = 1) -> tuple[float, ...]:
     """Non-negative coefficients minimising the squared *relative* error of the prediction."""
-    x = np.stack([features(s) for s in specs])
+    x = np.stack([features(s, block) for s in specs])
     y = np.asarray(ms, dtype=float)
     coef, _ = nnls(x / y[:, None], np.ones_like(y))
     return tuple(float(c) for c in coef)
+
+
+def choose_block(specs: list[Spec], ms: list[float]) -> int:
+    """The channel block (of :data:`BLOCKS`) whose model predicts the measurements best out
+    of sample (leave-one-out mean relative error): a model with the feature always fits its
+    own points at least as well, so the in-sample error cannot choose."""
+    y = np.asarray(ms, dtype=float)
+
+    def loo_error(block: int) -> float:
+        x = np.stack([features(s, block) for s in specs]) / y[:, None]
+        errs = []
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            coef, _ = nnls(x[keep], np.ones(keep.sum()))
+            errs.append(abs(float(x[i] @ coef) - 1.0))
+        return float(np.mean(errs))
+
+    scores = {b: loo_error(b) for b in BLOCKS}
+    return min(BLOCKS, key=lambda b: (round(scores[b], 4), b))
 
 
 def model_error(model: LatencyModel, specs: list[Spec], ms: list[float]) -> dict:
@@ -202,17 +252,32 @@ def build_latency_model(
         )
     log(f"latency: teacher {teacher_ms:.3f} ms, target {target_ms:.3f} ms on {cfg.runtime} {shape}")
     kw = {"min_channels": min_channels, "divisible_by": divisible_by}
-    fit_specs = random_specs(teacher, cfg.fit_networks, seed, **kw)
+    # half the fitted networks in whole blocks of 8 channels (half of those in blocks of
+    # 16), so the fit sees aligned layers as well as the unaligned ones random widths give
+    n_aligned = cfg.fit_networks // 2
+    fit_specs = [
+        *random_specs(teacher, cfg.fit_networks - n_aligned, seed, **kw),
+        *random_specs(teacher, n_aligned, seed + 2, min_channels=min_channels,
+                      divisible_by=math.lcm(divisible_by, 8)),
+    ]  # fmt: skip
     fit_ms = [teacher_ms, low_ms, *(measure_spec(s, dep).median_ms for s in fit_specs)]
     fit_specs = [teacher, smallest, *fit_specs]
-    model = LatencyModel(fit(fit_specs, fit_ms), teacher_ms, target_ms, cfg.runtime, shape,
-                         cfg.threads, relative=cfg.target_ms is None)  # fmt: skip
+    block = choose_block(fit_specs, fit_ms)
+    models = {
+        b: LatencyModel(fit(fit_specs, fit_ms, b), teacher_ms, target_ms, cfg.runtime, shape,
+                        cfg.threads, relative=cfg.target_ms is None, block=b)
+        for b in {1, block}
+    }  # fmt: skip
     check = random_specs(teacher, cfg.check_networks, seed + 1, **kw)
-    error = model_error(model, check, [measure_spec(s, dep).median_ms for s in check])
+    check_ms = [measure_spec(s, dep).median_ms for s in check]
+    error = model_error(models[block], check, check_ms)
     if check:
+        error["block"] = block
+        error["without_alignment"] = model_error(models[1], check, check_ms)
         log(f"latency model: MAPE {error['mape_pct']}%, worst {error['worst_pct']}% "
-            f"on {error['networks']} measured networks")  # fmt: skip
-    return LatencyModel(**{**model.__dict__, "error": error})
+            f"on {error['networks']} measured networks (channel block {block}; without the "
+            f"alignment feature MAPE {error['without_alignment']['mape_pct']}%)")  # fmt: skip
+    return LatencyModel(**{**models[block].__dict__, "error": error})
 
 
 def repair_measured(
