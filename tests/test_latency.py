@@ -305,6 +305,24 @@ def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
     assert pipeline_latency.with_latency(cfg, flops_rules, SMALL, print) is flops_rules
 
 
+def test_a_device_with_a_channel_block_gets_the_divisible_by_hint(tmp_path, monkeypatch):
+    """When the fitted model finds convolutions off whole blocks slower, the run says which
+    ``space.divisible_by`` keeps every candidate on the fast path (once, at fitting)."""
+    for divisible_by, hinted in ((1, True), (16, False)):
+        cfg = ExperimentConfig(
+            output_dir=str(tmp_path / str(divisible_by)),
+            space={"divisible_by": divisible_by, "budget": {"metric": "latency"}},
+        )
+        monkeypatch.setattr(
+            pipeline_latency, "build_latency_model",
+            lambda *a, **k: replace(_fake_model(), block=16),
+        )  # fmt: skip
+        logs: list[str] = []
+        rules = space.rules_of(cfg.space, cfg.search.algorithm)
+        pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
+        assert any("space.divisible_by: 16" in line for line in logs) is hinted
+
+
 def test_a_trial_reports_its_predicted_latency_ratio_within_the_budget():
     cfg = ExperimentConfig(space={"budget": {"metric": "latency"}})
     rules = replace(space.rules_of(cfg.space, "optuna-tpe"), latency=_fake_model())
@@ -317,7 +335,12 @@ def test_a_trial_reports_its_predicted_latency_ratio_within_the_budget():
 
 def test_repair_measured_gives_up_in_one_line_when_nothing_meets_the_target(monkeypatch):
     model = _fake_model(target_ratio=0.5)
-    monkeypatch.setattr(lm, "measure_spec", lambda spec, dep: latency.Latency(1e3, 0.0, 10))
+
+    def measured(teacher, student, dep, rounds=3):  # every student 1000x its teacher
+        one = {"iqr_ms": 0.0, "runs": 10}
+        return {"teacher": {"median_ms": 1.0, **one}, "student": {"median_ms": 1e3, **one}}
+
+    monkeypatch.setattr(lm, "measure_beside_teacher", measured)
     with pytest.raises(errors.BudgetError) as err:
         lm.repair_measured(SMALL, "stage", space.uniform_genome(SMALL, "stage"), model)
     assert str(err.value).startswith("space.budget.target: ") and "\n" not in str(err.value)

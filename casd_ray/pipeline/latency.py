@@ -65,6 +65,10 @@ def with_latency(
         teacher_spec, b.latency, b.target, min_channels=s.min_channels,
         divisible_by=s.divisible_by, seed=cfg.seed, log=log,
     )  # fmt: skip
+    if model.block > 1 and s.divisible_by % model.block:
+        log(f"latency: convolutions off whole blocks of {model.block} channels measured slower "
+            f"on this device; space.divisible_by: {model.block} keeps every candidate on the "
+            "fast path")  # fmt: skip
     return replace(rules, latency=model)
 
 
