@@ -1,6 +1,8 @@
 """Latency budgets, measured: how far a trial beside the measurement moves it, and how well
 the fitted latency model predicts, with the uniform network repaired onto the target.
 
+0. Alignment: two 3x3 convolutions per channel count (batch 64): milliseconds per GFLOP on
+   and off whole SIMD channel blocks, the reason for the latency model's alignment feature.
 1. Noise: the teacher's latency on the budget's runtime, measured in interleaved rounds on a
    quiet device and with a "trial" beside it (a process training the same network, one
    thread, as a search trial does); printed: the median of the rounds' medians and the
@@ -74,6 +76,29 @@ def noise(runtime: str, batch: int, rounds: int, min_run_time: float) -> None:
         print(f"| {name} | {med:.3f} | {(max(ms) - min(ms)) / med * 100:.1f} % |")
 
 
+def alignment(runtime: str, batch: int, min_run_time: float, rounds: int = 2) -> None:
+    """Two 3x3 convolutions (+ BN, ReLU) on 32x32 per channel count, in interleaved rounds:
+    time per GFLOP on and off whole SIMD channel blocks (the latency model's alignment)."""
+    channels = (8, 12, 15, 16, 17, 20, 24, 31, 32, 33, 48, 64)
+
+    def pair(c: int) -> torch.nn.Module:
+        conv = [torch.nn.Conv2d(c, c, 3, padding=1, bias=False) for _ in range(2)]
+        return torch.nn.Sequential(*(m for cv in conv for m in (cv, torch.nn.BatchNorm2d(c),
+                                                                 torch.nn.ReLU())))  # fmt: skip
+
+    got: dict[int, list[float]] = {c: [] for c in channels}
+    for _ in range(rounds):
+        for c in channels:
+            dep = Deployment(runtime, (batch, c, 32, 32), 1, min_run_time)
+            got[c].append(measure(pair(c), dep).median_ms)
+    print(f"\nalignment: two 3x3 convolutions on 32x32, {runtime}, batch {batch}, 1 thread")
+    print("| channels | ms | ms per GFLOP |")
+    print("|---|---|---|")
+    for c, ms in got.items():
+        gflop = 2 * 2 * batch * c * c * 9 * 32 * 32 / 1e9
+        print(f"| {c} | {statistics.median(ms):.2f} | {statistics.median(ms) / gflop:.1f} |")
+
+
 def model_rows(args) -> None:
     print(f"\nlatency model on {args.runtime}, target {args.target} x the teacher's latency")
     print(
@@ -144,6 +169,7 @@ def main() -> None:
         args.archs, args.batches, args.fit, args.check = ["resnet20"], [1], 6, 6
         args.rounds, args.min_run_time = 2, 0.05
     noise(args.runtime, args.batches[0], args.rounds, args.min_run_time)
+    alignment(args.runtime, 8 if args.smoke_test else 64, args.min_run_time)
     model_rows(args)
 
 
