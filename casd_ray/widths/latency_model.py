@@ -49,7 +49,7 @@ FEATURES = ("one", "gflops", "mactivations", "mparams", "unaligned_gflops")
 # Channel blocks tried for the unaligned-FLOPs feature (1: none). CPU kernels (ONNX Runtime's
 # NCHWc layout, oneDNN) work on channel blocks of the SIMD width, 8 floats with AVX2 and 16
 # with AVX-512; a convolution whose channels are not whole blocks takes a slower path: on an
-# AVX-512 CPU a 3x3 convolution of 17 channels took 2.4x the time of one of 16 (ONNX Runtime,
+# AVX-512 CPU 3x3 convolutions of 17 channels took 2.5x the time of ones of 16 (ONNX Runtime,
 # batch 64, docs/performance.md "Latency budgets"). The block is chosen from measurements.
 BLOCKS = (1, 4, 8, 16)
 
