@@ -105,11 +105,6 @@ CASES: list[tuple[str, list[str], str]] = [
         ["run", "--set", "space.budget.metric=latency", "--set", "search.algorithm=optuna-nsga2"],
         "search.algorithm: optuna-nsga2 trades accuracy against FLOPs",
     ),
-    (
-        "compare with a latency budget",
-        ["compare", "--seeds", "0", "--set", "space.budget.metric=latency"],
-        "space.budget.metric: compare needs flops or params",
-    ),
     ("unknown importance", ["run", "--set", "space.importance=random"], "space.importance:"),
     ("temperature 0", ["run", "--set", "distill.temperature=0"], "distill.temperature:"),
     ("alpha 2", ["run", "--set", "distill.alpha=2"], "distill.alpha:"),

@@ -65,3 +65,17 @@ def test_rounding_and_the_student_builds(teacher):
 def test_unreachable_budget(teacher):
     with pytest.raises(errors.BudgetError, match="space.budget.target"):
         global_ranking_spec(teacher, SPEC, target=1e-4)
+
+
+def test_a_cost_ratio_of_its_own_ranks_alike(teacher):
+    """``ratio_fn`` (a latency model's prediction) replaces the analytic cost: given the
+    analytic FLOPs ratio itself it finds the same network, and it refuses a target below
+    the smallest network's ratio in one line."""
+    flops = lambda s: space.cost_ratio(s, SPEC, "flops")  # noqa: E731
+    for target in (0.3, 0.6):
+        assert global_ranking_spec(teacher, SPEC, target=target, ratio_fn=flops) == (
+            global_ranking_spec(teacher, SPEC, target=target)
+        )
+    with pytest.raises(errors.BudgetError) as err:
+        global_ranking_spec(teacher, SPEC, target=1e-4, metric="latency", ratio_fn=flops)
+    assert str(err.value).startswith("space.budget.target: ") and "\n" not in str(err.value)

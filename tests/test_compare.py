@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from conftest import write_fake_fashion_mnist, write_run_config
 
 from casd_ray.cli import main
 from casd_ray.report.deploy import validated_pick
-from casd_ray.study.compare import ARMS, summarize
+from casd_ray.study.compare import ARMS, LATENCY_ARMS, summarize
 
 
 def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
@@ -56,6 +57,45 @@ def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
     # a second call reuses every run and arm
     assert main(["compare", str(config), "--seeds", "0", "1"]) == 0
     assert "compare: reusing" in capsys.readouterr().out
+
+
+def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(tmp_path, capsys):
+    """Under a latency budget the arms are held to the same *measured* latency: the random
+    search repairs with the seed run's own latency model, the FLOPs-budget search's winner
+    and the global ranking are scaled onto the budget, and every arm is measured beside the
+    teacher. (The smoke ResNet-8 of width 4 is mostly per-layer overhead: batch 32, 0.95.)"""
+    data = write_fake_fashion_mnist(tmp_path / "data", n=160, n_test=40)
+    latency = {"runtime": "torch", "batch_size": 32, "fit_networks": 4, "check_networks": 0,
+               "min_run_time": 0.02}  # fmt: skip
+    config = write_run_config(
+        tmp_path / "c.yaml",
+        tmp_path / "runs",
+        data,
+        name="lat",
+        space={"granularity": "stage", "budget": {"metric": "latency", "target": 0.95,
+                                                  "latency": latency}},
+        search={"num_samples": 4, "scheduler": "fifo", "screen": {"promote": 2, "steps": 2},
+                "controls": ["uniform"]},
+    )  # fmt: skip
+    assert main(["compare", str(config), "--seeds", "0"]) == 0
+    runs = tmp_path / "runs"
+    result = json.loads((runs / "lat-compare.json").read_text())
+    arms = result["per_seed"]["0"]
+    assert set(arms) == {*LATENCY_ARMS, "picked", "search_cost", "random_cost"}
+    same = [a for a in LATENCY_ARMS if a != "uniform_ce"]
+    settings = [{k: v for k, v in arms[a]["settings"].items() if k != "widths"} for a in same]
+    assert all(s == settings[0] for s in settings)  # identical recipe, seed, teacher
+    for a in LATENCY_ARMS:
+        # measured side by side with the teacher after the fine-tunes: within the budget up
+        # to a rerun's movement on a shared CPU
+        assert 0 < arms[a]["latency_ratio"] <= 0.95 * 1.25, (a, arms[a]["latency_ratio"])
+    model = (runs / "lat-s0" / "latency.json").read_text()
+    assert (runs / "lat-s0-random" / "latency.json").read_text() == model  # one model
+    # the FLOPs-budget search a user would run instead, at the uniform network's FLOPs
+    flops = yaml.safe_load((runs / "lat-s0-flops" / "config.yaml").read_text())
+    assert flops["space"]["budget"]["metric"] == "flops"
+    assert flops["space"]["budget"]["target"] == pytest.approx(arms["uniform"]["flops_ratio"])
+    assert "latency ratio (measured)" in (runs / "lat-compare.md").read_text()
 
 
 def test_summary_statistics():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,9 +40,10 @@ from casd_ray.artifacts.network import is_complete
 from casd_ray.artifacts.run_folder import PARTS, SEARCH_DRIVER
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
 from casd_ray.config import ExperimentConfig
-from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json, write_text
-from casd_ray.models.family import Spec, spec_from_json
+from casd_ray.models.family import Spec, build_model, spec_from_json
+from casd_ray.models.latency import measure_together
+from casd_ray.pipeline.latency import LATENCY_FILE, saved_latency
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
 from casd_ray.report.deploy import validated_pick
@@ -49,8 +51,13 @@ from casd_ray.stream.load import load_data
 from casd_ray.train import devices
 from casd_ray.widths import space
 from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
+from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
 
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
+# Under a latency budget every arm is held to the same *measured* latency, and Torch-Pruning
+# (which prunes to a FLOPs count) is replaced by what a user with a FLOPs-budget search would
+# deploy: its winner's allocation scaled onto the latency budget.
+LATENCY_ARMS = ("winner", "uniform", "random", "flops_winner", "global", "uniform_ce")
 # The reference fine-tune a search's cost is measured against: experiments/cifar10_resnet20's
 # own recipe (5 epochs on 45k images). Cost is linear in images, so any run's fine-tune time
 # scales to it.
@@ -130,17 +137,88 @@ def _search_cost(run: Path, finetune: dict, images: int) -> dict:
     }
 
 
+def flops_config(cfg: ExperimentConfig, target: float) -> ExperimentConfig:
+    """The same search under a FLOPs budget of ``target`` (what a user without a latency
+    budget would run), on the seed run's teacher."""
+    budget = cfg.space.budget.model_copy(update={"metric": "flops", "target": target})
+    return cfg.model_copy(
+        update={
+            "name": f"{cfg.name}-flops",
+            "space": cfg.space.model_copy(update={"budget": budget}),
+            "teacher": cfg.teacher.model_copy(update={"checkpoint": str(cfg.run_dir / "teacher")}),
+        }
+    )
+
+
+def _share_latency_model(cfg: ExperimentConfig, other: ExperimentConfig) -> None:
+    """Give ``other``'s run the seed run's fitted latency model, so both repair genomes with
+    the same model (a second fit would measure, and predict, a little differently)."""
+    src, dst = cfg.run_dir / LATENCY_FILE, other.run_dir / LATENCY_FILE
+    if src.is_file() and not dst.is_file():
+        other.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+
+def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log) -> None:
+    """The latency budget's arms, each held to the budget *as measured* beside the teacher:
+    the random search's winner and the global ranking (allocated with the run's latency
+    model), and the FLOPs-budget search's winner (at the uniform network's FLOPs) scaled onto
+    the latency budget."""
+    rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
+    model, t = rules.latency, teacher.spec
+    kw = {"min_channels": rules.min_channels, "divisible_by": rules.divisible_by}
+
+    def onto_budget(genome: dict) -> Spec:
+        return repair_measured(t, rules.granularity, genome, model, **kw)[0]
+
+    arms["random"] = _arm(cfg, onto_budget(json.loads(rnd_row["genome"])), "random", log)
+    flops = flops_config(cfg, float(arms["uniform"]["flops_ratio"]))
+    execute(flops, ["teacher", "search"], log=log)
+    row = select_winner(read_trials(flops.run_dir / TRIALS_FILE))
+    arms["flops_winner"] = _arm(cfg, onto_budget(json.loads(row["genome"])), "flops_winner", log)
+
+    def global_at(ratio: float) -> Spec:
+        return global_ranking_spec(
+            teacher.model, t, target=ratio, metric="latency", criterion=rules.importance,
+            ratio_fn=model.ratio, **kw,
+        )  # fmt: skip
+
+    low = space.smallest_ratio(t, "latency", ratio_fn=model.ratio, **kw)
+    spec, _ = onto_measured_budget(t, global_at, model, low=low)
+    arms["global"] = _arm(cfg, spec, "global", log)
+    # every arm measured side by side with the teacher, in interleaved rounds
+    nets = {"teacher": build_model(t)}
+    nets |= {a: build_model(_widths(arms[a])) for a in LATENCY_ARMS if a in arms}
+    measured = measure_together(nets, model.deployment(), rounds=3)
+    for a in LATENCY_ARMS:
+        if a in arms:
+            ratio = measured[a]["median_ms"] / measured["teacher"]["median_ms"]
+            arms[a] = {**arms[a], "latency_ratio": round(ratio, 4)}
+
+
+def _widths(metrics: dict) -> Spec:
+    return spec_from_json(json.dumps(metrics["settings"]["widths"]))
+
+
 def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
-    """All four arms for one (already seeded) config; every stage is reused when done."""
+    """Every arm for one (already seeded) config; every stage is reused when done."""
     execute(cfg, ["teacher", "search", "finetune", "report"], log=log)
     run = cfg.run_dir
     arms = {p: json.loads((run / p / "metrics.json").read_text()) for p in PARTS}
+    latency = cfg.space.budget.metric == "latency"
     rnd = random_config(cfg)
+    if latency:
+        _share_latency_model(cfg, rnd)
     execute(rnd, ["teacher", "search"], log=log)
     row = select_winner(read_trials(rnd.run_dir / TRIALS_FILE))
+    teacher = load_teacher(cfg, run / "teacher")
+    ce = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"alpha": 0.0})})
+    arms["uniform_ce"] = _arm(ce, _widths(arms["uniform"]), "uniform_ce", log)
+    if latency:
+        _latency_arms(cfg, arms, teacher, row, log)
+        return _collect(cfg, arms, rnd, LATENCY_ARMS)
     arms["random"] = _arm(cfg, spec_from_json(row["widths"]), "random", log)
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
-    teacher = load_teacher(cfg, run / "teacher")
     spec = global_ranking_spec(
         teacher.model,
         teacher.spec,
@@ -155,10 +233,15 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
         teacher.model, teacher.spec, target=rules.target, metric=rules.metric
     )
     arms["torch_pruning"] = _arm(cfg, tp_spec, "torch_pruning", log, start=tp_state)
-    ce = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"alpha": 0.0})})
-    uniform = spec_from_json(json.dumps(arms["uniform"]["settings"]["widths"]))
-    arms["uniform_ce"] = _arm(ce, uniform, "uniform_ce", log)
-    out = {a: {k: arms[a].get(k) for k in KEEP} for a in ARMS}
+    return _collect(cfg, arms, rnd, ARMS)
+
+
+def _collect(
+    cfg: ExperimentConfig, arms: dict, rnd: ExperimentConfig, names: Sequence[str]
+) -> dict[str, dict]:
+    """Per arm the figures compared, the deployed pick, and the two searches' costs."""
+    run = cfg.run_dir
+    out = {a: {k: arms[a].get(k) for k in (*KEEP, "latency_ratio")} for a in names}
     pick = validated_pick({p: arms[p] for p in PARTS})
     out[PICKED] = {**out[pick], "part": pick}
     data_json = read_json_or_none(run / "teacher" / "data.json") or {}
@@ -182,7 +265,7 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
     """Mean ± std per arm and paired differences (winner − other, picked − other) with 95%
     t-intervals."""
     seeds = sorted(per_seed)
-    names = [*ARMS, PICKED]
+    names = [*arms_in(per_seed[seeds[0]]), PICKED]
     acc = {a: np.array([per_seed[s][a]["test_acc"] for s in seeds], dtype=float) for a in names}
     out: dict = {"seeds": seeds, "arms": {}}
     for a in names:
@@ -192,8 +275,14 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
             "std": float(acc[a].std(ddof=1)) if len(seeds) > 1 else None,
         }
     for lead in ("winner", PICKED):
-        out[f"{lead}_minus"] = {a: _paired(acc[lead] - acc[a]) for a in ARMS[1:]}
+        out[f"{lead}_minus"] = {a: _paired(acc[lead] - acc[a]) for a in names[1:-1]}
     return out
+
+
+def arms_in(seed_result: dict) -> list[str]:
+    """The arms one seed's result holds, in the order of the tables."""
+    order = dict.fromkeys([*ARMS, *LATENCY_ARMS])
+    return [a for a in order if a in seed_result]
 
 
 def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
@@ -203,17 +292,24 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
         return "–" if x is None else f"{100 * x:.2f}"
 
     seeds = summary["seeds"]
+    first = per_seed[seeds[0]]
+    measured = first["winner"].get("latency_ratio") is not None
+    extra = " latency ratio (measured) |" if measured else ""
     lines = [
-        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | FLOPs ratio |",
-        "|---|" + "---:|" * (len(seeds) + 2),
-    ]
+        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | FLOPs ratio |"
+        + extra,
+        "|---|" + "---:|" * (len(seeds) + 2 + measured),
+    ]  # fmt: skip
     for a in summary["arms"]:
         m = summary["arms"][a]
-        ratio = per_seed[seeds[0]][a]["flops_ratio"]
+        ratio = first[a]["flops_ratio"]
+        lat = first[a].get("latency_ratio")
+        tail = (" – |" if lat is None else f" {lat:.3f} |") if measured else ""
         lines.append(
             f"| {a} | "
             + " | ".join(pct(v) for v in m["test_acc"])
             + f" | {pct(m['mean'])} ± {pct(m['std'])} | {ratio:.3f} |"
+            + tail
         )
     for lead in ("winner", PICKED):
         lines += ["", f"| {lead} − | mean (points) | 95% CI |", "|---|---:|---|"]
@@ -245,14 +341,9 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
 def compare(cfg: ExperimentConfig, seeds: Sequence[int], log: Log = print) -> Path:
     """Run every arm for every seed; write ``<output_dir>/<name>-compare.{json,md}``.
 
-    A latency budget is refused: the arms (global ranking, Torch-Pruning) allocate channels
-    by FLOPs and are compared at equal FLOPs, so their latencies would differ.
+    Under a latency budget the arms are :data:`LATENCY_ARMS`, each held to the budget as
+    measured, with its measured latency over the teacher's in the tables.
     """
-    if cfg.space.budget.metric == "latency":
-        raise ConfigError(
-            "space.budget.metric: compare needs flops or params (its arms are compared at "
-            "equal FLOPs); run a latency budget with casd-ray run"
-        )
     if cfg.teacher.checkpoint and cfg.data.split_seed is None and len(seeds) > 1:
         log(
             "compare: one teacher.checkpoint for every seed, but each seed carves its own "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from casd_ray.errors import BudgetError
 from casd_ray.models.family import Spec, family_of, group_widths, with_group_widths
 from casd_ray.widths import space
 from casd_ray.widths.bisection import last_true
@@ -49,8 +50,10 @@ def global_ranking_spec(
     criterion: str = "bn_gamma",
     min_channels: int = 1,
     divisible_by: int = 1,
+    ratio_fn: space.RatioFn | None = None,
 ) -> Spec:
-    """Remove the globally least important channels until ``cost <= target`` of the teacher's.
+    """Remove the globally least important channels until ``cost <= target`` of the teacher's
+    (``ratio_fn``: a cost ratio of its own instead, a latency model's prediction).
 
     Returns the widest such candidate: removing one channel fewer (before rounding) would
     break the budget. Widths keep at least ``min_channels`` (rounded up to ``divisible_by``)
@@ -58,21 +61,23 @@ def global_ranking_spec(
     channels survive is decided later by :func:`casd_ray.widths.inherit.inherit` with the same
     criterion, so they are exactly the globally top-ranked ones within each group.
     """
-    space.check_budget(
-        space.SpaceRules(
-            granularity="layer",
-            target=target,
-            metric=metric,
-            min_channels=min_channels,
-            divisible_by=divisible_by,
-        ),
-        spec,
-    )
+    kw = {"min_channels": min_channels, "divisible_by": divisible_by}
+    if ratio_fn is None:
+        rules = space.SpaceRules(granularity="layer", target=target, metric=metric, **kw)
+        space.check_budget(rules, spec)
+    elif target < space.smallest_ratio(spec, metric, ratio_fn=ratio_fn, **kw):
+        raise BudgetError(
+            f"space.budget.target: {target:g} is below the smallest reachable {metric} ratio"
+        )
     names, owner = global_order(teacher, spec, criterion)
     full = np.array([group_widths(spec)[n] for n in names], dtype=np.int64)
     d = space.steps_of(spec, divisible_by)
     lowest = np.minimum(-(-min_channels // d) * d, full)
-    teacher_cost = space.cost(spec, metric)
+    if ratio_fn is None:
+        teacher_cost = space.cost(spec, metric)
+
+        def ratio_fn(student: Spec) -> float:
+            return space.cost(student, metric) / teacher_cost
 
     def candidate(k: int) -> Spec:
         removed = np.bincount(owner[:k], minlength=len(names))
@@ -82,7 +87,7 @@ def global_ranking_spec(
         return with_group_widths(spec, dict(zip(names, widths.tolist(), strict=True)))
 
     def fits(k: int) -> bool:
-        return space.cost(candidate(k), metric) / teacher_cost <= target
+        return ratio_fn(candidate(k)) <= target
 
     if fits(0):
         return candidate(0)

@@ -280,6 +280,37 @@ def build_latency_model(
     return LatencyModel(**{**models[block].__dict__, "error": error})
 
 
+def onto_measured_budget(
+    teacher: Spec,
+    build: Callable[[float], Spec],
+    model: LatencyModel,
+    *,
+    low: float = 0.0,
+    tries: int = 4,
+    min_run_time: float = 0.2,
+) -> tuple[Spec, Latency]:
+    """``build(ratio)`` allocates a network onto a predicted latency ratio; it is measured
+    beside the teacher, and while it is over the target, built again onto a ratio lowered by
+    the measured over-shoot (never below ``low``). Returns the network and its measured
+    latency (median of interleaved rounds), which meets the target
+    (:meth:`LatencyModel.target_beside` those rounds' teacher) within :data:`TOLERANCE`."""
+    dep = model.deployment(min_run_time)
+    ratio = model.target_ratio
+    for _ in range(tries):
+        student = build(ratio)
+        ms = measure_beside_teacher(teacher, student, dep)
+        target = model.target_beside(ms["teacher"]["median_ms"])
+        got = ms["student"]
+        lat = Latency(got["median_ms"], got["iqr_ms"], got["runs"])
+        if lat.median_ms <= target * (1 + TOLERANCE):
+            return student, lat
+        ratio = max(low, ratio * target / lat.median_ms)
+    raise BudgetError(
+        f"space.budget.target: no network of this allocation measured within "
+        f"{target:.3f} ms after {tries} tries (last {lat.median_ms:.3f} ms)"
+    )
+
+
 def repair_measured(
     teacher: Spec,
     granularity: str,
@@ -291,30 +322,15 @@ def repair_measured(
     tries: int = 4,
     min_run_time: float = 0.2,
 ) -> tuple[Spec, Latency]:
-    """Repair with the model, then measure beside the teacher; while the student is over the
-    target, repair again onto a target lowered by the measured over-shoot. Returns the
-    student and its measured latency (median of interleaved rounds), which meets the target
-    (:meth:`LatencyModel.target_beside` those rounds' teacher) within :data:`TOLERANCE`."""
-    dep = model.deployment(min_run_time)
-    ratio = model.target_ratio
-    for _ in range(tries):
-        student, _ = space.repair(
-            teacher, granularity, genome, target=ratio, metric="latency",
-            ratio_fn=model.ratio, min_channels=min_channels, divisible_by=divisible_by,
-        )  # fmt: skip
-        ms = measure_beside_teacher(teacher, student, dep)
-        target = model.target_beside(ms["teacher"]["median_ms"])
-        got = ms["student"]
-        lat = Latency(got["median_ms"], got["iqr_ms"], got["runs"])
-        if lat.median_ms <= target * (1 + TOLERANCE):
-            return student, lat
-        # never below the smallest network's prediction, which repair would refuse
-        low = space.smallest_ratio(
-            teacher, "latency", min_channels=min_channels, divisible_by=divisible_by,
-            ratio_fn=model.ratio,
-        )  # fmt: skip
-        ratio = max(low, ratio * target / lat.median_ms)
-    raise BudgetError(
-        f"space.budget.target: no network of this allocation measured within "
-        f"{target:.3f} ms after {tries} repairs (last {lat.median_ms:.3f} ms)"
+    """The genome repaired onto the latency budget as measured (:func:`onto_measured_budget`
+    with :func:`space.repair` and the model's prediction)."""
+    kw = {"min_channels": min_channels, "divisible_by": divisible_by, "ratio_fn": model.ratio}
+
+    def build(ratio: float) -> Spec:
+        return space.repair(teacher, granularity, genome, target=ratio, metric="latency", **kw)[0]
+
+    # never below the smallest network's prediction, which repair would refuse
+    low = space.smallest_ratio(teacher, "latency", **kw)
+    return onto_measured_budget(
+        teacher, build, model, low=low, tries=tries, min_run_time=min_run_time
     )
