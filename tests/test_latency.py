@@ -275,7 +275,6 @@ def test_finetune_measures_and_repairs_winner_and_uniform_onto_the_budget(monkey
 
     device = _device_with_a_fixed_cost(model, 0.2)
     monkeypatch.setattr(lm, "measure_beside_teacher", device)
-    monkeypatch.setattr(finetune, "measure_beside_teacher", device)
     winner = pd.Series({"genome": json.dumps(genome)})
     logs: list[str] = []
     out = finetune._onto_measured_budget(specs, winner, rules, SMALL, logs.append)

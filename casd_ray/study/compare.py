@@ -188,12 +188,11 @@ def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log)
     arms["global"] = _arm(cfg, spec, "global", log)
     # every arm measured side by side with the teacher, in interleaved rounds
     nets = {"teacher": build_model(t)}
-    nets |= {a: build_model(_widths(arms[a])) for a in LATENCY_ARMS if a in arms}
+    nets |= {a: build_model(_widths(arms[a])) for a in LATENCY_ARMS}
     measured = measure_together(nets, model.deployment(), rounds=3)
     for a in LATENCY_ARMS:
-        if a in arms:
-            ratio = measured[a]["median_ms"] / measured["teacher"]["median_ms"]
-            arms[a] = {**arms[a], "latency_ratio": round(ratio, 4)}
+        ratio = measured[a]["median_ms"] / measured["teacher"]["median_ms"]
+        arms[a] = {**arms[a], "latency_ratio": round(ratio, 4)}
 
 
 def _widths(metrics: dict) -> Spec:

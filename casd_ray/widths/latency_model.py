@@ -80,21 +80,24 @@ def _layer_facts(spec_json: str) -> tuple[int, tuple[tuple[int, int, int], ...]]
     return total, tuple(convs)
 
 
-def unaligned_flops(spec: Spec, block: int) -> int:
+def _unaligned(convs: tuple[tuple[int, int, int], ...], block: int) -> int:
     """FLOPs of the convolutions whose channels are not whole blocks of ``block`` (an input
     of at most 4 channels, an image's, counts as aligned: kernels special-case it)."""
     if block <= 1:
         return 0
-    _, convs = _layer_facts(spec.model_dump_json())
     return sum(fl for cin, cout, fl in convs if cout % block or (cin % block and cin > 4))
+
+
+def unaligned_flops(spec: Spec, block: int) -> int:
+    """:func:`_unaligned` of ``spec``'s convolutions."""
+    return _unaligned(_layer_facts(spec.model_dump_json())[1], block)
 
 
 def features(spec: Spec, block: int = 1) -> np.ndarray:
     """The model's inputs for ``spec`` (per image; the batch size is in the coefficients)."""
-    act, _ = _layer_facts(spec.model_dump_json())
+    act, convs = _layer_facts(spec.model_dump_json())
     return np.array([
-        1.0, flops(spec) / 1e9, act / 1e6, params(spec) / 1e6,
-        unaligned_flops(spec, block) / 1e9,
+        1.0, flops(spec) / 1e9, act / 1e6, params(spec) / 1e6, _unaligned(convs, block) / 1e9,
     ])  # fmt: skip
 
 
