@@ -117,9 +117,7 @@ def model_rows(args) -> None:
             )  # fmt: skip
             model = build_latency_model(teacher, cfg, args.target, log=lambda _: None)
             uni = space.uniform_genome(teacher, "stage")
-            by_latency, _ = repair_measured(
-                teacher, "stage", uni, model, min_run_time=args.min_run_time
-            )
+            by_latency, _ = repair_measured(teacher, "stage", uni, model)
             by_flops, _ = space.repair(teacher, "stage", uni, target=args.target)
             block = model.block if model.block > 1 else 16  # e.g. AVX-512's 16 floats
             try:
@@ -137,9 +135,7 @@ def model_rows(args) -> None:
                      "blocks": in_blocks, "smallest": smallest}  # fmt: skip
             # side by side, in interleaved rounds: a change in load falls on all alike
             ms = measure_together(
-                {k: build_model(v) for k, v in specs.items()},
-                model.deployment(args.min_run_time),
-                rounds=3,
+                {k: build_model(v) for k, v in specs.items()}, model.deployment(), rounds=3
             )
             t, e = ms["teacher"]["median_ms"], model.error
             e1 = e.get("without_alignment", {})

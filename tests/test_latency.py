@@ -180,6 +180,17 @@ def test_latency_model_on_measurements_is_built_and_sane():
     assert all(c >= 0 for c in model.coef) and model.predict_ms(SMALL) > 0
 
 
+def test_the_model_measures_with_the_configured_run_time_after_a_round_trip():
+    """The finals are measured with the deployment the model carries: the configured
+    ``min_run_time`` travels with it (also through ``latency.json``), not a default."""
+    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **QUICK)
+    model = lm.build_latency_model(SMALL, cfg, 0.9, log=lambda _: None)
+    again = lm.LatencyModel.from_dict(json.loads(json.dumps(model.as_dict())))
+    assert again == model and again.deployment().min_run_time == QUICK["min_run_time"]
+    old = {k: v for k, v in model.as_dict().items() if k != "min_run_time"}  # before the field
+    assert lm.LatencyModel.from_dict(old).deployment().min_run_time == 0.2
+
+
 def test_rules_repair_onto_the_predicted_budget():
     model = _fake_model(target_ratio=0.5)
     rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency", latency=model)
@@ -224,13 +235,17 @@ def test_repair_measured_repairs_again_when_the_model_under_predicts(monkeypatch
 
 
 def test_budget_holds_after_repair_as_measured():
-    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **QUICK)
+    # batch 16 and 50 ms timings: at QUICK's ~2 ms a rerun of the same pair moved the ratio
+    # by up to 25 % (CI once measured 0.98 after repair had accepted <= 0.875)
+    cfg = LatencyConfig(
+        runtime="torch", fit_networks=4, check_networks=0, min_run_time=0.05, batch_size=16
+    )
     model = lm.build_latency_model(SMALL, cfg, 0.85, log=lambda _: None)
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
-    student, _ = lm.repair_measured(SMALL, "stage", genome, model, min_run_time=0.02)
+    student, _ = lm.repair_measured(SMALL, "stage", genome, model)
     assert student != SMALL
     # measured again beside the teacher: within the budget up to a rerun's movement
-    ms = lm.measure_beside_teacher(SMALL, student, model.deployment(0.02))
+    ms = lm.measure_beside_teacher(SMALL, student, model.deployment(), rounds=5)
     assert ms["student"]["median_ms"] <= 0.85 * ms["teacher"]["median_ms"] * 1.15
 
 
@@ -248,9 +263,9 @@ def test_a_relative_budget_is_judged_beside_the_teacher_measured_in_the_same_rou
         target_ms=fitted.target_ms / 2,
     )
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
-    student, _ = lm.repair_measured(SMALL, "stage", genome, stale, min_run_time=0.02)
+    student, _ = lm.repair_measured(SMALL, "stage", genome, stale)
     nets = {"teacher": build_model(SMALL), "student": build_model(student)}
-    ms = latency.measure_together(nets, stale.deployment(0.02), rounds=3)
+    ms = latency.measure_together(nets, stale.deployment(), rounds=3)
     ratio = ms["student"]["median_ms"] / ms["teacher"]["median_ms"]
     # below 0.85 of the teacher, not near 0.425 (the stale milliseconds). The lower bound
     # leaves room for the model's own error on this tiny network: measured repair only ever

@@ -114,6 +114,7 @@ class LatencyModel:
     threads: int
     relative: bool = True  # the target is a fraction of the teacher, not fixed milliseconds
     block: int = 1  # channel block of the unaligned-FLOPs feature (1: no such feature)
+    min_run_time: float = 0.2  # seconds each timing runs for (the deployment's, as configured)
     error: dict = field(default_factory=dict, compare=False)
 
     def predict_ms(self, spec: Spec) -> float:
@@ -133,8 +134,8 @@ class LatencyModel:
         machine's speed (load, clock) as the student does; fixed milliseconds do not."""
         return self.target_ratio * teacher_ms if self.relative else self.target_ms
 
-    def deployment(self, min_run_time: float = 0.2) -> Deployment:
-        return Deployment(self.runtime, self.shape, self.threads, min_run_time)
+    def deployment(self) -> Deployment:
+        return Deployment(self.runtime, self.shape, self.threads, self.min_run_time)
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "coef": list(self.coef), "shape": list(self.shape)}
@@ -268,7 +269,8 @@ def build_latency_model(
     block = choose_block(fit_specs, fit_ms)
     models = {
         b: LatencyModel(fit(fit_specs, fit_ms, b), teacher_ms, target_ms, cfg.runtime, shape,
-                        cfg.threads, relative=cfg.target_ms is None, block=b)
+                        cfg.threads, relative=cfg.target_ms is None, block=b,
+                        min_run_time=cfg.min_run_time)
         for b in {1, block}
     }  # fmt: skip
     check = random_specs(teacher, cfg.check_networks, seed + 1, **kw)
@@ -290,14 +292,13 @@ def onto_measured_budget(
     *,
     low: float = 0.0,
     tries: int = 4,
-    min_run_time: float = 0.2,
 ) -> tuple[Spec, Latency]:
     """``build(ratio)`` allocates a network onto a predicted latency ratio; it is measured
     beside the teacher, and while it is over the target, built again onto a ratio lowered by
     the measured over-shoot (never below ``low``). Returns the network and its measured
     latency (median of interleaved rounds), which meets the target
     (:meth:`LatencyModel.target_beside` those rounds' teacher) within :data:`TOLERANCE`."""
-    dep = model.deployment(min_run_time)
+    dep = model.deployment()
     ratio = model.target_ratio
     for _ in range(tries):
         student = build(ratio)
@@ -323,7 +324,6 @@ def repair_measured(
     min_channels: int = 1,
     divisible_by: int = 1,
     tries: int = 4,
-    min_run_time: float = 0.2,
 ) -> tuple[Spec, Latency]:
     """The genome repaired onto the latency budget as measured (:func:`onto_measured_budget`
     with :func:`space.repair` and the model's prediction)."""
@@ -334,6 +334,4 @@ def repair_measured(
 
     # never below the smallest network's prediction, which repair would refuse
     low = space.smallest_ratio(teacher, "latency", **kw)
-    return onto_measured_budget(
-        teacher, build, model, low=low, tries=tries, min_run_time=min_run_time
-    )
+    return onto_measured_budget(teacher, build, model, low=low, tries=tries)
