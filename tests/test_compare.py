@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 from conftest import write_fake_fashion_mnist, write_run_config
 
 from casd_ray.cli import main
+from casd_ray.errors import BudgetError
+from casd_ray.models.family import spec_for
 from casd_ray.report.deploy import validated_pick
-from casd_ray.study.compare import ARMS, LATENCY_ARMS, summarize
+from casd_ray.study.compare import ARMS, LATENCY_ARMS, aligned_uniform, summarize
+from casd_ray.widths import latency_model as lm
+from casd_ray.widths import space
 
 
 def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
@@ -81,11 +86,16 @@ def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(t
     runs = tmp_path / "runs"
     result = json.loads((runs / "lat-compare.json").read_text())
     arms = result["per_seed"]["0"]
-    assert set(arms) == {*LATENCY_ARMS, "picked", "search_cost", "random_cost"}
-    same = [a for a in LATENCY_ARMS if a != "uniform_ce"]
+    out = capsys.readouterr().out
+    built = [a for a in LATENCY_ARMS if a in arms]
+    # whole channel blocks may not reach the budget of this 4-channel network: then said so
+    assert set(LATENCY_ARMS) - set(built) <= {"uniform_aligned"}
+    assert ("uniform_aligned" in arms) != ("no uniform_aligned arm" in out)
+    assert set(arms) == {*built, "picked", "search_cost", "random_cost"}
+    same = [a for a in built if a != "uniform_ce"]
     settings = [{k: v for k, v in arms[a]["settings"].items() if k != "widths"} for a in same]
     assert all(s == settings[0] for s in settings)  # identical recipe, seed, teacher
-    for a in LATENCY_ARMS:
+    for a in built:
         # measured side by side with the teacher after the fine-tunes. Each arm met the
         # budget when it was repaired from its measurement (tests/test_latency.py checks that
         # loop); this smoke network takes about a millisecond, so a later measurement on a
@@ -99,6 +109,48 @@ def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(t
     assert flops["space"]["budget"]["metric"] == "flops"
     assert flops["space"]["budget"]["target"] == pytest.approx(arms["uniform"]["flops_ratio"])
     assert "latency ratio (measured)" in (runs / "lat-compare.md").read_text()
+
+
+def _aligned_model(block: int, teacher, target_ratio: float = 0.5) -> lm.LatencyModel:
+    # a device whose convolutions off whole blocks cost extra (the unaligned-FLOPs feature)
+    coef = (0.05, 20.0, 1.0, 0.1, 40.0 if block > 1 else 0.0)
+    teacher_ms = float(lm.features(teacher, block) @ np.array(coef))
+    return lm.LatencyModel(coef, teacher_ms, target_ratio * teacher_ms, "torch",
+                           (8, 3, 32, 32), 1, block=block)  # fmt: skip
+
+
+def test_the_aligned_uniform_arm_keeps_whole_blocks_within_the_measured_budget(monkeypatch):
+    """uniform_aligned: the uniform network with every width a whole block of the latency
+    model's channel block, held to the budget as measured (here the device is the model)."""
+    teacher = spec_for("resnet8", width=16)
+
+    def device(model):
+        def measure_beside_teacher(t, student, dep, rounds=3):
+            got = {"teacher": t, "student": student}
+            return {k: {"median_ms": model.predict_ms(s), "iqr_ms": 0.0, "runs": 1}
+                    for k, s in got.items()}  # fmt: skip
+
+        return measure_beside_teacher
+
+    for block in (8, 1):
+        model = _aligned_model(block, teacher)
+        monkeypatch.setattr(lm, "measure_beside_teacher", device(model))
+        rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency", latency=model)
+        spec = aligned_uniform(rules, teacher)
+        widths = space._layout(spec)[1]
+        full = space._layout(teacher)[1]
+        assert all(w % block == 0 or w == f for w, f in zip(widths, full, strict=True))
+        assert model.ratio(spec) <= 0.5 * (1 + lm.TOLERANCE)
+        uniform = space.candidate_spec(rules, teacher, space.control_genome(rules, teacher))
+        if block == 1:  # no fast path found: the uniform network itself
+            assert spec == uniform
+        else:  # off the slow path, the same budget keeps more of the network
+            assert space.cost(spec, "flops") > space.cost(uniform, "flops")
+    # whole blocks of 8 cannot reach a target below the all-8-channel network
+    model = _aligned_model(8, teacher, target_ratio=0.01)
+    rules = space.SpaceRules(granularity="stage", target=0.01, metric="latency", latency=model)
+    with pytest.raises(BudgetError):
+        aligned_uniform(rules, teacher)
 
 
 def test_summary_statistics():

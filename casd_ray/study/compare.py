@@ -40,6 +40,7 @@ from casd_ray.artifacts.network import is_complete
 from casd_ray.artifacts.run_folder import PARTS, SEARCH_DRIVER
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
 from casd_ray.config import ExperimentConfig
+from casd_ray.errors import BudgetError
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models.family import Spec, build_model, spec_from_json
 from casd_ray.models.latency import measure_together
@@ -56,8 +57,12 @@ from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
 # Under a latency budget every arm is held to the same *measured* latency, and Torch-Pruning
 # (which prunes to a FLOPs count) is replaced by what a user with a FLOPs-budget search would
-# deploy: its winner's allocation scaled onto the latency budget.
-LATENCY_ARMS = ("winner", "uniform", "random", "flops_winner", "global", "uniform_ce")
+# deploy: its winner's allocation scaled onto the latency budget. ``uniform_aligned`` is the
+# uniform network with every width in whole blocks of the device's fast channel multiple (the
+# latency model's block): what a user who knows the hardware gets by rounding alone.
+LATENCY_ARMS = (
+    "winner", "uniform", "uniform_aligned", "random", "flops_winner", "global", "uniform_ce",
+)  # fmt: skip
 # The reference fine-tune a search's cost is measured against: experiments/cifar10_resnet20's
 # own recipe (5 epochs on 45k images). Cost is linear in images, so any run's fine-tune time
 # scales to it.
@@ -162,8 +167,9 @@ def _share_latency_model(cfg: ExperimentConfig, other: ExperimentConfig) -> None
 def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log) -> None:
     """The latency budget's arms, each held to the budget *as measured* beside the teacher:
     the random search's winner and the global ranking (allocated with the run's latency
-    model), and the FLOPs-budget search's winner (at the uniform network's FLOPs) scaled onto
-    the latency budget."""
+    model), the FLOPs-budget search's winner (at the uniform network's FLOPs) scaled onto
+    the latency budget, and the uniform network in whole channel blocks
+    (:func:`aligned_uniform`)."""
     rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
     model, t = rules.latency, teacher.spec
     kw = {"min_channels": rules.min_channels, "divisible_by": rules.divisible_by}
@@ -186,13 +192,37 @@ def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log)
     low = space.smallest_ratio(t, "latency", ratio_fn=model.ratio, **kw)
     spec, _ = onto_measured_budget(t, global_at, model, low=low)
     arms["global"] = _arm(cfg, spec, "global", log)
+    try:
+        spec = aligned_uniform(rules, t)
+    except BudgetError as e:  # whole blocks of this size cannot reach the target
+        log(f"compare: no uniform_aligned arm: {e}")
+    else:
+        same = spec == _widths(arms["uniform"])  # the uniform arm already is in whole blocks
+        arms["uniform_aligned"] = (
+            arms["uniform"] if same else _arm(cfg, spec, "uniform_aligned", log)
+        )
     # every arm measured side by side with the teacher, in interleaved rounds
-    nets = {"teacher": build_model(t)}
-    nets |= {a: build_model(_widths(arms[a])) for a in LATENCY_ARMS}
+    names = [a for a in LATENCY_ARMS if a in arms]
+    nets = {"teacher": build_model(t)} | {a: build_model(_widths(arms[a])) for a in names}
     measured = measure_together(nets, model.deployment(), rounds=3)
-    for a in LATENCY_ARMS:
+    for a in names:
         ratio = measured[a]["median_ms"] / measured["teacher"]["median_ms"]
         arms[a] = {**arms[a], "latency_ratio": round(ratio, 4)}
+
+
+def aligned_uniform(rules: space.SpaceRules, teacher: Spec) -> Spec:
+    """The uniform genome repaired onto the latency budget as measured, every width a whole
+    block of the latency model's channel block (and of ``space.divisible_by``): the fast path
+    of the device's convolutions, which a user who knows the hardware takes by rounding
+    (Torch-Pruning's ``round_to``). Raises :class:`BudgetError` where whole blocks cannot
+    reach the target."""
+    model = rules.latency
+    block = math.lcm(rules.divisible_by, model.block)
+    genome = space.control_genome(rules, teacher)
+    return repair_measured(
+        teacher, rules.granularity, genome, model,
+        min_channels=rules.min_channels, divisible_by=block,
+    )[0]  # fmt: skip
 
 
 def _widths(metrics: dict) -> Spec:
@@ -215,7 +245,7 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     arms["uniform_ce"] = _arm(ce, _widths(arms["uniform"]), "uniform_ce", log)
     if latency:
         _latency_arms(cfg, arms, teacher, row, log)
-        return _collect(cfg, arms, rnd, LATENCY_ARMS)
+        return _collect(cfg, arms, rnd, [a for a in LATENCY_ARMS if a in arms])
     arms["random"] = _arm(cfg, spec_from_json(row["widths"]), "random", log)
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     spec = global_ranking_spec(
@@ -264,7 +294,9 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict:
     """Mean ± std per arm and paired differences (winner − other, picked − other) with 95%
     t-intervals."""
     seeds = sorted(per_seed)
-    names = [*arms_in(per_seed[seeds[0]]), PICKED]
+    # an arm some seed could not build (uniform_aligned off a reachable budget) is left out
+    names = [*(a for a in arms_in(per_seed[seeds[0]]) if all(a in per_seed[s] for s in seeds)),
+             PICKED]  # fmt: skip
     acc = {a: np.array([per_seed[s][a]["test_acc"] for s in seeds], dtype=float) for a in names}
     out: dict = {"seeds": seeds, "arms": {}}
     for a in names:
