@@ -25,6 +25,9 @@ from casd_ray.widths import space
 
 SMALL = spec_for("resnet8", width=8)
 QUICK = {"min_run_time": 0.02, "batch_size": 8}  # batch 8: compute, not call overhead
+# where a test measures a repaired network again: at QUICK's ~2 ms a rerun of the same pair
+# moved their ratio by up to 25 % (CI once measured 0.98 after repair had accepted <= 0.875)
+STEADY = {"min_run_time": 0.05, "batch_size": 16}
 
 
 def _dep(runtime: str = "torch", batch: int = 1) -> latency.Deployment:
@@ -234,12 +237,33 @@ def test_repair_measured_repairs_again_when_the_model_under_predicts(monkeypatch
     assert lat.median_ms <= 0.5 * teacher_ms * (1 + lm.TOLERANCE)
 
 
+def test_a_network_measured_far_under_the_target_is_grown_back_towards_it(monkeypatch):
+    """One slow measurement (a busy neighbour during the first rounds) must not leave the
+    network at a fraction of the budget: seen on a real run, the winner of a 0.5x budget was
+    cut to 0.093 of the FLOPs and measured 0.66 of the target. Measured repair brings a
+    network measured far under the target back up, and never over it."""
+    model = _fake_model(target_ratio=0.5)
+    calls = []
+
+    def measured(teacher, student, dep, rounds=3):  # the device is the model, except that
+        calls.append(student)  # the first student measures 1.6x slower than it is
+        slow = 1.6 if len(calls) == 1 else 1.0
+        one = {"iqr_ms": 0.0, "runs": 10}
+        return {
+            "teacher": {"median_ms": model.predict_ms(teacher), **one},
+            "student": {"median_ms": slow * model.predict_ms(student), **one},
+        }
+
+    monkeypatch.setattr(lm, "measure_beside_teacher", measured)
+    genome = space.uniform_genome(SMALL, "stage")
+    student, lat = lm.repair_measured(SMALL, "stage", genome, model)
+    target = model.target_ms
+    assert (1 - lm.SLACK) * target <= lat.median_ms <= target * (1 + lm.TOLERANCE)
+    assert lat.median_ms == model.predict_ms(student) and len(calls) >= 3
+
+
 def test_budget_holds_after_repair_as_measured():
-    # batch 16 and 50 ms timings: at QUICK's ~2 ms a rerun of the same pair moved the ratio
-    # by up to 25 % (CI once measured 0.98 after repair had accepted <= 0.875)
-    cfg = LatencyConfig(
-        runtime="torch", fit_networks=4, check_networks=0, min_run_time=0.05, batch_size=16
-    )
+    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **STEADY)
     model = lm.build_latency_model(SMALL, cfg, 0.85, log=lambda _: None)
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
     student, _ = lm.repair_measured(SMALL, "stage", genome, model)
@@ -254,7 +278,7 @@ def test_a_relative_budget_is_judged_beside_the_teacher_measured_in_the_same_rou
     CPU) slows teacher and student alike. A budget given as a fraction of the teacher is
     checked against the teacher measured in the same interleaved rounds, so a model fitted
     on a machine twice as fast neither shrinks the network to half the budget nor fails."""
-    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **QUICK)
+    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **STEADY)
     fitted = lm.build_latency_model(SMALL, cfg, 0.85, log=lambda _: None)
     stale = replace(  # every figure as if measured on a machine twice as fast
         fitted,
@@ -265,7 +289,7 @@ def test_a_relative_budget_is_judged_beside_the_teacher_measured_in_the_same_rou
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
     student, _ = lm.repair_measured(SMALL, "stage", genome, stale)
     nets = {"teacher": build_model(SMALL), "student": build_model(student)}
-    ms = latency.measure_together(nets, stale.deployment(), rounds=3)
+    ms = latency.measure_together(nets, stale.deployment(), rounds=5)
     ratio = ms["student"]["median_ms"] / ms["teacher"]["median_ms"]
     # below 0.85 of the teacher, not near 0.425 (the stale milliseconds). The lower bound
     # leaves room for the model's own error on this tiny network: measured repair only ever
@@ -305,9 +329,10 @@ def test_finetune_measures_and_repairs_winner_and_uniform_onto_the_budget(monkey
 
 
 def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
+    # target 0.9: on a busy CI machine the narrowest network's fixed cost measured above 0.7
     cfg = ExperimentConfig(
         output_dir=str(tmp_path),
-        space={"budget": {"metric": "latency", "target": 0.7, "latency": {
+        space={"budget": {"metric": "latency", "target": 0.9, "latency": {
             "runtime": "torch", "fit_networks": 4, "check_networks": 0, **QUICK}}},
     )  # fmt: skip
     rules = space.rules_of(cfg.space, cfg.search.algorithm)

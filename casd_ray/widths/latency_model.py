@@ -45,6 +45,9 @@ from casd_ray.widths import space
 # A measured latency may exceed the target by this fraction and still meet the budget:
 # the median of a measurement moves by about this much between runs on a quiet CPU.
 TOLERANCE = 0.03
+# A network measured more than this fraction under the target is grown back towards it: a
+# budget left unused is accuracy given away, and arms compared "at equal latency" must be.
+SLACK = 0.10
 FEATURES = ("one", "gflops", "mactivations", "mparams", "unaligned_gflops")
 # Channel blocks tried for the unaligned-FLOPs feature (1: none). CPU kernels (ONNX Runtime's
 # NCHWc layout, oneDNN) work on channel blocks of the SIMD width, 8 floats with AVX2 and 16
@@ -291,24 +294,38 @@ def onto_measured_budget(
     model: LatencyModel,
     *,
     low: float = 0.0,
-    tries: int = 4,
+    tries: int = 6,
 ) -> tuple[Spec, Latency]:
     """``build(ratio)`` allocates a network onto a predicted latency ratio; it is measured
-    beside the teacher, and while it is over the target, built again onto a ratio lowered by
-    the measured over-shoot (never below ``low``). Returns the network and its measured
-    latency (median of interleaved rounds), which meets the target
-    (:meth:`LatencyModel.target_beside` those rounds' teacher) within :data:`TOLERANCE`."""
+    beside the teacher and moved until it lands within [1 - :data:`SLACK`, 1 +
+    :data:`TOLERANCE`] of the target (:meth:`LatencyModel.target_beside` those rounds'
+    teacher): the next ratio scales by target / measured (a secant through the origin), kept
+    inside the bracket of ratios already measured under and over the target, else bisected
+    (never below ``low``). Returns the network and its measured latency (median of
+    interleaved rounds); after ``tries`` the largest network measured within the target."""
     dep = model.deployment()
-    ratio = model.target_ratio
+    ratio, under, over = model.target_ratio, low, math.inf
+    best: tuple[float, Spec, Latency] | None = None  # (fraction of its target, network, latency)
     for _ in range(tries):
         student = build(ratio)
         ms = measure_beside_teacher(teacher, student, dep)
         target = model.target_beside(ms["teacher"]["median_ms"])
         got = ms["student"]
         lat = Latency(got["median_ms"], got["iqr_ms"], got["runs"])
-        if lat.median_ms <= target * (1 + TOLERANCE):
-            return student, lat
-        ratio = max(low, ratio * target / lat.median_ms)
+        frac = lat.median_ms / target
+        if frac <= 1 + TOLERANCE:
+            if best is None or frac > best[0]:
+                best = (frac, student, lat)
+            if frac >= 1 - SLACK:
+                return student, lat
+            under = max(under, ratio)
+        else:
+            over = min(over, ratio)
+        step = ratio / frac
+        step = step if under < step < over else (under + over) / 2 if over < math.inf else step
+        ratio = min(step, 1.0)  # repair's targets are fractions of the teacher
+    if best is not None:
+        return best[1], best[2]
     raise BudgetError(
         f"space.budget.target: no network of this allocation measured within "
         f"{target:.3f} ms after {tries} tries (last {lat.median_ms:.3f} ms)"
@@ -323,7 +340,7 @@ def repair_measured(
     *,
     min_channels: int = 1,
     divisible_by: int = 1,
-    tries: int = 4,
+    tries: int = 6,
 ) -> tuple[Spec, Latency]:
     """The genome repaired onto the latency budget as measured (:func:`onto_measured_budget`
     with :func:`space.repair` and the model's prediction)."""

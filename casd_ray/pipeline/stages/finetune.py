@@ -89,7 +89,8 @@ def _onto_measured_budget(
 ) -> dict[str, Spec]:
     """A latency budget is judged by measurement: the winner and the uniform baseline are
     measured beside the teacher on the deployment, and repaired again from the measurement
-    (same genome, lower target) where the latency model under-predicted. The measured
+    (same genome, another target) where the latency model under-predicted, or over-predicted
+    by more than ``SLACK`` (a budget left unused). The measured
     repair's first try rebuilds the trial's own network (the same genome, model and target),
     so one call both checks and, if need be, repairs."""
     model = rules.latency
@@ -104,7 +105,7 @@ def _onto_measured_budget(
             min_channels=rules.min_channels, divisible_by=rules.divisible_by,
         )  # fmt: skip
         if out[name] != spec:
-            log(f"finetune: {name} measured over the target {model.target_ms:.3f} ms; "
+            log(f"finetune: {name} measured off the target (fitted {model.target_ms:.3f} ms); "
                 f"repaired from the measurement to {lat.median_ms:.3f} ms")  # fmt: skip
     return out
 
