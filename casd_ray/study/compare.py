@@ -245,7 +245,7 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     arms["uniform_ce"] = _arm(ce, _widths(arms["uniform"]), "uniform_ce", log)
     if latency:
         _latency_arms(cfg, arms, teacher, row, log)
-        return _collect(cfg, arms, rnd, [a for a in LATENCY_ARMS if a in arms])
+        return _collect(cfg, arms, rnd, LATENCY_ARMS)
     arms["random"] = _arm(cfg, spec_from_json(row["widths"]), "random", log)
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     spec = global_ranking_spec(
@@ -268,9 +268,10 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
 def _collect(
     cfg: ExperimentConfig, arms: dict, rnd: ExperimentConfig, names: Sequence[str]
 ) -> dict[str, dict]:
-    """Per arm the figures compared, the deployed pick, and the two searches' costs."""
+    """Per arm built (of ``names``) the figures compared, the deployed pick, and the two
+    searches' costs."""
     run = cfg.run_dir
-    out = {a: {k: arms[a].get(k) for k in (*KEEP, "latency_ratio")} for a in names}
+    out = {a: {k: arms[a].get(k) for k in (*KEEP, "latency_ratio")} for a in names if a in arms}
     pick = validated_pick({p: arms[p] for p in PARTS})
     out[PICKED] = {**out[pick], "part": pick}
     data_json = read_json_or_none(run / "teacher" / "data.json") or {}

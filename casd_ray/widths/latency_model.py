@@ -110,9 +110,8 @@ class LatencyModel:
     a Ray trial receives it as part of its rules."""
 
     coef: tuple[float, ...]
-    teacher_ms: (
-        float  # the teacher as the model predicts it (measured: error["teacher_measured_ms"])
-    )
+    # the teacher as the model predicts it (as measured: error["teacher_measured_ms"])
+    teacher_ms: float
     target_ms: float  # in the model's milliseconds
     runtime: str
     shape: tuple[int, ...]
@@ -332,7 +331,8 @@ def onto_measured_budget(
         else:
             over = min(over, ratio)
         step = ratio / frac
-        step = step if under < step < over else (under + over) / 2 if over < math.inf else step
+        if over < math.inf and not under < step < over:  # outside the bracket: bisect it
+            step = (under + over) / 2
         ratio = min(step, 1.0)  # repair's targets are fractions of the teacher
     if best is not None:
         return best[1], best[2]
