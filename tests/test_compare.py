@@ -102,6 +102,11 @@ def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(t
         # shared CPU moves by tens of percent (1.32 seen in CI; identical widths measured
         # 0.68-0.95 in one run): recorded, not bounded, here
         assert arms[a]["latency_ratio"] > 0, (a, arms[a]["latency_ratio"])
+    ratios: dict[str, set] = {}  # uniform_ce always has uniform's widths
+    for a in built:
+        key = json.dumps(arms[a]["settings"]["widths"], sort_keys=True)
+        ratios.setdefault(key, set()).add(arms[a]["latency_ratio"])
+    assert all(len(r) == 1 for r in ratios.values()), ratios  # one network, one measurement
     model = (runs / "lat-s0" / "latency.json").read_text()
     assert (runs / "lat-s0-random" / "latency.json").read_text() == model  # one model
     # the FLOPs-budget search a user would run instead, at the uniform network's FLOPs

@@ -15,15 +15,18 @@ from casd_ray.artifacts.network import (
     ONNX_FILE,
     PREPROCESSING,
     load_compressed,
+    load_network,
     load_torchscript,
 )
 from casd_ray.artifacts.trials import rank_of, read_trials, select_winner
 from casd_ray.errors import ArtifactError, SelectionError
 from casd_ray.models.family import flops, spec_for
 from casd_ray.models.resnet import WidthSpec
+from casd_ray.pipeline.stages import finetune
 from casd_ray.pipeline.stages.finetune import uniform_spec
 from casd_ray.train import kd
 from casd_ray.widths import space
+from casd_ray.widths.latency_model import LatencyModel
 
 
 def _table(**cols) -> pd.DataFrame:
@@ -112,6 +115,36 @@ def test_run_finetune_exports_winner_and_uniform(finetuned_run):
     for name in models:
         assert set(models[name]["latency"]["batch_ms"]) == {"1", "64"}
     assert summary["flops_reduction"] >= 1 - cfg.space.budget.target
+
+
+def test_a_uniform_copied_from_the_winner_is_timed_once(finetuned_run, tmp_path, monkeypatch):
+    """When the uniform control wins, ``uniform/`` is the winner's copy: one network, one
+    latency. Timed twice, the same network showed two latencies, and against a latency
+    budget two verdicts (a real run: 21.28 ms "within budget", 22.17 ms "no")."""
+    cfg, _, _ = finetuned_run
+    cfg = cfg.model_copy(update={"output_dir": str(tmp_path)})
+    shutil.copytree(finetuned_run[0].run_dir, cfg.run_dir)
+    trials = read_trials(cfg.run_dir / "trials.parquet")
+    trials.loc[trials["trial_id"] == "t0", "best_val_acc"] = 0.999  # the control wins
+    trials.to_parquet(cfg.run_dir / "trials.parquet")
+    for part in ("winner", "uniform"):
+        shutil.rmtree(cfg.run_dir / part)
+    logs: list[str] = []
+    models = finetune_stage(cfg, log=logs.append)["models"]
+    assert any("uniform/ is a copy of winner/" in line for line in logs)
+    assert models["uniform"]["latency"] == models["winner"]["latency"]
+
+    timed: list[list[str]] = []
+
+    def rounds(nets, dep, rounds=3):  # distinct figures for distinct networks
+        timed.append(list(nets))
+        return {n: {"median_ms": 1.0 + i, "iqr_ms": 0.0, "runs": 5} for i, n in enumerate(nets)}
+
+    monkeypatch.setattr(finetune, "measure_together", rounds)
+    model = LatencyModel((1.0, 0, 0, 0, 0), 1.0, 0.5, "torch", (1, 1, 28, 28), 1)
+    out = finetune._budget_latency(cfg.run_dir, load_network(cfg.run_dir / "teacher"), model, print)
+    assert timed == [["teacher", "winner"]]
+    assert out["measured"]["uniform"] == out["measured"]["winner"]
 
 
 def test_rerun_reuses_finished_outputs(finetuned_run):

@@ -201,12 +201,17 @@ def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log)
         arms["uniform_aligned"] = (
             arms["uniform"] if same else _arm(cfg, spec, "uniform_aligned", log)
         )
-    # every arm measured side by side with the teacher, in interleaved rounds
+    # every network measured side by side with the teacher, in interleaved rounds; once
+    # (uniform_ce has uniform's widths, a winning control the winner's): timed twice, one
+    # network gave two ratios
     names = [a for a in LATENCY_ARMS if a in arms]
-    nets = {"teacher": build_model(t)} | {a: build_model(_widths(arms[a])) for a in names}
+    first = {}
+    for a in names:
+        first.setdefault(_widths(arms[a]), a)
+    nets = {"teacher": build_model(t)} | {a: build_model(w) for w, a in first.items()}
     measured = measure_together(nets, model.deployment(), rounds=3)
     for a in names:
-        ratio = measured[a]["median_ms"] / measured["teacher"]["median_ms"]
+        ratio = measured[first[_widths(arms[a])]]["median_ms"] / measured["teacher"]["median_ms"]
         arms[a] = {**arms[a], "latency_ratio": round(ratio, 4)}
 
 

@@ -25,6 +25,7 @@ from casd_ray.artifacts.network import (
     PREPROCESSING,
     Network,
     load_compressed,
+    read_spec,
 )
 from casd_ray.artifacts.run_folder import PARTS, SUMMARY
 from casd_ray.artifacts.trials import rank_of, select_winner
@@ -115,8 +116,8 @@ def _budget_latency(run_dir: Path, teacher: Network, model: LatencyModel, log) -
     (median and spread): the figures the report judges the budget by."""
     log(f"finetune: measuring latency on {model.runtime} {model.shape} (the budget's runtime)")
     dep = model.deployment()
-    nets = {"teacher": teacher.model, **{p: load_compressed(run_dir / p) for p in PARTS}}
-    measured = measure_together({name: net.cpu() for name, net in nets.items()}, dep)
+    nets = {"teacher": teacher.model, **_distinct_parts(run_dir)}
+    measured = _as_parts(measure_together({name: net.cpu() for name, net in nets.items()}, dep))
     target = model.target_beside(measured["teacher"]["median_ms"])
     return {
         "runtime": model.runtime,
@@ -129,6 +130,20 @@ def _budget_latency(run_dir: Path, teacher: Network, model: LatencyModel, log) -
         "tolerance": TOLERANCE,
         "winner_meets_budget": measured["winner"]["median_ms"] <= target * (1 + TOLERANCE),
     }
+
+
+def _distinct_parts(run_dir: Path) -> dict[str, torch.nn.Module]:
+    """The fine-tuned networks to time, uniform left out when it has the winner's widths
+    (the winner's copy): the same network timed twice gave two latencies, and against a
+    latency budget two verdicts. :func:`_as_parts` gives it the winner's figures."""
+    uniform, winner = (read_spec(run_dir / p / "widths.json") for p in ("uniform", "winner"))
+    same = uniform == winner
+    return {p: load_compressed(run_dir / p) for p in PARTS if not (same and p == "uniform")}
+
+
+def _as_parts(timed: dict) -> dict:
+    """Figures per part, uniform given the winner's where it was not timed."""
+    return {"uniform": timed["winner"], **timed}
 
 
 # --------------------------------------------------------------------------- fine-tune
@@ -257,12 +272,10 @@ def _summarize(
             search=rank_of(trials, trial_ids[part]),
         )
     log("finetune: measuring CPU latency (teacher, uniform, winner)")
-    models = {
-        "teacher": teacher.cpu(),
-        **{p: load_compressed(run_dir / p) for p in PARTS},
-    }
-    for name, model in models.items():
-        entries[name]["latency"] = cpu_latency(model, shape)
+    models = {"teacher": teacher.cpu(), **_distinct_parts(run_dir)}
+    timed = _as_parts({name: cpu_latency(model, shape) for name, model in models.items()})
+    for name, latency in timed.items():
+        entries[name]["latency"] = latency
     return {
         "models": entries,
         "flops_reduction": 1 - entries["winner"]["flops"] / entries["teacher"]["flops"],
