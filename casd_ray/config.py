@@ -100,6 +100,14 @@ class LatencyConfig(_Strict):
         ge=0,
         description="further random networks measured to report the model's error (MAPE, worst)",
     )
+    align_channels: bool = Field(
+        True,
+        description=(
+            "when the fitted latency model finds convolutions off whole channel blocks "
+            "slower on this device, every searched width is a whole block (with "
+            "space.divisible_by); false: every width is searched"
+        ),
+    )
     min_run_time: float = Field(
         0.2,
         gt=0,

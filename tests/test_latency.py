@@ -16,7 +16,7 @@ import torch
 from casd_ray import errors
 from casd_ray.config import ExperimentConfig, LatencyConfig
 from casd_ray.models import latency
-from casd_ray.models.family import build_model, spec_for
+from casd_ray.models.family import build_model, family_of, spec_for
 from casd_ray.pipeline import latency as pipeline_latency
 from casd_ray.pipeline.stages import finetune
 from casd_ray.search.trial_plan import candidate_facts, trial_plan
@@ -374,22 +374,46 @@ def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
     assert pipeline_latency.with_latency(cfg, flops_rules, SMALL, print) is flops_rules
 
 
-def test_a_device_with_a_channel_block_gets_the_divisible_by_hint(tmp_path, monkeypatch):
-    """When the fitted model finds convolutions off whole blocks slower, the run says which
-    ``space.divisible_by`` keeps every candidate on the fast path (once, at fitting)."""
-    for divisible_by, hinted in ((1, True), (16, False)):
+def test_a_device_with_a_channel_block_gets_candidates_in_whole_blocks(tmp_path, monkeypatch):
+    """When the fitted model finds convolutions off whole blocks slower, every candidate's
+    widths are whole blocks (with ``space.divisible_by``), in the run that fits the model and
+    in a stage that reads it back; ``align_channels: false`` searches every width and says
+    which ``space.divisible_by`` would keep them on the fast path."""
+    monkeypatch.setattr(
+        pipeline_latency, "build_latency_model", lambda *a, **k: replace(_fake_model(), block=4)
+    )
+    genome = {"stage0": 0.45, "stage1": 0.8, "stage2": 0.6}
+    for divisible_by, align, step, hinted in ((1, True, 4, False), (2, True, 4, False),
+                                              (1, False, 1, True)):  # fmt: skip
         cfg = ExperimentConfig(
-            output_dir=str(tmp_path / str(divisible_by)),
-            space={"divisible_by": divisible_by, "budget": {"metric": "latency"}},
-        )
-        monkeypatch.setattr(
-            pipeline_latency, "build_latency_model",
-            lambda *a, **k: replace(_fake_model(), block=16),
+            output_dir=str(tmp_path / f"{divisible_by}-{align}"),
+            space={"divisible_by": divisible_by, "budget": {
+                "metric": "latency", "latency": {"align_channels": align}}},
         )  # fmt: skip
-        logs: list[str] = []
         rules = space.rules_of(cfg.space, cfg.search.algorithm)
-        pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
-        assert any("space.divisible_by: 16" in line for line in logs) is hinted
+        logs: list[str] = []
+        fitted = pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
+        cfg.run_dir.mkdir(parents=True)
+        pipeline_latency.save_latency(cfg, fitted)
+        for r in (fitted, pipeline_latency.saved_latency(cfg, rules)):
+            assert r.divisible_by == step
+            student = space.candidate_spec(r, SMALL, genome)
+            widths = family_of(student).width_vector(student)
+            assert all(w % step == 0 for w in widths)
+        assert any("space.divisible_by: 4" in line for line in logs) is hinted
+        assert any("every width a whole block" in line for line in logs) is not hinted
+    # unaligned, the same genome keeps widths off whole blocks of 4
+    widths = family_of(student).width_vector(student)
+    assert any(w % 4 for w in widths)
+    # blocks of 8 leave SMALL (8/16/32 channels) no network within half its latency
+    monkeypatch.setattr(
+        pipeline_latency, "build_latency_model", lambda *a, **k: replace(_fake_model(), block=8)
+    )
+    cfg = ExperimentConfig(output_dir=str(tmp_path / "8"), space={"budget": {"metric": "latency"}})
+    logs = []
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    assert pipeline_latency.with_latency(cfg, rules, SMALL, logs.append).divisible_by == 1
+    assert "every width is searched" in logs[-1]
 
 
 def test_a_trial_reports_its_predicted_latency_ratio_within_the_budget():

@@ -68,3 +68,20 @@ def test_a_setting_added_later_reuses_old_folders_when_set_off():
     assert new != old
     raw["search"]["screen"]["observe"] = 0
     assert fingerprints(ExperimentConfig.model_validate(raw))["search"] == old
+
+
+def test_channel_alignment_added_later_keeps_old_folders_reusable():
+    """``space.budget.latency.align_channels`` came after runs existed: under a FLOPs budget
+    it changes nothing and must not change the fingerprint; under a latency budget the new
+    default (aligned widths) is refused as changed, and ``false`` matches the old folder."""
+    from casd_ray.config import ExperimentConfig
+    from casd_ray.pipeline.plan import fingerprints
+
+    for metric, changed in (("flops", False), ("latency", True)):
+        raw = {"name": "r", "space": {"budget": {"metric": metric}}}
+        old = fingerprints(ExperimentConfig.model_validate(raw))["search"]
+        old["space"]["budget"]["latency"].pop("align_channels", None)  # as written before
+        new = fingerprints(ExperimentConfig.model_validate(raw))["search"]
+        assert (new != old) is changed
+        raw["space"]["budget"]["latency"] = {"align_channels": False}
+        assert fingerprints(ExperimentConfig.model_validate(raw))["search"] == old

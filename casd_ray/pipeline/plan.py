@@ -75,6 +75,9 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
         for key, off in added.items():
             if isinstance(inner, dict) and inner.get(key) == off:
                 del inner[key]
+    latency = dump["space"]["budget"]["latency"]
+    if cfg.space.budget.metric != "latency" or not latency["align_channels"]:
+        del latency["align_channels"]  # added later; off or idle, folders before it match
     search = {
         "after": _digest(teacher),
         "space": dump["space"],

@@ -291,7 +291,7 @@ class SpaceRules:
 
     def budget(self) -> tuple[float, RatioFn | None]:
         """``(target, ratio_fn)`` for :func:`repair`: a latency budget's target and ratio
-        are its fitted model's (predicted over the teacher's measured milliseconds)."""
+        are its fitted model's (a prediction over its prediction of the teacher)."""
         if self.metric == "latency":
             if self.latency is None:
                 raise ValueError("space.budget.metric latency: the rules carry no latency model")
