@@ -123,5 +123,8 @@ def test_a_latency_budget_end_to_end(tmp_path):
     assert trials["meets_budget"].all()  # repaired onto the predicted budget
     lat = json.loads((run / "report.json").read_text())["budget_latency"]
     assert set(lat["measured"]) == {"teacher", "uniform", "winner"}
+    winner = lat["measured"]["winner"]  # judged round by round, the rounds kept as evidence
+    assert lat["winner_meets_budget"] == winner["within_budget"]
+    assert 0 <= winner["rounds_within"] <= winner["rounds"] == len(winner["rounds_ms"])
     assert "## Latency budget" in (run / "report.md").read_text()
     assert (run / "latency.png").is_file()

@@ -21,10 +21,12 @@ from casd_ray.artifacts.network import (
 from casd_ray.artifacts.trials import rank_of, read_trials, select_winner
 from casd_ray.errors import ArtifactError, SelectionError
 from casd_ray.models.family import flops, spec_for
+from casd_ray.models.latency import Latency
 from casd_ray.models.resnet import WidthSpec
 from casd_ray.pipeline.stages import finetune
 from casd_ray.pipeline.stages.finetune import uniform_spec
 from casd_ray.train import kd
+from casd_ray.widths import latency_model as lm
 from casd_ray.widths import space
 from casd_ray.widths.latency_model import LatencyModel
 
@@ -138,9 +140,9 @@ def test_a_uniform_copied_from_the_winner_is_timed_once(finetuned_run, tmp_path,
 
     def rounds(nets, dep, rounds=3):  # distinct figures for distinct networks
         timed.append(list(nets))
-        return {n: {"median_ms": 1.0 + i, "iqr_ms": 0.0, "runs": 5} for i, n in enumerate(nets)}
+        return {n: [Latency(1.0 + i, 0.0, 5)] * rounds for i, n in enumerate(nets)}
 
-    monkeypatch.setattr(finetune, "measure_together", rounds)
+    monkeypatch.setattr(lm, "measure_rounds", rounds)
     model = LatencyModel((1.0, 0, 0, 0, 0), 1.0, 0.5, "torch", (1, 1, 28, 28), 1)
     out = finetune._budget_latency(cfg.run_dir, load_network(cfg.run_dir / "teacher"), model, print)
     assert timed == [["teacher", "winner"]]

@@ -258,3 +258,9 @@ def test_a_latency_budget_is_reported_as_measured_with_a_plot(run_copy):
     assert report["budget_latency"]["measured"]["uniform"]["median_ms"] == 0.9
     with Image.open(run_dir / "latency.png") as img:
         assert img.format == "PNG"
+    # judged round by round: the verdict with its rounds as evidence (a report from before
+    # judged by the medians alone, above)
+    judged = {"within_budget": False, "rounds": 10, "rounds_within": 4}
+    summary["budget_latency"]["measured"]["winner"].update(judged)
+    (run_dir / "finetune.json").write_text(json.dumps(summary))
+    assert "| **no** (4 of 10 rounds within) |" in build_report(run_dir).read_text()

@@ -138,14 +138,21 @@ def measure_cached(key: Sequence, build: Callable[[], nn.Module], dep: Deploymen
     return _CACHE[full]
 
 
-def measure_together(models: dict[str, nn.Module], dep: Deployment, rounds: int = 3) -> dict:
-    """Networks compared side by side: measured in interleaved rounds, so a change in the
-    machine's load falls on all of them alike; per network the median of its rounds' medians
-    and of their IQRs, and the spread of the rounds ((max - min) of the medians)."""
+def measure_rounds(
+    models: dict[str, nn.Module], dep: Deployment, rounds: int = 3
+) -> dict[str, list[Latency]]:
+    """Each network measured once per round, the rounds interleaved (every network of a round
+    before the next round): a change in the machine's load falls on all of them alike."""
     got: dict[str, list[Latency]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
             got[name].append(measure(model, dep))
+    return got
+
+
+def summarize_rounds(got: dict[str, list[Latency]]) -> dict:
+    """Per network the median of its rounds' medians and of their IQRs, the spread of the
+    rounds ((max - min) of the medians) and every round's median."""
     out = {}
     for name, lats in got.items():
         med = [x.median_ms for x in lats]
@@ -154,5 +161,12 @@ def measure_together(models: dict[str, nn.Module], dep: Deployment, rounds: int 
             "iqr_ms": round(statistics.median(x.iqr_ms for x in lats), 5),
             "rounds_spread_ms": round(max(med) - min(med), 5),
             "runs": sum(x.runs for x in lats),
+            "rounds_ms": med,
         }
     return out
+
+
+def measure_together(models: dict[str, nn.Module], dep: Deployment, rounds: int = 3) -> dict:
+    """Networks compared side by side: :func:`measure_rounds`, summarised
+    (:func:`summarize_rounds`)."""
+    return summarize_rounds(measure_rounds(models, dep, rounds))

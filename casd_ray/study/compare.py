@@ -43,7 +43,6 @@ from casd_ray.config import ExperimentConfig
 from casd_ray.errors import BudgetError
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models.family import Spec, build_model, spec_from_json
-from casd_ray.models.latency import measure_together
 from casd_ray.pipeline.latency import LATENCY_FILE, saved_latency
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
@@ -52,7 +51,7 @@ from casd_ray.stream.load import load_data
 from casd_ray.train import devices
 from casd_ray.widths import space
 from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
-from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
+from casd_ray.widths.latency_model import judge_budget, onto_measured_budget, repair_measured
 
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
 # Under a latency budget every arm is held to the same *measured* latency, and Torch-Pruning
@@ -193,7 +192,7 @@ def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log)
     spec, _ = onto_measured_budget(t, global_at, model, low=low)
     arms["global"] = _arm(cfg, spec, "global", log)
     try:
-        spec = aligned_uniform(rules, t)
+        spec = aligned_uniform(rules, t, _widths(arms["uniform"]))
     except BudgetError as e:  # whole blocks of this size cannot reach the target
         log(f"compare: no uniform_aligned arm: {e}")
     else:
@@ -209,19 +208,23 @@ def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log)
     for a in names:
         first.setdefault(_widths(arms[a]), a)
     nets = {"teacher": build_model(t)} | {a: build_model(w) for w, a in first.items()}
-    measured = measure_together(nets, model.deployment(), rounds=3)
+    measured = judge_budget(nets, model)
     for a in names:
-        ratio = measured[first[_widths(arms[a])]]["median_ms"] / measured["teacher"]["median_ms"]
-        arms[a] = {**arms[a], "latency_ratio": round(ratio, 4)}
+        m = measured[first[_widths(arms[a])]]
+        arms[a] = {**arms[a], "latency_ratio": round(m["teacher_ratio"], 4),
+                   "within_budget": m["within_budget"]}  # fmt: skip
 
 
-def aligned_uniform(rules: space.SpaceRules, teacher: Spec) -> Spec:
+def aligned_uniform(rules: space.SpaceRules, teacher: Spec, uniform: Spec) -> Spec:
     """The uniform genome repaired onto the latency budget as measured, every width a whole
     block of the latency model's channel block (and of ``space.divisible_by``): the fast path
     of the device's convolutions, which a user who knows the hardware takes by rounding
-    (Torch-Pruning's ``round_to``). Raises :class:`BudgetError` where whole blocks cannot
-    reach the target."""
+    (Torch-Pruning's ``round_to``). A run that searched in whole blocks already has it:
+    ``uniform``, its own uniform network (a second measured repair of the same genome could
+    land elsewhere). Raises :class:`BudgetError` where whole blocks cannot reach the target."""
     model = rules.latency
+    if rules.divisible_by % model.block == 0:
+        return uniform
     block = math.lcm(rules.divisible_by, model.block)
     genome = space.control_genome(rules, teacher)
     return repair_measured(
@@ -276,7 +279,8 @@ def _collect(
     """Per arm built (of ``names``) the figures compared, the deployed pick, and the two
     searches' costs."""
     run = cfg.run_dir
-    out = {a: {k: arms[a].get(k) for k in (*KEEP, "latency_ratio")} for a in names if a in arms}
+    keep = (*KEEP, "latency_ratio", "within_budget")
+    out = {a: {k: arms[a].get(k) for k in keep} for a in names if a in arms}
     pick = validated_pick({p: arms[p] for p in PARTS})
     out[PICKED] = {**out[pick], "part": pick}
     data_json = read_json_or_none(run / "teacher" / "data.json") or {}
@@ -341,7 +345,8 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
         m = summary["arms"][a]
         ratio = first[a]["flops_ratio"]
         lat = first[a].get("latency_ratio")
-        tail = (" – |" if lat is None else f" {lat:.3f} |") if measured else ""
+        over = " (over the budget)" if first[a].get("within_budget") is False else ""
+        tail = (" – |" if lat is None else f" {lat:.3f}{over} |") if measured else ""
         lines.append(
             f"| {a} | "
             + " | ".join(pct(v) for v in m["test_acc"])

@@ -22,6 +22,7 @@ model under-predicted.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,7 +39,9 @@ from casd_ray.models.latency import (
     Latency,
     check_runtime,
     measure_cached,
+    measure_rounds,
     measure_together,
+    summarize_rounds,
 )
 from casd_ray.widths import space
 
@@ -48,6 +51,9 @@ TOLERANCE = 0.03
 # A network measured more than this fraction under the target is grown back towards it: a
 # budget left unused is accuracy given away, and arms compared "at equal latency" must be.
 SLACK = 0.10
+# Rounds of a final verdict (teacher and every network, interleaved); as many again when the
+# rounds disagree on it.
+VERDICT_ROUNDS = 5
 FEATURES = ("one", "gflops", "mactivations", "mparams", "unaligned_gflops")
 # Channel blocks tried for the unaligned-FLOPs feature (1: none). CPU kernels (ONNX Runtime's
 # NCHWc layout, oneDNN) work on channel blocks of the SIMD width, 8 floats with AVX2 and 16
@@ -162,6 +168,54 @@ def measure_beside_teacher(
     of two networks measured side by side much less."""
     nets = {"teacher": build_model(teacher), "student": build_model(student)}
     return measure_together(nets, dep, rounds=rounds)
+
+
+def fractions_of_target(
+    rounds_ms: list[float], teacher_rounds_ms: list[float], model: LatencyModel
+) -> list[float]:
+    """Each round's latency over the target beside the teacher measured in that round."""
+    pairs = zip(rounds_ms, teacher_rounds_ms, strict=True)
+    return [ms / model.target_beside(t) for ms, t in pairs]
+
+
+def judge_budget(
+    nets: dict[str, torch.nn.Module], model: LatencyModel, rounds: int = VERDICT_ROUNDS
+) -> dict[str, dict]:
+    """``nets`` (the teacher as ``"teacher"``) measured in interleaved rounds, each network
+    judged round by round against the target beside the teacher *of that round*: a burst of
+    load between one round's teacher and its student moves one round, not the medians of
+    both. The verdict is the median of the rounds' fractions of the target (within
+    :data:`TOLERANCE`); where the rounds disagree on it, as many rounds again are measured
+    and pooled. Per network: :func:`summarize_rounds`' figures, plus ``fraction_of_target``,
+    ``teacher_ratio`` (median of the rounds' latency over the teacher's), ``rounds``,
+    ``rounds_within`` and ``within_budget``."""
+    dep = model.deployment()
+    got = measure_rounds(nets, dep, rounds)
+    students = [n for n in nets if n != "teacher"]
+
+    def fractions(name: str) -> list[float]:
+        ms = ([x.median_ms for x in got[k]] for k in (name, "teacher"))
+        return fractions_of_target(*ms, model)
+
+    def split(name: str) -> bool:
+        return len({f <= 1 + TOLERANCE for f in fractions(name)}) > 1
+
+    if any(split(n) for n in students):
+        more = measure_rounds(nets, dep, rounds)
+        got = {n: got[n] + more[n] for n in nets}
+    out = summarize_rounds(got)
+    for name in students:
+        frac = fractions(name)
+        ratio = [s.median_ms / t.median_ms for s, t in zip(got[name], got["teacher"], strict=True)]
+        mid = statistics.median(frac)
+        out[name].update(
+            fraction_of_target=round(mid, 5),
+            teacher_ratio=round(statistics.median(ratio), 5),
+            rounds=len(frac),
+            rounds_within=sum(f <= 1 + TOLERANCE for f in frac),
+            within_budget=mid <= 1 + TOLERANCE,
+        )
+    return out
 
 
 def random_specs(
@@ -307,11 +361,12 @@ def onto_measured_budget(
 ) -> tuple[Spec, Latency]:
     """``build(ratio)`` allocates a network onto a predicted latency ratio; it is measured
     beside the teacher and moved until it lands within [1 - :data:`SLACK`, 1 +
-    :data:`TOLERANCE`] of the target (:meth:`LatencyModel.target_beside` those rounds'
-    teacher): the next ratio scales by target / measured (a secant through the origin), kept
-    inside the bracket of ratios already measured under and over the target, else bisected
-    (never below ``low``). Returns the network and its measured latency (median of
-    interleaved rounds); after ``tries`` the largest network measured within the target."""
+    :data:`TOLERANCE`] of the target, the median of its rounds' fractions of the target
+    beside each round's teacher (:func:`fractions_of_target`): the next ratio scales by
+    target / measured (a secant through the origin), kept inside the bracket of ratios
+    already measured under and over the target, else bisected (never below ``low``).
+    Returns the network and its measured latency (median of interleaved rounds); after
+    ``tries`` the largest network measured within the target."""
     dep = model.deployment()
     ratio, under, over = model.target_ratio, low, math.inf
     best: tuple[float, Spec, Latency] | None = None  # (fraction of its target, network, latency)
@@ -321,7 +376,9 @@ def onto_measured_budget(
         target = model.target_beside(ms["teacher"]["median_ms"])
         got = ms["student"]
         lat = Latency(got["median_ms"], got["iqr_ms"], got["runs"])
-        frac = lat.median_ms / target
+        frac = statistics.median(
+            fractions_of_target(got["rounds_ms"], ms["teacher"]["rounds_ms"], model)
+        )
         if frac <= 1 + TOLERANCE:
             if best is None or frac > best[0]:
                 best = (frac, student, lat)

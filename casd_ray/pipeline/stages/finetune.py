@@ -34,7 +34,6 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.files import atomic_write, write_json
 from casd_ray.models.cost import cpu_latency
 from casd_ray.models.family import Spec, flops, spec_from_json
-from casd_ray.models.latency import measure_together
 from casd_ray.pipeline.stages.student import (
     EVAL_BATCH,
     StudentRecipe,
@@ -47,7 +46,12 @@ from casd_ray.pipeline.stages.student import (
 from casd_ray.train import devices
 from casd_ray.train.loop import evaluate_splits
 from casd_ray.widths import space
-from casd_ray.widths.latency_model import TOLERANCE, LatencyModel, repair_measured
+from casd_ray.widths.latency_model import (
+    TOLERANCE,
+    LatencyModel,
+    judge_budget,
+    repair_measured,
+)
 from casd_ray.widths.space import SpaceRules
 
 
@@ -112,12 +116,12 @@ def _onto_measured_budget(
 
 
 def _budget_latency(run_dir: Path, teacher: Network, model: LatencyModel, log) -> dict:
-    """Teacher / uniform / winner measured on the budget's deployment, in interleaved rounds
-    (median and spread): the figures the report judges the budget by."""
+    """Teacher / uniform / winner measured on the budget's deployment in interleaved rounds
+    and judged round by round (:func:`judge_budget`): the figures the report judges the
+    budget by."""
     log(f"finetune: measuring latency on {model.runtime} {model.shape} (the budget's runtime)")
-    dep = model.deployment()
     nets = {"teacher": teacher.model, **_distinct_parts(run_dir)}
-    measured = _as_parts(measure_together({name: net.cpu() for name, net in nets.items()}, dep))
+    measured = _as_parts(judge_budget({name: net.cpu() for name, net in nets.items()}, model))
     target = model.target_beside(measured["teacher"]["median_ms"])
     return {
         "runtime": model.runtime,
@@ -128,7 +132,7 @@ def _budget_latency(run_dir: Path, teacher: Network, model: LatencyModel, log) -
         "model_error": model.error,
         "measured": measured,
         "tolerance": TOLERANCE,
-        "winner_meets_budget": measured["winner"]["median_ms"] <= target * (1 + TOLERANCE),
+        "winner_meets_budget": measured["winner"]["within_budget"],
     }
 
 
