@@ -6,10 +6,11 @@ search keeps are not random: they are the ones the model let keep the most, so i
 them can be larger, and an error that moves every ratio alike (one slow measurement of the
 teacher) shows as a common factor here. Measures the distilled trials' networks (or the
 ``--trials`` given) and the fine-tuned ``uniform`` and ``winner`` with the run's own
-``latency.json`` deployment; run it on the machine the run measured on, with nothing else
-running.
+``latency.json`` deployment, each judged round by round against the budget as the report
+judges (:func:`judge_budget`, measured ratio = median of the rounds' ratios); run it on the
+machine the run measured on, with nothing else running.
 
-    python benchmarks/latency_run_check.py runs/<name> [--trials ID ...] [--rounds 3]
+    python benchmarks/latency_run_check.py runs/<name> [--trials ID ...] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ from pathlib import Path
 from casd_ray.artifacts.run_folder import PARTS
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.models.family import build_model, spec_from_json
-from casd_ray.models.latency import measure_together
 from casd_ray.pipeline.latency import LATENCY_FILE
-from casd_ray.widths.latency_model import LatencyModel
+from casd_ray.widths.latency_model import LatencyModel, judge_budget
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a run folder of a latency budget")
     ap.add_argument("--trials", nargs="*", help="trial ids (default: every distilled trial)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     model = LatencyModel.from_dict(json.loads((args.run / LATENCY_FILE).read_text())["model"])
     teacher = spec_from_json((args.run / "teacher" / "widths.json").read_text())
@@ -44,7 +44,7 @@ def main() -> None:
         if (args.run / part / "widths.json").is_file():
             specs[f"final {part}"] = spec_from_json((args.run / part / "widths.json").read_text())
     nets = {"teacher": build_model(teacher)} | {k: build_model(v) for k, v in specs.items()}
-    ms = measure_together(nets, model.deployment(), rounds=args.rounds)
+    ms = judge_budget(nets, model, rounds=args.rounds)
     t_ms = ms["teacher"]["median_ms"]
     at_fit = model.error.get("teacher_measured_ms")
     ref = (
@@ -54,11 +54,13 @@ def main() -> None:
     )
     print(f"teacher measured {t_ms:.2f} ms now; the ratios' reference {model.teacher_ms:.2f} ms "
           f"({ref})")  # fmt: skip
-    print("| network | predicted ratio | measured ratio | measured / predicted |")
-    print("|---|---:|---:|---:|")
+    print("| network | predicted ratio | measured ratio | measured / predicted | within budget |")
+    print("|---|---:|---:|---:|---|")
     for name, spec in specs.items():
-        pred, got = model.ratio(spec), ms[name]["median_ms"] / t_ms
-        print(f"| {name} | {pred:.3f} | {got:.3f} | {got / pred:.2f} |")
+        m = ms[name]
+        pred, got = model.ratio(spec), m["teacher_ratio"]
+        verdict = f"{'yes' if m['within_budget'] else 'no'} ({m['rounds_within']}/{m['rounds']})"
+        print(f"| {name} | {pred:.3f} | {got:.3f} | {got / pred:.2f} | {verdict} |")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,21 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
+
+from casd_ray.artifacts.trials import eligible, select_winner
 from casd_ray.config import ExperimentConfig
 from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json
-from casd_ray.models.family import Spec
+from casd_ray.models.family import Spec, build_model, spec_from_json
 from casd_ray.pipeline.plan import Log
 from casd_ray.widths import space
-from casd_ray.widths.latency_model import FEATURES, LatencyModel, build_latency_model
+from casd_ray.widths.latency_model import (
+    FEATURES,
+    LatencyModel,
+    build_latency_model,
+    judge_budget,
+)
 from casd_ray.widths.space import SpaceRules
 
 LATENCY_FILE = "latency.json"
@@ -119,3 +127,34 @@ def save_latency(cfg: ExperimentConfig, rules: SpaceRules) -> None:
             path,
             {"settings": _settings(cfg), "model": rules.latency.as_dict(), "divisible_by": step},
         )
+
+
+def measured_winner(
+    trials: pd.DataFrame, rules: SpaceRules, teacher_spec: Spec, log: Log
+) -> pd.Series:
+    """The best eligible trial whose network *measures* within the latency budget.
+
+    Trials were repaired onto the budget the model predicts, and among many candidates the
+    best-scoring ones are disproportionately those the model under-predicts (they kept
+    more): on a real run measured repair cut the search's winner from 0.354 to 0.198 of the
+    FLOPs after the search, and it fine-tuned 4.5 points below the uniform network. So the
+    finalists, best validation first, are measured beside the teacher
+    (:func:`judge_budget`), and the first within the budget wins; none within: the best,
+    which measured repair then cuts.
+    """
+    best = select_winner(trials)  # the one-line error where no trial is eligible
+    pool = trials[eligible(trials)]
+    pool = pool.sort_values(["best_val_acc", "flops"], ascending=[False, True], kind="stable")
+    teacher = build_model(teacher_spec)
+    for _, row in pool.iterrows():
+        student = build_model(spec_from_json(row["widths"]))
+        m = judge_budget({"teacher": teacher, "student": student}, rules.latency, rounds=3)
+        m = m["student"]
+        if m["within_budget"]:
+            return row
+        log(f"latency: trial {row['trial_id']} (val_acc {row['best_val_acc']:.4f}) measured "
+            f"{m['fraction_of_target']:.3f} of the latency target ({m['rounds_within']} of "
+            f"{m['rounds']} rounds within): passed over")  # fmt: skip
+    log("latency: no finished trial measured within the latency budget; the best is cut "
+        "onto it from its measurement")  # fmt: skip
+    return best

@@ -43,7 +43,7 @@ from casd_ray.config import ExperimentConfig
 from casd_ray.errors import BudgetError
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models.family import Spec, build_model, spec_from_json
-from casd_ray.pipeline.latency import LATENCY_FILE, saved_latency
+from casd_ray.pipeline.latency import LATENCY_FILE, measured_winner, saved_latency
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
 from casd_ray.report.deploy import validated_pick
@@ -247,8 +247,13 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     if latency:
         _share_latency_model(cfg, rnd)
     execute(rnd, ["teacher", "search"], log=log)
-    row = select_winner(read_trials(rnd.run_dir / TRIALS_FILE))
     teacher = load_teacher(cfg, run / "teacher")
+    rnd_trials = read_trials(rnd.run_dir / TRIALS_FILE)
+    if latency:  # picked as the search's winner is: the best within the budget as measured
+        rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
+        row = measured_winner(rnd_trials, rules, teacher.spec, log)
+    else:
+        row = select_winner(rnd_trials)
     ce = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"alpha": 0.0})})
     arms["uniform_ce"] = _arm(ce, _widths(arms["uniform"]), "uniform_ce", log)
     if latency:

@@ -34,6 +34,7 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.files import atomic_write, write_json
 from casd_ray.models.cost import cpu_latency
 from casd_ray.models.family import Spec, flops, spec_from_json
+from casd_ray.pipeline.latency import measured_winner
 from casd_ray.pipeline.stages.student import (
     EVAL_BATCH,
     StudentRecipe,
@@ -178,8 +179,11 @@ def run_finetune(
     Returns that summary.
     """
     run_dir = Path(run_dir)
-    winner_row = select_winner(trials)
     teacher_spec = teacher.spec
+    if rules.latency is not None:
+        winner_row = measured_winner(trials, rules, teacher_spec, log)
+    else:
+        winner_row = select_winner(trials)
     specs = {"winner": spec_from_json(winner_row["widths"])}
     specs["uniform"], control_id = uniform_spec(trials, rules, teacher_spec, winner_row)
     if rules.latency is not None:
