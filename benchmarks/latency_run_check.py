@@ -22,8 +22,8 @@ from pathlib import Path
 from casd_ray.artifacts.run_folder import PARTS
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.models.family import build_model, spec_from_json
-from casd_ray.pipeline.latency import LATENCY_FILE
-from casd_ray.widths.latency_model import LatencyModel, judge_budget
+from casd_ray.pipeline.latency import LATENCY_FILE, judge_budget
+from casd_ray.widths.latency_model import LatencyModel
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from casd_ray.errors import ArtifactError, SelectionError
 from casd_ray.models.family import flops, spec_for
 from casd_ray.models.latency import Latency
 from casd_ray.models.resnet import WidthSpec
+from casd_ray.pipeline import latency as pipeline_latency
 from casd_ray.pipeline.stages import finetune
 from casd_ray.pipeline.stages.finetune import uniform_spec
 from casd_ray.train import kd
-from casd_ray.widths import latency_model as lm
 from casd_ray.widths import space
 from casd_ray.widths.latency_model import LatencyModel
 
@@ -142,7 +142,7 @@ def test_a_uniform_copied_from_the_winner_is_timed_once(finetuned_run, tmp_path,
         timed.append(list(nets))
         return {n: [Latency(1.0 + i, 0.0, 5)] * rounds for i, n in enumerate(nets)}
 
-    monkeypatch.setattr(lm, "measure_rounds", rounds)
+    monkeypatch.setattr(pipeline_latency, "measure_rounds", rounds)
     model = LatencyModel((1.0, 0, 0, 0, 0), 1.0, 0.5, "torch", (1, 1, 28, 28), 1)
     out = finetune._budget_latency(cfg.run_dir, load_network(cfg.run_dir / "teacher"), model, print)
     assert timed == [["teacher", "winner"]]

@@ -473,7 +473,7 @@ def test_a_burst_of_load_inside_rounds_does_not_decide_the_verdict(monkeypatch):
     base = {"teacher": 40.0, "winner": 19.0}
     # calls 0-5 are rounds 1-3 (teacher, winner); the burst hits calls 3, 4 and 5
     calls = _scripted_device(monkeypatch, base, slow_calls={3, 4, 5})
-    got = lm.judge_budget(nets, model, rounds=3)
+    got = pipeline_latency.judge_budget(nets, model, rounds=3)
     w = got["winner"]
     assert w["within_budget"] and w["fraction_of_target"] == pytest.approx(0.95)
     # the rounds disagreed (1.425 in one), so as many again were measured and pooled
@@ -486,7 +486,7 @@ def test_a_network_over_the_budget_in_every_round_fails_without_more_rounds(monk
     model = lm.LatencyModel((1.0, 0, 0, 0, 0), 40.0, 20.0, "torch", (1, 3, 8, 8), 1)
     nets = {"teacher": _named("teacher"), "winner": _named("winner")}
     calls = _scripted_device(monkeypatch, {"teacher": 40.0, "winner": 24.0}, slow_calls=set())
-    w = lm.judge_budget(nets, model, rounds=3)["winner"]
+    w = pipeline_latency.judge_budget(nets, model, rounds=3)["winner"]
     assert not w["within_budget"] and w["rounds_within"] == 0 and len(calls) == 6
     assert w["fraction_of_target"] == pytest.approx(1.2)
 
@@ -521,7 +521,7 @@ def test_the_winner_is_the_best_trial_within_the_budget_as_measured(monkeypatch)
             measured.append(got["student"][0].median_ms)
             return got
 
-        monkeypatch.setattr(lm, "measure_rounds", measure_rounds)
+        monkeypatch.setattr(pipeline_latency, "measure_rounds", measure_rounds)
         return measured
 
     logs: list[str] = []

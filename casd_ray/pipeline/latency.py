@@ -8,27 +8,34 @@ folder and reused while the deployment (runtime, batch, threads, target) is unch
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+from torch import nn
 
 from casd_ray.artifacts.trials import eligible, select_winner
 from casd_ray.config import ExperimentConfig
 from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json
 from casd_ray.models.family import Spec, build_model, spec_from_json
+from casd_ray.models.latency import measure_rounds, summarize_rounds
 from casd_ray.pipeline.plan import Log
 from casd_ray.widths import space
 from casd_ray.widths.latency_model import (
     FEATURES,
+    TOLERANCE,
     LatencyModel,
     build_latency_model,
-    judge_budget,
+    fractions_of_target,
 )
 from casd_ray.widths.space import SpaceRules
 
 LATENCY_FILE = "latency.json"
+# Rounds of a final verdict (teacher and every network, interleaved); as many again when the
+# rounds disagree on it.
+VERDICT_ROUNDS = 5
 
 
 def _settings(cfg: ExperimentConfig) -> dict:
@@ -158,3 +165,43 @@ def measured_winner(
     log("latency: no finished trial measured within the latency budget; the best is cut "
         "onto it from its measurement")  # fmt: skip
     return best
+
+
+def judge_budget(
+    nets: dict[str, nn.Module], model: LatencyModel, rounds: int = VERDICT_ROUNDS
+) -> dict[str, dict]:
+    """``nets`` (the teacher as ``"teacher"``) measured in interleaved rounds, each network
+    judged round by round against the target beside the teacher *of that round*: a burst of
+    load between one round's teacher and its student moves one round, not the medians of
+    both. The verdict is the median of the rounds' fractions of the target (within
+    :data:`TOLERANCE`); where the rounds disagree on it, as many rounds again are measured
+    and pooled. Per network: :func:`summarize_rounds`' figures, plus ``fraction_of_target``,
+    ``teacher_ratio`` (median of the rounds' latency over the teacher's), ``rounds``,
+    ``rounds_within`` and ``within_budget``."""
+    dep = model.deployment()
+    got = measure_rounds(nets, dep, rounds)
+    students = [n for n in nets if n != "teacher"]
+
+    def fractions(name: str) -> list[float]:
+        ms = ([x.median_ms for x in got[k]] for k in (name, "teacher"))
+        return fractions_of_target(*ms, model)
+
+    def split(name: str) -> bool:
+        return len({f <= 1 + TOLERANCE for f in fractions(name)}) > 1
+
+    if any(split(n) for n in students):
+        more = measure_rounds(nets, dep, rounds)
+        got = {n: got[n] + more[n] for n in nets}
+    out = summarize_rounds(got)
+    for name in students:
+        frac = fractions(name)
+        ratio = [s.median_ms / t.median_ms for s, t in zip(got[name], got["teacher"], strict=True)]
+        mid = statistics.median(frac)
+        out[name].update(
+            fraction_of_target=round(mid, 5),
+            teacher_ratio=round(statistics.median(ratio), 5),
+            rounds=len(frac),
+            rounds_within=sum(f <= 1 + TOLERANCE for f in frac),
+            within_budget=mid <= 1 + TOLERANCE,
+        )
+    return out

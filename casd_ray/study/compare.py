@@ -43,7 +43,7 @@ from casd_ray.config import ExperimentConfig
 from casd_ray.errors import BudgetError
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models.family import Spec, build_model, spec_from_json
-from casd_ray.pipeline.latency import LATENCY_FILE, measured_winner, saved_latency
+from casd_ray.pipeline.latency import LATENCY_FILE, judge_budget, measured_winner, saved_latency
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
 from casd_ray.report.deploy import validated_pick
@@ -51,7 +51,7 @@ from casd_ray.stream.load import load_data
 from casd_ray.train import devices
 from casd_ray.widths import space
 from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
-from casd_ray.widths.latency_model import judge_budget, onto_measured_budget, repair_measured
+from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
 
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
 # Under a latency budget every arm is held to the same *measured* latency, and Torch-Pruning

@@ -39,9 +39,7 @@ from casd_ray.models.latency import (
     Latency,
     check_runtime,
     measure_cached,
-    measure_rounds,
     measure_together,
-    summarize_rounds,
 )
 from casd_ray.widths import space
 
@@ -51,9 +49,6 @@ TOLERANCE = 0.03
 # A network measured more than this fraction under the target is grown back towards it: a
 # budget left unused is accuracy given away, and arms compared "at equal latency" must be.
 SLACK = 0.10
-# Rounds of a final verdict (teacher and every network, interleaved); as many again when the
-# rounds disagree on it.
-VERDICT_ROUNDS = 5
 FEATURES = ("one", "gflops", "mactivations", "mparams", "unaligned_gflops")
 # Channel blocks tried for the unaligned-FLOPs feature (1: none). CPU kernels (ONNX Runtime's
 # NCHWc layout, oneDNN) work on channel blocks of the SIMD width, 8 floats with AVX2 and 16
@@ -176,46 +171,6 @@ def fractions_of_target(
     """Each round's latency over the target beside the teacher measured in that round."""
     pairs = zip(rounds_ms, teacher_rounds_ms, strict=True)
     return [ms / model.target_beside(t) for ms, t in pairs]
-
-
-def judge_budget(
-    nets: dict[str, torch.nn.Module], model: LatencyModel, rounds: int = VERDICT_ROUNDS
-) -> dict[str, dict]:
-    """``nets`` (the teacher as ``"teacher"``) measured in interleaved rounds, each network
-    judged round by round against the target beside the teacher *of that round*: a burst of
-    load between one round's teacher and its student moves one round, not the medians of
-    both. The verdict is the median of the rounds' fractions of the target (within
-    :data:`TOLERANCE`); where the rounds disagree on it, as many rounds again are measured
-    and pooled. Per network: :func:`summarize_rounds`' figures, plus ``fraction_of_target``,
-    ``teacher_ratio`` (median of the rounds' latency over the teacher's), ``rounds``,
-    ``rounds_within`` and ``within_budget``."""
-    dep = model.deployment()
-    got = measure_rounds(nets, dep, rounds)
-    students = [n for n in nets if n != "teacher"]
-
-    def fractions(name: str) -> list[float]:
-        ms = ([x.median_ms for x in got[k]] for k in (name, "teacher"))
-        return fractions_of_target(*ms, model)
-
-    def split(name: str) -> bool:
-        return len({f <= 1 + TOLERANCE for f in fractions(name)}) > 1
-
-    if any(split(n) for n in students):
-        more = measure_rounds(nets, dep, rounds)
-        got = {n: got[n] + more[n] for n in nets}
-    out = summarize_rounds(got)
-    for name in students:
-        frac = fractions(name)
-        ratio = [s.median_ms / t.median_ms for s, t in zip(got[name], got["teacher"], strict=True)]
-        mid = statistics.median(frac)
-        out[name].update(
-            fraction_of_target=round(mid, 5),
-            teacher_ratio=round(statistics.median(ratio), 5),
-            rounds=len(frac),
-            rounds_within=sum(f <= 1 + TOLERANCE for f in frac),
-            within_budget=mid <= 1 + TOLERANCE,
-        )
-    return out
 
 
 def random_specs(

@@ -34,7 +34,7 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.files import atomic_write, write_json
 from casd_ray.models.cost import cpu_latency
 from casd_ray.models.family import Spec, flops, spec_from_json
-from casd_ray.pipeline.latency import measured_winner
+from casd_ray.pipeline.latency import judge_budget, measured_winner
 from casd_ray.pipeline.stages.student import (
     EVAL_BATCH,
     StudentRecipe,
@@ -50,7 +50,6 @@ from casd_ray.widths import space
 from casd_ray.widths.latency_model import (
     TOLERANCE,
     LatencyModel,
-    judge_budget,
     repair_measured,
 )
 from casd_ray.widths.space import SpaceRules
