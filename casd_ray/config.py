@@ -100,6 +100,15 @@ class LatencyConfig(_Strict):
         ge=0,
         description="further random networks measured to report the model's error (MAPE, worst)",
     )
+    calibrate_networks: int = Field(
+        16,
+        ge=0,
+        description=(
+            "networks drawn as the search draws them (random genomes repaired onto the "
+            "target), measured beside the teacher before the search to scale the model's "
+            "ratios where the search looks; 0: no calibration"
+        ),
+    )
     align_channels: bool = Field(
         True,
         description=(

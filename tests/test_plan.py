@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from casd_ray.pipeline.plan import set_aside_outputs
 
 
@@ -70,18 +72,20 @@ def test_a_setting_added_later_reuses_old_folders_when_set_off():
     assert fingerprints(ExperimentConfig.model_validate(raw))["search"] == old
 
 
-def test_channel_alignment_added_later_keeps_old_folders_reusable():
-    """``space.budget.latency.align_channels`` came after runs existed: under a FLOPs budget
-    it changes nothing and must not change the fingerprint; under a latency budget the new
-    default (aligned widths) is refused as changed, and ``false`` matches the old folder."""
+@pytest.mark.parametrize("key, off", [("align_channels", False), ("calibrate_networks", 0)])
+def test_latency_settings_added_later_keep_old_folders_reusable(key, off):
+    """``space.budget.latency.align_channels`` and ``calibrate_networks`` came after runs
+    existed: under a FLOPs budget they change nothing and must not change the fingerprint;
+    under a latency budget the new default (aligned widths, a calibrated model) is refused as
+    changed, and the setting off matches the old folder."""
     from casd_ray.config import ExperimentConfig
     from casd_ray.pipeline.plan import fingerprints
 
     for metric, changed in (("flops", False), ("latency", True)):
         raw = {"name": "r", "space": {"budget": {"metric": metric}}}
         old = fingerprints(ExperimentConfig.model_validate(raw))["search"]
-        old["space"]["budget"]["latency"].pop("align_channels", None)  # as written before
+        old["space"]["budget"]["latency"].pop(key, None)  # as written before
         new = fingerprints(ExperimentConfig.model_validate(raw))["search"]
         assert (new != old) is changed
-        raw["space"]["budget"]["latency"] = {"align_channels": False}
+        raw["space"]["budget"]["latency"] = {key: off}
         assert fingerprints(ExperimentConfig.model_validate(raw))["search"] == old

@@ -100,14 +100,16 @@ def eligible(trials: pd.DataFrame) -> pd.Series:
     )
 
 
+def ranked_eligible(df: pd.DataFrame) -> pd.DataFrame:
+    """Eligible trials, best ``best_val_acc`` first (ties: fewer FLOPs)."""
+    pool = df[eligible(df)]
+    return pool.sort_values(["best_val_acc", "flops"], ascending=[False, True], kind="stable")
+
+
 def best_completed(df: pd.DataFrame) -> pd.Series | None:
     """Best ``best_val_acc`` among eligible trials (ties: fewer FLOPs), or None."""
-    pool = df[eligible(df)]
-    if pool.empty:
-        return None
-    return pool.sort_values(["best_val_acc", "flops"], ascending=[False, True], kind="stable").iloc[
-        0
-    ]
+    pool = ranked_eligible(df)
+    return None if pool.empty else pool.iloc[0]
 
 
 def select_winner(trials: pd.DataFrame) -> pd.Series:

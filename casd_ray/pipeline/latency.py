@@ -12,10 +12,11 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
-from casd_ray.artifacts.trials import eligible, select_winner
+from casd_ray.artifacts.trials import ranked_eligible, select_winner
 from casd_ray.config import ExperimentConfig
 from casd_ray.errors import ConfigError
 from casd_ray.files import read_json_or_none, write_json
@@ -24,10 +25,12 @@ from casd_ray.models.latency import measure_rounds, summarize_rounds
 from casd_ray.pipeline.plan import Log
 from casd_ray.widths import space
 from casd_ray.widths.latency_model import (
+    BLOCKS,
     FEATURES,
     TOLERANCE,
     LatencyModel,
     build_latency_model,
+    calibrated,
     fractions_of_target,
 )
 from casd_ray.widths.space import SpaceRules
@@ -43,8 +46,9 @@ def _settings(cfg: ExperimentConfig) -> dict:
     # the feature list too: a model saved with other features cannot be reused
     return {
         "target": b.target,
-        # alignment shapes the search space, not the fitted model
-        **b.latency.model_dump(exclude={"align_channels"}),
+        # alignment shapes the search space and calibration is measured after the fit: a
+        # model saved without them is reused as it is
+        **b.latency.model_dump(exclude={"align_channels", "calibrate_networks"}),
         "seed": cfg.seed,
         "features": list(FEATURES),
     }
@@ -87,13 +91,56 @@ def with_latency(
     model = saved_latency(cfg, rules).latency
     if model is not None:
         log(f"latency: reusing the model in {cfg.run_dir / LATENCY_FILE}")
-    else:
-        b, s = cfg.space.budget, cfg.space
-        model = build_latency_model(
-            teacher_spec, b.latency, b.target, min_channels=s.min_channels,
-            divisible_by=s.divisible_by, seed=cfg.seed, log=log,
-        )  # fmt: skip
-    return _aligned(cfg, replace(rules, latency=model), teacher_spec, log)
+        return _aligned(cfg, replace(rules, latency=model), teacher_spec, log)
+    b, s = cfg.space.budget, cfg.space
+    model = build_latency_model(
+        teacher_spec, b.latency, b.target, min_channels=s.min_channels,
+        divisible_by=s.divisible_by, seed=cfg.seed, log=log,
+    )  # fmt: skip
+    rules = _aligned(cfg, replace(rules, latency=model), teacher_spec, log)
+    return _calibrated(cfg, rules, teacher_spec, log)
+
+
+def _calibrated(
+    cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: Log
+) -> SpaceRules:
+    """``rules`` whose model is calibrated (:func:`calibrated`) on ``calibrate_networks``
+    networks of the searched space: random genomes repaired onto the target with the
+    model, each measured beside the teacher in two interleaved rounds."""
+    n = cfg.space.budget.latency.calibrate_networks
+    if n == 0:
+        return rules
+    rng = np.random.default_rng(cfg.seed + 3)
+    genes = space.gene_names(teacher_spec, rules.granularity)
+    specs = [
+        space.candidate_spec(
+            rules,
+            teacher_spec,
+            {g: float(rng.uniform(rules.min_ratio, rules.max_ratio)) for g in genes},
+        )
+        for _ in range(n)
+    ]
+    nets = {"teacher": build_model(teacher_spec)} | {
+        str(i): build_model(s) for i, s in enumerate(specs)
+    }
+    got = measure_rounds(nets, rules.latency.deployment(), rounds=2)
+    measured = [
+        statistics.median(
+            s.median_ms / t.median_ms for s, t in zip(got[str(i)], got["teacher"], strict=True)
+        )
+        for i in range(n)
+    ]
+    # never so far that the space's smallest network, measured within the target when the
+    # model was fitted, is predicted over it
+    kw = {"min_channels": rules.min_channels, "divisible_by": rules.divisible_by}
+    low = space.smallest_ratio(teacher_spec, "latency", ratio_fn=rules.latency.ratio, **kw)
+    model = calibrated(rules.latency, specs, measured, most=rules.latency.target_ratio / low)
+    c = model.error["searched_space"]
+    log(f"latency model calibrated where the search looks ({n} networks repaired onto the "
+        f"target, measured beside the teacher): ratios x{model.calibration:.3f}; error there "
+        f"MAPE {c['before']['mape_pct']}% (bias {c['before']['bias_pct']:+}%) before, "
+        f"{c['after']['mape_pct']}% after")  # fmt: skip
+    return replace(rules, latency=model)
 
 
 def _aligned(cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: Log) -> SpaceRules:
@@ -110,15 +157,21 @@ def _aligned(cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: 
         log(f"{slow} on this device; space.divisible_by: {model.block} keeps every candidate "
             "on the fast path")  # fmt: skip
         return rules
-    step = math.lcm(rules.divisible_by, model.block)
-    low = space.smallest_ratio(
-        teacher_spec, "latency", min_channels=rules.min_channels, divisible_by=step,
-        ratio_fn=model.ratio,
-    )  # fmt: skip
-    if low > model.target_ratio:
+    # the model's block, else the largest block dividing it that still reaches the target:
+    # a CPU slow off blocks of 16 is not as slow on whole blocks of 8 (AVX-512, ONNX
+    # Runtime); the calibration then measures the model where the search looks
+    for block in sorted((b for b in BLOCKS if b > 1 and model.block % b == 0), reverse=True):
+        step = math.lcm(rules.divisible_by, block)
+        low = space.smallest_ratio(
+            teacher_spec, "latency", min_channels=rules.min_channels, divisible_by=step,
+            ratio_fn=model.ratio,
+        )  # fmt: skip
+        if low <= model.target_ratio:
+            break
         log(f"{slow}, but no network in whole blocks of {step} reaches the target (the "
-            f"narrowest predicted at {low:.3f} of the teacher): every width is "
-            "searched")  # fmt: skip
+            f"narrowest predicted at {low:.3f} of the teacher)")  # fmt: skip
+    else:
+        log("latency: every width is searched")
         return rules
     log(f"{slow}: every width a whole block of {step} channels "
         "(space.budget.latency.align_channels: false searches every width)")  # fmt: skip
@@ -150,17 +203,16 @@ def measured_winner(
     which measured repair then cuts.
     """
     best = select_winner(trials)  # the one-line error where no trial is eligible
-    pool = trials[eligible(trials)]
-    pool = pool.sort_values(["best_val_acc", "flops"], ascending=[False, True], kind="stable")
-    teacher = build_model(teacher_spec)
-    for _, row in pool.iterrows():
-        student = build_model(spec_from_json(row["widths"]))
-        m = judge_budget({"teacher": teacher, "student": student}, rules.latency, rounds=3)
+    teacher, model = build_model(teacher_spec), rules.latency
+    for _, row in ranked_eligible(trials).iterrows():
+        spec = spec_from_json(row["widths"])
+        m = judge_budget({"teacher": teacher, "student": build_model(spec)}, model, rounds=3)
         m = m["student"]
         if m["within_budget"]:
             return row
         log(f"latency: trial {row['trial_id']} (val_acc {row['best_val_acc']:.4f}) measured "
-            f"{m['fraction_of_target']:.3f} of the latency target ({m['rounds_within']} of "
+            f"{m['fraction_of_target']:.3f} of the latency target (predicted "
+            f"{model.ratio(spec) / model.target_ratio:.3f}; {m['rounds_within']} of "
             f"{m['rounds']} rounds within): passed over")  # fmt: skip
     log("latency: no finished trial measured within the latency budget; the best is cut "
         "onto it from its measurement")  # fmt: skip

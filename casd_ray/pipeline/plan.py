@@ -78,6 +78,8 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
     latency = dump["space"]["budget"]["latency"]
     if cfg.space.budget.metric != "latency" or not latency["align_channels"]:
         del latency["align_channels"]  # added later; off or idle, folders before it match
+    if cfg.space.budget.metric != "latency" or not latency["calibrate_networks"]:
+        del latency["calibrate_networks"]  # so was this
     search = {
         "after": _digest(teacher),
         "space": dump["space"],

@@ -163,13 +163,14 @@ def _share_latency_model(cfg: ExperimentConfig, other: ExperimentConfig) -> None
         shutil.copyfile(src, dst)
 
 
-def _latency_arms(cfg: ExperimentConfig, arms: dict, teacher, rnd_row, log: Log) -> None:
+def _latency_arms(
+    cfg: ExperimentConfig, rules: space.SpaceRules, arms: dict, teacher, rnd_row, log: Log
+) -> None:
     """The latency budget's arms, each held to the budget *as measured* beside the teacher:
     the random search's winner and the global ranking (allocated with the run's latency
     model), the FLOPs-budget search's winner (at the uniform network's FLOPs) scaled onto
     the latency budget, and the uniform network in whole channel blocks
-    (:func:`aligned_uniform`)."""
-    rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
+    (:func:`aligned_uniform`); ``rules`` carry the run's latency model."""
     model, t = rules.latency, teacher.spec
     kw = {"min_channels": rules.min_channels, "divisible_by": rules.divisible_by}
 
@@ -249,18 +250,17 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     execute(rnd, ["teacher", "search"], log=log)
     teacher = load_teacher(cfg, run / "teacher")
     rnd_trials = read_trials(rnd.run_dir / TRIALS_FILE)
+    rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
     if latency:  # picked as the search's winner is: the best within the budget as measured
-        rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
         row = measured_winner(rnd_trials, rules, teacher.spec, log)
     else:
         row = select_winner(rnd_trials)
     ce = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"alpha": 0.0})})
     arms["uniform_ce"] = _arm(ce, _widths(arms["uniform"]), "uniform_ce", log)
     if latency:
-        _latency_arms(cfg, arms, teacher, row, log)
+        _latency_arms(cfg, rules, arms, teacher, row, log)
         return _collect(cfg, arms, rnd, LATENCY_ARMS)
     arms["random"] = _arm(cfg, spec_from_json(row["widths"]), "random", log)
-    rules = space.rules_of(cfg.space, cfg.search.algorithm)
     spec = global_ranking_spec(
         teacher.model,
         teacher.spec,
