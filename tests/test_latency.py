@@ -563,14 +563,9 @@ def test_the_winner_is_the_best_trial_within_the_budget_as_measured(monkeypatch)
     assert "no finished trial measured within" in logs[-1]
 
 
-def test_the_model_is_calibrated_where_the_search_looks(tmp_path, monkeypatch):
-    """On a real run the model's error on random networks was 7.9 %, yet it under-predicted
-    every network the search kept by 16-45 %: the search looks at networks near the target
-    in whole blocks, not at random ones. Networks drawn as the search draws them (random
-    genomes repaired onto the target) are measured beside the teacher before the search,
-    and the model's ratios scaled by the median measured over predicted ratio: the search's
-    candidates then measure on the target. A reused model is not measured again."""
-    model = _fake_model(target_ratio=0.6)
+def _calibration_device(monkeypatch, model, factor: float) -> list[int]:
+    """A device on which every network but the teacher (SMALL) measures ``factor`` times the
+    model's prediction; returns the sizes of the measured rounds' network sets."""
     monkeypatch.setattr(pipeline_latency, "build_latency_model", lambda *a, **k: model)
     built = pipeline_latency.build_model
 
@@ -579,8 +574,8 @@ def test_the_model_is_calibrated_where_the_search_looks(tmp_path, monkeypatch):
         net.spec = spec
         return net
 
-    def device(spec) -> float:  # students 25 % slower than the model says, relative to the teacher
-        return model.predict_ms(spec) * (1.0 if spec == SMALL else 1.25)
+    def device(spec) -> float:
+        return model.predict_ms(spec) * (1.0 if spec == SMALL else factor)
 
     calls: list[int] = []
 
@@ -590,30 +585,74 @@ def test_the_model_is_calibrated_where_the_search_looks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline_latency, "build_model", build)
     monkeypatch.setattr(pipeline_latency, "measure_rounds", measure_rounds)
-    cfg = ExperimentConfig(
+    return calls
+
+
+def _calibrated_config(tmp_path, target: float) -> ExperimentConfig:
+    return ExperimentConfig(
         output_dir=str(tmp_path),
         space={"granularity": "stage", "budget": {
-            "metric": "latency", "target": 0.6, "latency": {"calibrate_networks": 8}}},
+            "metric": "latency", "target": target, "latency": {"calibrate_networks": 8}}},
     )  # fmt: skip
+
+
+def test_the_model_is_calibrated_where_the_search_looks(tmp_path, monkeypatch):
+    """On a real run the model's error on random networks was 7.9 %, yet it under-predicted
+    every network the search kept by 16-45 %: the search looks at networks near the target
+    in whole blocks, not at random ones. Networks drawn as the search draws them (random
+    genomes repaired onto the target) are measured beside the teacher before the search,
+    and the model's ratios scaled by the median measured over predicted ratio: the search's
+    candidates then measure on the target. A reused model is not measured again."""
+    model = _fake_model(target_ratio=0.6)
+    calls = _calibration_device(monkeypatch, model, 1.25)  # 25 % slower than predicted
+    cfg = _calibrated_config(tmp_path, 0.6)
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     logs: list[str] = []
     fitted = pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
-    assert calls == [9]  # the teacher beside 8 networks of the searched space
+    # the teacher beside 8 networks of the searched space, then beside 4 fresh ones drawn
+    # with the calibrated model, the check of it
+    assert calls == [9, 5]
     assert fitted.latency.calibration == pytest.approx(1.25)
     checked = fitted.latency.error["searched_space"]
     assert checked["networks"] == 8 and checked["before"]["bias_pct"] == pytest.approx(-20, abs=1)
     assert checked["after"]["mape_pct"] < 1 and any("calibrated" in line for line in logs)
+    held_out = checked["held_out"]
+    assert held_out["networks"] == 4 and held_out["mape_pct"] < 1
+    assert held_out["within_budget"] == 4
+
+    def measured_ratio(spec) -> float:
+        return 1.25 * model.ratio(spec)
+
     rng = np.random.default_rng(0)
     uncalibrated = replace(rules, latency=model)
     over = 0
     for _ in range(6):
         genome = {g: float(rng.uniform(0.2, 1.0)) for g in space.gene_names(SMALL, "stage")}
         student = space.candidate_spec(fitted, SMALL, genome)
-        assert device(student) / device(SMALL) <= 0.6 * (1 + lm.TOLERANCE)
+        assert measured_ratio(student) <= 0.6 * (1 + lm.TOLERANCE)
         naive = space.candidate_spec(uncalibrated, SMALL, genome)
-        over += device(naive) / device(SMALL) > 0.6 * (1 + lm.TOLERANCE)
+        over += measured_ratio(naive) > 0.6 * (1 + lm.TOLERANCE)
     assert over >= 4  # without the calibration most would have been over the budget
     cfg.run_dir.mkdir(parents=True)
     pipeline_latency.save_latency(cfg, fitted)
     again = pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
-    assert again.latency == fitted.latency and calls == [9]
+    assert again.latency == fitted.latency and calls == [9, 5]
+
+
+def test_a_resumed_run_searches_the_blocks_it_searched_before_calibration(tmp_path, monkeypatch):
+    """Whole blocks are chosen with the fitted model, before it is calibrated. A resumed run
+    reuses the saved step: decided again with the calibrated model (here 0.6x: blocks of 8,
+    out of reach at fitting, would now reach the target) it would search another space
+    than the trials already run."""
+    model = replace(_fake_model(target_ratio=0.5), block=8)
+    calls = _calibration_device(monkeypatch, model, 0.6)
+    cfg = _calibrated_config(tmp_path, 0.5)
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    fitted = pipeline_latency.with_latency(cfg, rules, SMALL, lambda _: None)
+    assert fitted.divisible_by == 4 and fitted.latency.calibration == pytest.approx(0.6)
+    low_8 = space.smallest_ratio(SMALL, "latency", divisible_by=8, ratio_fn=fitted.latency.ratio)
+    assert low_8 <= 0.5  # in reach with the calibrated model
+    cfg.run_dir.mkdir(parents=True)
+    pipeline_latency.save_latency(cfg, fitted)
+    again = pipeline_latency.with_latency(cfg, rules, SMALL, lambda _: None)
+    assert again.divisible_by == 4 and again.latency == fitted.latency and len(calls) == 2

@@ -245,7 +245,12 @@ def test_a_latency_budget_is_reported_as_measured_with_a_plot(run_copy):
     summary["budget_latency"] = {
         "runtime": "onnxruntime", "shape": [1, 1, 28, 28], "threads": 1, "target_ms": 1.0,
         "fitted_target_ms": 0.8, "tolerance": 0.03,
-        "model_error": {"networks": 50, "mape_pct": 7.5, "worst_pct": 21.0},
+        "model_error": {"networks": 50, "mape_pct": 7.5, "worst_pct": 21.0, "searched_space": {
+            "networks": 16, "calibration": 1.169,
+            "before": {"mape_pct": 14.42, "bias_pct": -14.42, "worst_pct": 25.0},
+            "after": {"mape_pct": 5.68, "bias_pct": 0.9, "worst_pct": 12.0},
+            "held_out": {"networks": 8, "mape_pct": 6.1, "bias_pct": -2.5, "worst_pct": 14.0,
+                         "within_budget": 6}}},
         "measured": measured, "winner_meets_budget": False,
     }  # fmt: skip
     (run_dir / "finetune.json").write_text(json.dumps(summary))
@@ -253,6 +258,10 @@ def test_a_latency_budget_is_reported_as_measured_with_a_plot(run_copy):
     assert "## Latency budget" in text and "Target: **1.000 ms** (met within 3 %" in text
     assert "| winner |" in text and "**no**" in text  # 1.2 ms is over a 1.0 ms budget
     assert "MAPE 7.5 %" in text
+    # where the search looks: the calibration and the error it removed
+    assert "16 networks of the searched space" in text and "×1.169" in text
+    assert "MAPE 14.42 % (bias −14.42 %) before" in text
+    assert "on 8 fresh ones after, MAPE 6.1 % (bias −2.5 %), 6 within the budget" in text
     assert "(0.800 ms when the latency model was fitted)" in text  # judged beside the teacher
     report = json.loads((run_dir / "report.json").read_text())
     assert report["budget_latency"]["measured"]["uniform"]["median_ms"] == 0.9

@@ -32,6 +32,7 @@ from casd_ray.widths.latency_model import (
     build_latency_model,
     calibrated,
     fractions_of_target,
+    relative_error,
 )
 from casd_ray.widths.space import SpaceRules
 
@@ -58,16 +59,22 @@ def saved_latency(cfg: ExperimentConfig, rules: SpaceRules) -> SpaceRules:
     """``rules`` with the model this run folder keeps for the same settings, if any, and the
     widths' step the run searched with (stages that are reused, and a trials table rebuilt,
     need the same model and space but no measurement)."""
+    return _saved(cfg, rules)[0]
+
+
+def _saved(cfg: ExperimentConfig, rules: SpaceRules) -> tuple[SpaceRules, bool]:
+    """:func:`saved_latency`, and whether the file kept the step searched with (older files
+    did not: their step is decided again, as it was then)."""
     saved = read_json_or_none(cfg.run_dir / LATENCY_FILE)
     if not (rules.metric == "latency" and isinstance(saved, dict)):
-        return rules
+        return rules, False
     if saved.get("settings") != _settings(cfg):
-        return rules
+        return rules, False
     rules = replace(rules, latency=LatencyModel.from_dict(saved["model"]))
     step = saved.get("divisible_by", {})  # older files: no alignment
     if step.get("configured") == _configured(cfg):
-        rules = replace(rules, divisible_by=step["searched"])
-    return rules
+        return replace(rules, divisible_by=step["searched"]), True
+    return rules, False
 
 
 def _configured(cfg: ExperimentConfig) -> list:
@@ -88,10 +95,11 @@ def with_latency(
             "search.algorithm: optuna-nsga2 trades accuracy against FLOPs, not latency; with "
             "space.budget.metric latency use optuna-tpe, evolution or random"
         )
-    model = saved_latency(cfg, rules).latency
-    if model is not None:
+    saved, has_step = _saved(cfg, rules)
+    if saved.latency is not None:
         log(f"latency: reusing the model in {cfg.run_dir / LATENCY_FILE}")
-        return _aligned(cfg, replace(rules, latency=model), teacher_spec, log)
+        # the step it searched with (decided before calibration, so not decided again)
+        return saved if has_step else _aligned(cfg, saved, teacher_spec, log)
     b, s = cfg.space.budget, cfg.space
     model = build_latency_model(
         teacher_spec, b.latency, b.target, min_channels=s.min_channels,
@@ -105,42 +113,54 @@ def _calibrated(
     cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: Log
 ) -> SpaceRules:
     """``rules`` whose model is calibrated (:func:`calibrated`) on ``calibrate_networks``
-    networks of the searched space: random genomes repaired onto the target with the
-    model, each measured beside the teacher in two interleaved rounds."""
+    networks of the searched space, then checked on half as many fresh ones drawn with the
+    calibrated model (``error["searched_space"]["held_out"]``, with how many measured
+    within the budget)."""
     n = cfg.space.budget.latency.calibrate_networks
     if n == 0:
         return rules
     rng = np.random.default_rng(cfg.seed + 3)
-    genes = space.gene_names(teacher_spec, rules.granularity)
-    specs = [
-        space.candidate_spec(
-            rules,
-            teacher_spec,
-            {g: float(rng.uniform(rules.min_ratio, rules.max_ratio)) for g in genes},
-        )
-        for _ in range(n)
-    ]
-    nets = {"teacher": build_model(teacher_spec)} | {
-        str(i): build_model(s) for i, s in enumerate(specs)
-    }
-    got = measure_rounds(nets, rules.latency.deployment(), rounds=2)
-    measured = [
-        statistics.median(
-            s.median_ms / t.median_ms for s, t in zip(got[str(i)], got["teacher"], strict=True)
-        )
-        for i in range(n)
-    ]
+    specs, measured = _searched_ratios(rules, teacher_spec, rng, n)
     # never so far that the space's smallest network, measured within the target when the
     # model was fitted, is predicted over it
     kw = {"min_channels": rules.min_channels, "divisible_by": rules.divisible_by}
     low = space.smallest_ratio(teacher_spec, "latency", ratio_fn=rules.latency.ratio, **kw)
     model = calibrated(rules.latency, specs, measured, most=rules.latency.target_ratio / low)
+    rules = replace(rules, latency=model)
+    fresh, got = _searched_ratios(rules, teacher_spec, rng, max(n // 2, 1))
     c = model.error["searched_space"]
+    c["held_out"] = {
+        "networks": len(fresh),
+        **relative_error(np.array([model.ratio(s) for s in fresh]), np.array(got)),
+        "within_budget": sum(g <= model.target_ratio * (1 + TOLERANCE) for g in got),
+    }
+    h = c["held_out"]
     log(f"latency model calibrated where the search looks ({n} networks repaired onto the "
         f"target, measured beside the teacher): ratios x{model.calibration:.3f}; error there "
-        f"MAPE {c['before']['mape_pct']}% (bias {c['before']['bias_pct']:+}%) before, "
-        f"{c['after']['mape_pct']}% after")  # fmt: skip
-    return replace(rules, latency=model)
+        f"MAPE {c['before']['mape_pct']}% (bias {c['before']['bias_pct']:+}%) before; on "
+        f"{h['networks']} fresh ones after, MAPE {h['mape_pct']}% (bias {h['bias_pct']:+}%), "
+        f"{h['within_budget']} within the budget")  # fmt: skip
+    return rules
+
+
+def _searched_ratios(
+    rules: SpaceRules, teacher_spec: Spec, rng: np.random.Generator, n: int
+) -> tuple[list[Spec], list[float]]:
+    """``n`` networks drawn as the search draws them (random genomes repaired onto the target
+    with the rules' model) and their latency over the teacher's, each the median of two
+    interleaved rounds."""
+    genes = space.gene_names(teacher_spec, rules.granularity)
+    lo, hi = rules.min_ratio, rules.max_ratio
+    specs = [
+        space.candidate_spec(rules, teacher_spec, {g: float(rng.uniform(lo, hi)) for g in genes})
+        for _ in range(n)
+    ]
+    nets = {"teacher": build_model(teacher_spec)}
+    nets |= {str(i): build_model(s) for i, s in enumerate(specs)}
+    got = measure_rounds(nets, rules.latency.deployment(), rounds=2)
+    ratios = [[s.median_ms / t.median_ms for s, t in zip(got[str(i)], got["teacher"], strict=True)]
+              for i in range(n)]  # fmt: skip
+    return specs, [statistics.median(r) for r in ratios]
 
 
 def _aligned(cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: Log) -> SpaceRules:

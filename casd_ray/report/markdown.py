@@ -95,6 +95,19 @@ def _latency_lines(report: dict) -> list[str]:
             f"Latency model (repair's prediction): MAPE {err['mape_pct']} %, worst "
             f"{err['worst_pct']} % on {err['networks']} measured random networks.",
         ]
+    if cal := err.get("searched_space"):
+        b, h = cal["before"], cal.get("held_out")
+        after = (
+            f"on {h['networks']} fresh ones after, MAPE {h['mape_pct']} % (bias "
+            f"{h['bias_pct']:+} %), {h['within_budget']} within the budget"
+            if h
+            else f"{cal['after']['mape_pct']} % after"
+        )
+        lines.append(
+            f"Calibrated on {cal['networks']} networks of the searched space, measured beside "
+            f"the teacher: ratios ×{cal['calibration']:.3f}; there MAPE {b['mape_pct']} % "
+            f"(bias {b['bias_pct']:+} %) before; {after}.".replace("-", "−")
+        )
     return [*lines, "", "![latency](latency.png)", ""]
 
 

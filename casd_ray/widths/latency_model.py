@@ -234,6 +234,14 @@ def model_error(model: LatencyModel, specs: list[Spec], ms: list[float]) -> dict
     }
 
 
+def relative_error(predicted: np.ndarray, measured: np.ndarray) -> dict:
+    """MAPE, mean signed error (negative: under-predicted) and worst case, in %."""
+    rel = (np.asarray(predicted) - measured) / measured
+    return {"mape_pct": round(float(np.mean(np.abs(rel))) * 100, 2),
+            "bias_pct": round(float(np.mean(rel)) * 100, 2),
+            "worst_pct": round(float(np.max(np.abs(rel))) * 100, 2)}  # fmt: skip
+
+
 def calibrated(
     model: LatencyModel, specs: list[Spec], measured: list[float], most: float = math.inf
 ) -> LatencyModel:
@@ -246,15 +254,9 @@ def calibrated(
     raw = replace(model, calibration=1.0)
     pred, got = np.array([raw.ratio(s) for s in specs]), np.asarray(measured, dtype=float)
     scale = min(float(np.median(got / pred)), most)
-
-    def error(p: np.ndarray) -> dict:
-        rel = (p - got) / got
-        return {"mape_pct": round(float(np.mean(np.abs(rel))) * 100, 2),
-                "bias_pct": round(float(np.mean(rel)) * 100, 2),
-                "worst_pct": round(float(np.max(np.abs(rel))) * 100, 2)}  # fmt: skip
-
-    checked = {"networks": len(specs), "calibration": round(scale, 4),
-               "before": error(pred), "after": error(scale * pred)}  # fmt: skip
+    before, after = relative_error(pred, got), relative_error(scale * pred, got)
+    checked = {"networks": len(specs), "calibration": round(scale, 4), "before": before,
+               "after": after}  # fmt: skip
     return replace(model, calibration=scale, error={**model.error, "searched_space": checked})
 
 
