@@ -558,6 +558,7 @@ def test_the_winner_is_the_best_trial_within_the_budget_as_measured(monkeypatch)
     row = pipeline_latency.measured_winner(trials, rules, SMALL, logs.append)
     assert row["trial_id"] == "second" and measured == [26.0, 19.4]  # third never measured
     assert any("trial best" in line and "1.300 of the latency target" in line for line in logs)
+    assert "trial second" in logs[-1] and logs[-1].endswith("the winner")
     device({"best": 1.3, "second": 1.2, "third": 1.1})
     assert pipeline_latency.measured_winner(trials, rules, SMALL, logs.append)["trial_id"] == "best"
     assert "no finished trial measured within" in logs[-1]

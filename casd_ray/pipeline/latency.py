@@ -228,12 +228,13 @@ def measured_winner(
         spec = spec_from_json(row["widths"])
         m = judge_budget({"teacher": teacher, "student": build_model(spec)}, model, rounds=3)
         m = m["student"]
-        if m["within_budget"]:
-            return row
         log(f"latency: trial {row['trial_id']} (val_acc {row['best_val_acc']:.4f}) measured "
             f"{m['fraction_of_target']:.3f} of the latency target (predicted "
             f"{model.ratio(spec) / model.target_ratio:.3f}; {m['rounds_within']} of "
-            f"{m['rounds']} rounds within): passed over")  # fmt: skip
+            f"{m['rounds']} rounds within): "
+            + ("the winner" if m["within_budget"] else "passed over"))  # fmt: skip
+        if m["within_budget"]:
+            return row
     log("latency: no finished trial measured within the latency budget; the best is cut "
         "onto it from its measurement")  # fmt: skip
     return best
