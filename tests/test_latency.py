@@ -314,7 +314,7 @@ def test_a_network_measured_far_under_the_target_is_grown_back_towards_it(monkey
 
 
 def test_budget_holds_after_repair_as_measured():
-    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **STEADY)
+    cfg = LatencyConfig(runtime="torch", fit_networks=8, check_networks=0, **STEADY)
     model = lm.build_latency_model(SMALL, cfg, 0.85, log=lambda _: None)
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
     student, _ = lm.repair_measured(SMALL, "stage", genome, model)
@@ -329,7 +329,7 @@ def test_a_relative_budget_is_judged_beside_the_teacher_measured_in_the_same_rou
     CPU) slows teacher and student alike. A budget given as a fraction of the teacher is
     checked against the teacher measured in the same interleaved rounds, so a model fitted
     on a machine twice as fast neither shrinks the network to half the budget nor fails."""
-    cfg = LatencyConfig(runtime="torch", fit_networks=4, check_networks=0, **STEADY)
+    cfg = LatencyConfig(runtime="torch", fit_networks=8, check_networks=0, **STEADY)
     fitted = lm.build_latency_model(SMALL, cfg, 0.85, log=lambda _: None)
     stale = replace(  # every figure as if measured on a machine twice as fast
         fitted,
@@ -657,3 +657,19 @@ def test_a_resumed_run_searches_the_blocks_it_searched_before_calibration(tmp_pa
     pipeline_latency.save_latency(cfg, fitted)
     again = pipeline_latency.with_latency(cfg, rules, SMALL, lambda _: None)
     assert again.divisible_by == 4 and again.latency == fitted.latency and len(calls) == 2
+
+
+@pytest.mark.parametrize("target", [0.5, 0.6, 0.7, 0.9])
+def test_calibration_never_puts_the_target_out_of_reach(tmp_path, monkeypatch, target):
+    """A device far slower than the model says (5x) would scale the ratios until not even
+    the smallest network (measured within the target at fitting) is predicted within it:
+    the scale stops just short, and the search and its held-out check still draw networks.
+    (At the limit exactly, rounding put the smallest network over and repair refused.)"""
+    model = _fake_model(target_ratio=target)
+    _calibration_device(monkeypatch, model, 5.0)
+    cfg = _calibrated_config(tmp_path, target)
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    fitted = pipeline_latency.with_latency(cfg, rules, SMALL, lambda _: None)
+    low = space.smallest_ratio(SMALL, "latency", ratio_fn=fitted.latency.ratio)
+    assert low <= target and low == pytest.approx(target)
+    space.candidate_spec(fitted, SMALL, {"stage0": 1.0, "stage1": 1.0, "stage2": 1.0})
