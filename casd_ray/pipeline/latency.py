@@ -130,13 +130,14 @@ def _calibrated(
     model = calibrated(rules.latency, specs, measured, most=most)
     rules = replace(rules, latency=model)
     fresh, got = _searched_ratios(rules, teacher_spec, rng, max(n // 2, 1))
-    c = model.error["searched_space"]
-    c["held_out"] = {
+    h = {
         "networks": len(fresh),
         **relative_error(np.array([model.ratio(s) for s in fresh]), np.array(got)),
         "within_budget": sum(g <= model.target_ratio * (1 + TOLERANCE) for g in got),
     }
-    h = c["held_out"]
+    c = {**model.error["searched_space"], "held_out": h}
+    model = replace(model, error={**model.error, "searched_space": c})
+    rules = replace(rules, latency=model)
     log(f"latency model calibrated where the search looks ({n} networks repaired onto the "
         f"target, measured beside the teacher): ratios x{model.calibration:.3f}; error there "
         f"MAPE {c['before']['mape_pct']}% (bias {c['before']['bias_pct']:+}%) before; on "
@@ -160,9 +161,12 @@ def _searched_ratios(
     nets = {"teacher": build_model(teacher_spec)}
     nets |= {str(i): build_model(s) for i, s in enumerate(specs)}
     got = measure_rounds(nets, rules.latency.deployment(), rounds=2)
-    ratios = [[s.median_ms / t.median_ms for s, t in zip(got[str(i)], got["teacher"], strict=True)]
-              for i in range(n)]  # fmt: skip
-    return specs, [statistics.median(r) for r in ratios]
+    return specs, [statistics.median(_teacher_ratios(got, str(i))) for i in range(n)]
+
+
+def _teacher_ratios(got: dict[str, list], name: str) -> list[float]:
+    """``name``'s latency over the teacher's, round by round (:func:`measure_rounds`)."""
+    return [s.median_ms / t.median_ms for s, t in zip(got[name], got["teacher"], strict=True)]
 
 
 def _aligned(cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: Log) -> SpaceRules:
@@ -270,7 +274,7 @@ def judge_budget(
     out = summarize_rounds(got)
     for name in students:
         frac = fractions(name)
-        ratio = [s.median_ms / t.median_ms for s, t in zip(got[name], got["teacher"], strict=True)]
+        ratio = _teacher_ratios(got, name)
         mid = statistics.median(frac)
         out[name].update(
             fraction_of_target=round(mid, 5),
