@@ -6,8 +6,10 @@ killed driver is resumed; a diverging config errors trial by trial without endin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from casd_ray.artifacts.network import read_spec
 from casd_ray.artifacts.trials import TRIALS_FILE, best_completed, pareto_front
 from casd_ray.config import ExperimentConfig
 from casd_ray.config_file import save_config
-from casd_ray.errors import BudgetError, ConfigError
+from casd_ray.errors import BudgetError, ConfigError, SearchInterrupted
 from casd_ray.models.family import flops
 from casd_ray.models.resnet import WidthSpec
 from casd_ray.pipeline.run import execute
@@ -126,6 +128,54 @@ def test_diverging_trials_are_recorded_and_the_search_finishes(ray_local, workdi
     assert df["error"].str.contains("FloatingPointError: non-finite loss").all()
     assert not df["completed"].any() and best_completed(df) is None
     assert sum("failed: FloatingPointError: non-finite" in ln for ln in lines) == 2
+
+
+def test_a_ctrl_c_lost_before_tunes_handler_still_stops_the_search(ray_local, workdir, image_tree):
+    """Seen once in CI: a Ctrl-C right after the search's log line, before ``fit()`` had
+    installed Tune's handler, was lost; the search ran to the end, was fine-tuned and exited
+    0. Here the code the signal interrupts swallows its KeyboardInterrupt (as code that
+    catches what it interrupts does): the search must still stop before any trial finishes,
+    raise SearchInterrupted and write no table."""
+    cfg = make_cfg(workdir, image_tree, "lost-sigint", num_samples=4, scheduler="fifo")
+    before = signal.getsignal(signal.SIGINT)
+
+    def log(msg: str) -> None:
+        if msg.startswith("search: optuna-tpe"):
+            with contextlib.suppress(KeyboardInterrupt):  # lost
+                signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(SearchInterrupted, match="search interrupted: 0 of 4 trials"):
+        run_search(cfg, log=log)
+    assert not (cfg.run_dir / TRIALS_FILE).exists()
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+
+
+def test_an_interrupt_lost_in_tunes_set_up_stops_the_search_at_its_first_step(ray_local, tmp_path):
+    """The same, lost inside ``fit()`` before Tune's handler exists (where CI's was):
+    :class:`ForwardInterrupt` hands it to Tune's handler, which stops the run at once."""
+    from ray import tune
+
+    from casd_ray.search import interrupts
+
+    def trainable(config):
+        tune.report({"x": config["i"]})
+
+    def fit(callbacks) -> int:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"i": tune.grid_search(list(range(12)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0, callbacks=callbacks),
+        )
+        with interrupts.recorded():
+            with contextlib.suppress(KeyboardInterrupt):  # lost before fit()
+                signal.raise_signal(signal.SIGINT)
+            grid = tuner.fit()
+            assert interrupts.received()
+        return sum(r.metrics.get("x") is not None for r in grid)
+
+    assert fit([]) == 12  # without it Tune never hears of the interrupt
+    assert fit([interrupts.ForwardInterrupt()]) < 12
 
 
 def test_unreachable_budget_is_refused_before_anything_is_written(ray_local, workdir, image_tree):

@@ -52,7 +52,7 @@ from casd_ray.errors import ConfigError, SearchInterrupted
 from casd_ray.files import write_json
 from casd_ray.models.family import Spec
 from casd_ray.models.names import OBJECTS
-from casd_ray.search import progress, restore_point
+from casd_ray.search import interrupts, progress, restore_point
 from casd_ray.search.packing import batching_of, pack_data, pack_teacher
 from casd_ray.search.progress import ProgressCallback
 from casd_ray.search.results import trials_table
@@ -170,7 +170,11 @@ def _tuner(
             name=store.name,
             storage_path=store.root,
             verbose=0,
-            callbacks=[ProgressCallback(s, plan.rules, log), restore_point.StateCallback()],
+            callbacks=[
+                ProgressCallback(s, plan.rules, log),
+                restore_point.StateCallback(),
+                interrupts.ForwardInterrupt(),
+            ],
             failure_config=tune.FailureConfig(max_failures=s.max_failures, fail_fast=False),
             # Tune's saved state lags the trials (more on a busy machine): a resumed trial
             # may name a checkpoint already rotated out. A trial makes at most max_epochs,
@@ -244,41 +248,46 @@ def run_search(
     try:
         import ray
 
-        try:
-            check_resources(s, ray.cluster_resources(), data_cpus=data_cpus(data))
-        except ConfigError as err:
-            if address is None:
-                raise
-            log(f"warning: {err} (or let the cluster scale up)")
-        packed = pack_data(data, s.train_subset, plan.seed)
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                trainable,
-                data=packed,
-                teacher_state=pack_teacher(teacher.model),
-                teacher_spec_json=teacher.spec.to_json(),
-                plan=plan,
-                teacher_logits=_timed(
-                    driver_cpu, "teacher_logits", _shared_logits, packed, teacher, s, plan, log
+        with interrupts.recorded():
+            try:
+                check_resources(s, ray.cluster_resources(), data_cpus=data_cpus(data))
+            except ConfigError as err:
+                if address is None:
+                    raise
+                log(f"warning: {err} (or let the cluster scale up)")
+            packed = pack_data(data, s.train_subset, plan.seed)
+            trainable = tune.with_resources(
+                tune.with_parameters(
+                    trainable,
+                    data=packed,
+                    teacher_state=pack_teacher(teacher.model),
+                    teacher_spec_json=teacher.spec.to_json(),
+                    plan=plan,
+                    teacher_logits=_timed(
+                        driver_cpu, "teacher_logits", _shared_logits, packed, teacher, s, plan, log
+                    ),
+                    val_logits=_val_logits(packed, teacher, plan),
+                    sources=_sources(teacher.spec),
                 ),
-                val_logits=_val_logits(packed, teacher, plan),
-                sources=_sources(teacher.spec),
-            ),
-            trial_resources(s),
-        )
-        tuner = _tuner(trainable, store, s, plan, bounds, points, restore, log)
-        log(
-            f"search: {s.algorithm}, {s.num_samples} trials, {s.scheduler}, "
-            f"<= {s.max_epochs} epochs, {s.max_concurrent} concurrent; storage {store.uri}"
-        )
-        with _quiet_trial_failures():
-            tuner.fit()
-        # Tune's own saved state says how far the search got: its last snapshot is taken
-        # before it stops the trials still running at an interrupt, which its in-memory
-        # results then show as TERMINATED like finished ones.
-        finished = _finished(store.uri)
-        if finished >= s.num_samples:
-            table = trials_table(store.uri, rules, s.max_epochs, teacher.spec)
+                trial_resources(s),
+            )
+            tuner = _tuner(trainable, store, s, plan, bounds, points, restore, log)
+            log(
+                f"search: {s.algorithm}, {s.num_samples} trials, {s.scheduler}, "
+                f"<= {s.max_epochs} epochs, {s.max_concurrent} concurrent; storage {store.uri}"
+            )
+            if interrupts.received():  # lost on its way through our own set-up
+                raise KeyboardInterrupt
+            with _quiet_trial_failures():
+                tuner.fit()
+            if interrupts.received():  # Tune's set-up lost it and the search ran on
+                raise KeyboardInterrupt
+            # Tune's own saved state says how far the search got: its last snapshot is taken
+            # before it stops the trials still running at an interrupt, which its in-memory
+            # results then show as TERMINATED like finished ones.
+            finished = _finished(store.uri)
+            if finished >= s.num_samples:
+                table = trials_table(store.uri, rules, s.max_epochs, teacher.spec)
     except KeyboardInterrupt:  # before or after fit(), where Tune's handler is not installed
         finished = _finished(store.uri) if store.restorable() else 0
         if finished >= s.num_samples:
