@@ -176,6 +176,34 @@ def test_a_search_in_whole_blocks_keeps_its_uniform_network_as_the_aligned_one(m
     assert aligned_uniform(rules, teacher, uniform) == uniform
 
 
+def test_the_aligned_uniform_arm_falls_back_to_the_block_the_run_searched_in(monkeypatch):
+    """A device slow off blocks of 16 where no network in blocks of 16 reaches the target:
+    the run searched in blocks of 8 (the largest dividing block that reaches it). The
+    aligned uniform arm takes the same fallback: the run's own uniform network, unmeasured,
+    where the run searched in blocks of 8; widths in blocks of 8 where it searched every
+    width. It used to try blocks of 16 only, fail, and leave the arm out."""
+    teacher = spec_for("resnet8", width=16)
+    model = _aligned_model(16, teacher)  # all-16 networks predicted >= 0.62, all-8 0.46
+    assert space.smallest_ratio(teacher, "latency", divisible_by=16, ratio_fn=model.ratio) > 0.5
+
+    def device(t, student, dep, rounds=3):
+        got = {"teacher": t, "student": student}
+        return {k: {"median_ms": model.predict_ms(s), "iqr_ms": 0.0, "runs": 1,
+                    "rounds_ms": [model.predict_ms(s)]} for k, s in got.items()}  # fmt: skip
+
+    monkeypatch.setattr(lm, "measure_beside_teacher", device)
+    for searched in (8, 1):
+        rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency",
+                                 latency=model, divisible_by=searched)  # fmt: skip
+        uniform = space.candidate_spec(rules, teacher, space.control_genome(rules, teacher))
+        spec = aligned_uniform(rules, teacher, uniform)
+        widths, full = space._layout(spec)[1], space._layout(teacher)[1]
+        assert all(w % 8 == 0 or w == f for w, f in zip(widths, full, strict=True))
+        assert model.ratio(spec) <= 0.5 * (1 + lm.TOLERANCE)
+        if searched == 8:
+            assert spec == uniform
+
+
 def test_summary_statistics():
     per_seed = {
         s: {a: {"test_acc": acc} for a, acc in zip(ARMS, accs, strict=True)}

@@ -43,7 +43,13 @@ from casd_ray.config import ExperimentConfig
 from casd_ray.errors import BudgetError
 from casd_ray.files import read_json_or_none, write_json, write_text
 from casd_ray.models.family import Spec, build_model, spec_from_json
-from casd_ray.pipeline.latency import LATENCY_FILE, judge_budget, measured_winner, saved_latency
+from casd_ray.pipeline.latency import (
+    LATENCY_FILE,
+    judge_budget,
+    judged_within,
+    measured_winner,
+    saved_latency,
+)
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
 from casd_ray.report.deploy import validated_pick
@@ -51,7 +57,7 @@ from casd_ray.stream.load import load_data
 from casd_ray.train import devices
 from casd_ray.widths import space
 from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
-from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
+from casd_ray.widths.latency_model import BLOCKS, onto_measured_budget, repair_measured
 
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
 # Under a latency budget every arm is held to the same *measured* latency, and Torch-Pruning
@@ -177,7 +183,12 @@ def _latency_arms(
     def onto_budget(genome: dict) -> Spec:
         return repair_measured(t, rules.granularity, genome, model, **kw)[0]
 
-    arms["random"] = _arm(cfg, onto_budget(json.loads(rnd_row["genome"])), "random", log)
+    # judged once, as the search's own winner: kept as searched where measured within
+    if judged_within(rnd_row):
+        rnd = spec_from_json(rnd_row["widths"])
+    else:
+        rnd = onto_budget(json.loads(rnd_row["genome"]))
+    arms["random"] = _arm(cfg, rnd, "random", log)
     flops = flops_config(cfg, float(arms["uniform"]["flops_ratio"]))
     execute(flops, ["teacher", "search"], log=log)
     row = select_winner(read_trials(flops.run_dir / TRIALS_FILE))
@@ -220,18 +231,26 @@ def aligned_uniform(rules: space.SpaceRules, teacher: Spec, uniform: Spec) -> Sp
     """The uniform genome repaired onto the latency budget as measured, every width a whole
     block of the latency model's channel block (and of ``space.divisible_by``): the fast path
     of the device's convolutions, which a user who knows the hardware takes by rounding
-    (Torch-Pruning's ``round_to``). A run that searched in whole blocks already has it:
-    ``uniform``, its own uniform network (a second measured repair of the same genome could
-    land elsewhere). Raises :class:`BudgetError` where whole blocks cannot reach the target."""
+    (Torch-Pruning's ``round_to``). Where whole blocks of that size cannot reach the target,
+    the largest block dividing it that can, as the run's own alignment falls back. A run that
+    searched in whole blocks already has it: ``uniform``, its own uniform network (a second
+    measured repair of the same genome could land elsewhere). Raises :class:`BudgetError`
+    where no such block reaches the target."""
     model = rules.latency
-    if rules.divisible_by % model.block == 0:
-        return uniform
-    block = math.lcm(rules.divisible_by, model.block)
-    genome = space.control_genome(rules, teacher)
-    return repair_measured(
-        teacher, rules.granularity, genome, model,
-        min_channels=rules.min_channels, divisible_by=block,
-    )[0]  # fmt: skip
+    blocks = sorted((b for b in BLOCKS if b > 1 and model.block % b == 0), reverse=True)
+    for i, b in enumerate(blocks):
+        if rules.divisible_by % b == 0:
+            return uniform
+        genome = space.control_genome(rules, teacher)
+        try:
+            return repair_measured(
+                teacher, rules.granularity, genome, model,
+                min_channels=rules.min_channels, divisible_by=math.lcm(rules.divisible_by, b),
+            )[0]  # fmt: skip
+        except BudgetError:
+            if i == len(blocks) - 1:
+                raise
+    return uniform  # no block on this device: every width is on the fast path
 
 
 def _widths(metrics: dict) -> Spec:

@@ -34,7 +34,7 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.files import atomic_write, write_json
 from casd_ray.models.cost import cpu_latency
 from casd_ray.models.family import Spec, flops, spec_from_json
-from casd_ray.pipeline.latency import judge_budget, measured_winner
+from casd_ray.pipeline.latency import judge_budget, judged_within, measured_winner
 from casd_ray.pipeline.stages.student import (
     EVAL_BATCH,
     StudentRecipe,
@@ -97,7 +97,8 @@ def _onto_measured_budget(
     (same genome, another target) where the latency model under-predicted, or over-predicted
     by more than ``SLACK`` (a budget left unused). The measured
     repair's first try rebuilds the trial's own network (the same genome, model and target),
-    so one call both checks and, if need be, repairs."""
+    so one call both checks and, if need be, repairs. A winner the search's measurement
+    already found within (:func:`judged_within`) is kept as searched."""
     model = rules.latency
     genomes = {
         "winner": json.loads(winner["genome"]),
@@ -105,6 +106,11 @@ def _onto_measured_budget(
     }
     out = {}
     for name, spec in specs.items():
+        if name == "winner" and judged_within(winner):
+            out[name] = spec
+            log(f"finetune: winner as searched (measured {winner['measured_fraction']:.3f} "
+                "of the latency target beside the teacher)")  # fmt: skip
+            continue
         out[name], lat = repair_measured(
             teacher_spec, rules.granularity, genomes[name], model,
             min_channels=rules.min_channels, divisible_by=rules.divisible_by,
