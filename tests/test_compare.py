@@ -13,9 +13,10 @@ from casd_ray.cli import main
 from casd_ray.errors import BudgetError
 from casd_ray.models.family import spec_for
 from casd_ray.report.deploy import validated_pick
-from casd_ray.study.compare import ARMS, LATENCY_ARMS, aligned_uniform, summarize
+from casd_ray.study.compare import ARMS, LATENCY_ARMS, summarize
 from casd_ray.widths import latency_model as lm
 from casd_ray.widths import space
+from casd_ray.widths.baselines import aligned_uniform
 
 
 def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):

@@ -41,6 +41,15 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def sigint_default():
+    """Python's own SIGINT handler for the test: pytest run as a background job (`cmd &`,
+    as CI may) inherits SIGINT ignored, which a search leaves ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield before
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, image_tree) -> Path:
     """A module folder with one teacher (trained once, 3 epochs) that every test loads."""
@@ -130,14 +139,15 @@ def test_diverging_trials_are_recorded_and_the_search_finishes(ray_local, workdi
     assert sum("failed: FloatingPointError: non-finite" in ln for ln in lines) == 2
 
 
-def test_a_ctrl_c_lost_before_tunes_handler_still_stops_the_search(ray_local, workdir, image_tree):
+def test_a_ctrl_c_lost_before_tunes_handler_still_stops_the_search(
+    ray_local, workdir, image_tree, sigint_default
+):
     """Seen once in CI: a Ctrl-C right after the search's log line, before ``fit()`` had
     installed Tune's handler, was lost; the search ran to the end, was fine-tuned and exited
     0. Here the code the signal interrupts swallows its KeyboardInterrupt (as code that
     catches what it interrupts does): the search must still stop before any trial finishes,
     raise SearchInterrupted and write no table."""
     cfg = make_cfg(workdir, image_tree, "lost-sigint", num_samples=4, scheduler="fifo")
-    before = signal.getsignal(signal.SIGINT)
 
     def log(msg: str) -> None:
         if msg.startswith("search: optuna-tpe"):
@@ -147,10 +157,12 @@ def test_a_ctrl_c_lost_before_tunes_handler_still_stops_the_search(ray_local, wo
     with pytest.raises(SearchInterrupted, match="search interrupted: 0 of 4 trials"):
         run_search(cfg, log=log)
     assert not (cfg.run_dir / TRIALS_FILE).exists()
-    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's is back
 
 
-def test_an_interrupt_lost_in_tunes_set_up_stops_the_search_at_its_first_step(ray_local, tmp_path):
+def test_an_interrupt_lost_in_tunes_set_up_stops_the_search_at_its_first_step(
+    ray_local, tmp_path, sigint_default
+):
     """The same, lost inside ``fit()`` before Tune's handler exists (where CI's was):
     :class:`ForwardInterrupt` hands it to Tune's handler, which stops the run at once."""
     from ray import tune

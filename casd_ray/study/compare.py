@@ -56,8 +56,12 @@ from casd_ray.report.deploy import validated_pick
 from casd_ray.stream.load import load_data
 from casd_ray.train import devices
 from casd_ray.widths import space
-from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
-from casd_ray.widths.latency_model import BLOCKS, onto_measured_budget, repair_measured
+from casd_ray.widths.baselines import (
+    aligned_uniform,
+    global_ranking_spec,
+    torch_pruning_allocation,
+)
+from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
 
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
 # Under a latency budget every arm is held to the same *measured* latency, and Torch-Pruning
@@ -225,32 +229,6 @@ def _latency_arms(
         m = measured[first[_widths(arms[a])]]
         arms[a] = {**arms[a], "latency_ratio": round(m["teacher_ratio"], 4),
                    "within_budget": m["within_budget"]}  # fmt: skip
-
-
-def aligned_uniform(rules: space.SpaceRules, teacher: Spec, uniform: Spec) -> Spec:
-    """The uniform genome repaired onto the latency budget as measured, every width a whole
-    block of the latency model's channel block (and of ``space.divisible_by``): the fast path
-    of the device's convolutions, which a user who knows the hardware takes by rounding
-    (Torch-Pruning's ``round_to``). Where whole blocks of that size cannot reach the target,
-    the largest block dividing it that can, as the run's own alignment falls back. A run that
-    searched in whole blocks already has it: ``uniform``, its own uniform network (a second
-    measured repair of the same genome could land elsewhere). Raises :class:`BudgetError`
-    where no such block reaches the target."""
-    model = rules.latency
-    blocks = sorted((b for b in BLOCKS if b > 1 and model.block % b == 0), reverse=True)
-    for i, b in enumerate(blocks):
-        if rules.divisible_by % b == 0:
-            return uniform
-        genome = space.control_genome(rules, teacher)
-        try:
-            return repair_measured(
-                teacher, rules.granularity, genome, model,
-                min_channels=rules.min_channels, divisible_by=math.lcm(rules.divisible_by, b),
-            )[0]  # fmt: skip
-        except BudgetError:
-            if i == len(blocks) - 1:
-                raise
-    return uniform  # no block on this device: every width is on the fast path
 
 
 def _widths(metrics: dict) -> Spec:

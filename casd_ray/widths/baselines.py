@@ -4,7 +4,8 @@
 importance criterion: every channel of every group is ranked on one global scale and the
 least important ones are removed until the candidate fits the budget. No candidate is
 trained to choose it, so it costs nothing beyond the final fine-tune; the uniform network
-(every group at one keep-ratio, :func:`casd_ray.widths.space.control_genome`) is the other.
+(every group at one keep-ratio, :func:`casd_ray.widths.space.control_genome`) is the other,
+and under a latency budget :func:`aligned_uniform`, the same in whole blocks of the device.
 
 BN γ is comparable across layers as it is (every γ scales a normalised activation); L1 norms
 of filters grow with fan-in, so for ``l1`` each group's scores are divided by their mean
@@ -12,6 +13,8 @@ first (the usual per-layer normalisation of global magnitude pruning).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ from casd_ray.models.family import Spec, family_of, group_widths, with_group_wid
 from casd_ray.widths import space
 from casd_ray.widths.bisection import last_true
 from casd_ray.widths.inherit import channel_importance
+from casd_ray.widths.latency_model import BLOCKS, repair_measured
 
 
 def global_order(
@@ -139,3 +143,29 @@ def torch_pruning_allocation(
             if space.cost(pruned, metric) / teacher_cost <= target:
                 break
     return pruned, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def aligned_uniform(rules: space.SpaceRules, teacher: Spec, uniform: Spec) -> Spec:
+    """The uniform genome repaired onto the latency budget as measured, every width a whole
+    block of the latency model's channel block (and of ``space.divisible_by``): the fast path
+    of the device's convolutions, which a user who knows the hardware takes by rounding
+    (Torch-Pruning's ``round_to``). Where whole blocks of that size cannot reach the target,
+    the largest block dividing it that can, as the run's own alignment falls back. A run that
+    searched in whole blocks already has it: ``uniform``, its own uniform network (a second
+    measured repair of the same genome could land elsewhere). Raises :class:`BudgetError`
+    where no such block reaches the target."""
+    model = rules.latency
+    blocks = sorted((b for b in BLOCKS if b > 1 and model.block % b == 0), reverse=True)
+    for i, b in enumerate(blocks):
+        if rules.divisible_by % b == 0:
+            return uniform
+        genome = space.control_genome(rules, teacher)
+        try:
+            return repair_measured(
+                teacher, rules.granularity, genome, model,
+                min_channels=rules.min_channels, divisible_by=math.lcm(rules.divisible_by, b),
+            )[0]  # fmt: skip
+        except BudgetError:
+            if i == len(blocks) - 1:
+                raise
+    return uniform  # no block on this device: every width is on the fast path
