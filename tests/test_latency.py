@@ -468,6 +468,28 @@ def test_a_device_with_a_channel_block_gets_candidates_in_whole_blocks(tmp_path,
         assert ("every width is searched" in logs[-1]) is (step == 1)
 
 
+def test_blocks_that_leave_one_network_at_the_target_are_not_searched(tmp_path, monkeypatch):
+    """Seed 1 of the judged-once runs: blocks of 16 reached 0.5 of ResNet-20's latency only
+    with every layer at 16 channels, so all 48 trials trained that one network (3 points
+    under uniform in blocks of 8). A block whose uniform network at the target is already its
+    narrowest network leaves nothing to search: the next smaller block is searched."""
+    model = replace(_fake_model(target_ratio=0.5), block=8)
+    low8 = space.smallest_ratio(SMALL, "latency", divisible_by=8, ratio_fn=model.ratio)
+    target = low8 * 1.01  # the all-8 network fits, nothing wider in blocks of 8 does
+    model = replace(model, target_ms=target * model.teacher_ms)
+    monkeypatch.setattr(pipeline_latency, "build_latency_model", lambda *a, **k: model)
+    cfg = ExperimentConfig(
+        output_dir=str(tmp_path),
+        space={"budget": {"metric": "latency", "target": target,
+                          "latency": {"calibrate_networks": 0}}},
+    )  # fmt: skip
+    rules = space.rules_of(cfg.space, cfg.search.algorithm)
+    logs: list[str] = []
+    fitted = pipeline_latency.with_latency(cfg, rules, SMALL, logs.append)
+    assert fitted.divisible_by == 4, logs
+    assert any("one network" in line for line in logs), logs
+
+
 def test_a_trial_reports_its_predicted_latency_ratio_within_the_budget():
     cfg = ExperimentConfig(space={"budget": {"metric": "latency"}})
     rules = replace(space.rules_of(cfg.space, "optuna-tpe"), latency=_fake_model())
