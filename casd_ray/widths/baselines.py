@@ -156,10 +156,10 @@ def aligned_uniform(rules: space.SpaceRules, teacher: Spec, uniform: Spec) -> Sp
     where no such block reaches the target."""
     model = rules.latency
     blocks = sorted((b for b in BLOCKS if b > 1 and model.block % b == 0), reverse=True)
+    genome = space.control_genome(rules, teacher)
     for i, b in enumerate(blocks):
         if rules.divisible_by % b == 0:
             return uniform
-        genome = space.control_genome(rules, teacher)
         try:
             return repair_measured(
                 teacher, rules.granularity, genome, model,
