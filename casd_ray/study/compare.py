@@ -46,9 +46,9 @@ from casd_ray.models.family import Spec, build_model, spec_from_json
 from casd_ray.pipeline.latency import (
     LATENCY_FILE,
     judge_budget,
-    judged_within,
     measured_winner,
     saved_latency,
+    trained_onto_budget,
 )
 from casd_ray.pipeline.run import execute, fingerprints, load_teacher
 from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
@@ -187,11 +187,9 @@ def _latency_arms(
     def onto_budget(genome: dict) -> Spec:
         return repair_measured(t, rules.granularity, genome, model, **kw)[0]
 
-    # judged once, as the search's own winner: kept as searched where measured within
-    if judged_within(rnd_row):
-        rnd = spec_from_json(rnd_row["widths"])
-    else:
-        rnd = onto_budget(json.loads(rnd_row["genome"]))
+    # as the search's own winner: judged once, cut by single blocks where over
+    rnd = spec_from_json(rnd_row["widths"])
+    rnd = trained_onto_budget(rnd_row, rnd, rules, t, log, "compare: random")
     arms["random"] = _arm(cfg, rnd, "random", log)
     flops = flops_config(cfg, float(arms["uniform"]["flops_ratio"]))
     execute(flops, ["teacher", "search"], log=log)

@@ -34,7 +34,7 @@ from casd_ray.data.splits import DataSplits
 from casd_ray.files import atomic_write, write_json
 from casd_ray.models.cost import cpu_latency
 from casd_ray.models.family import Spec, flops, spec_from_json
-from casd_ray.pipeline.latency import judge_budget, judged_within, measured_winner
+from casd_ray.pipeline.latency import judge_budget, measured_winner, trained_onto_budget
 from casd_ray.pipeline.stages.student import (
     EVAL_BATCH,
     StudentRecipe,
@@ -93,26 +93,22 @@ def _onto_measured_budget(
     specs: dict[str, Spec], winner: pd.Series, rules: SpaceRules, teacher_spec: Spec, log
 ) -> dict[str, Spec]:
     """A latency budget is judged by measurement: the winner and the uniform baseline are
-    measured beside the teacher on the deployment, and repaired again from the measurement
-    (same genome, another target) where the latency model under-predicted, or over-predicted
-    by more than ``SLACK`` (a budget left unused). The measured
-    repair's first try rebuilds the trial's own network (the same genome, model and target),
-    so one call both checks and, if need be, repairs. A winner the search's measurement
-    already found within (:func:`judged_within`) is kept as searched."""
+    measured beside the teacher on the deployment and moved where the latency model
+    under-predicted, or over-predicted by more than ``SLACK`` (a budget left unused). The
+    uniform network is repaired again from the measurement (same genome, another target);
+    the winner is kept as searched where the search's measurement found it within, else cut
+    by single channel blocks from the network it trained (:func:`trained_onto_budget`)."""
     model = rules.latency
-    genomes = {
-        "winner": json.loads(winner["genome"]),
-        "uniform": space.control_genome(rules, teacher_spec),
-    }
+    uniform = space.control_genome(rules, teacher_spec)
     out = {}
     for name, spec in specs.items():
-        if name == "winner" and judged_within(winner):
-            out[name] = spec
-            log(f"finetune: winner as searched (measured {winner['measured_fraction']:.3f} "
-                "of the latency target beside the teacher)")  # fmt: skip
+        if name == "winner":
+            out[name] = trained_onto_budget(
+                winner, spec, rules, teacher_spec, log, "finetune: winner"
+            )
             continue
         out[name], lat = repair_measured(
-            teacher_spec, rules.granularity, genomes[name], model,
+            teacher_spec, rules.granularity, uniform, model,
             min_channels=rules.min_channels, divisible_by=rules.divisible_by,
         )  # fmt: skip
         if out[name] != spec:
