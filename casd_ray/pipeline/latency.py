@@ -25,9 +25,9 @@ from casd_ray.models.family import Spec, build_model, spec_from_json
 from casd_ray.models.latency import measure_rounds, summarize_rounds
 from casd_ray.pipeline.plan import Log
 from casd_ray.widths import space
+from casd_ray.widths.channel_blocks import block_steps
 from casd_ray.widths.latency_cut import repair_trained
 from casd_ray.widths.latency_model import (
-    BLOCKS,
     FEATURES,
     SLACK,
     TOLERANCE,
@@ -186,35 +186,17 @@ def _aligned(cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: 
         log(f"{slow} on this device; space.divisible_by: {model.block} keeps every candidate "
             "on the fast path")  # fmt: skip
         return rules
-    # the model's block, else the largest block dividing it that still reaches the target:
-    # a CPU slow off blocks of 16 is not as slow on whole blocks of 8 (AVX-512, ONNX
-    # Runtime); the calibration then measures the model where the search looks
-    for block in sorted((b for b in BLOCKS if b > 1 and model.block % b == 0), reverse=True):
-        step = math.lcm(rules.divisible_by, block)
-        low = space.smallest_ratio(
-            teacher_spec, "latency", min_channels=rules.min_channels, divisible_by=step,
-            ratio_fn=model.ratio,
-        )  # fmt: skip
-        if low > model.target_ratio:
-            log(f"{slow}, but no network in whole blocks of {step} reaches the target (the "
-                f"narrowest predicted at {low:.3f} of the teacher)")  # fmt: skip
-            continue
-        # a block whose uniform network at the target is its narrowest leaves one network:
-        # on ResNet-20 at 0.5, blocks of 16 left every layer at 16 channels, 48 equal trials
-        step_rules = replace(rules, divisible_by=step)
-        uniform = space.candidate_spec(
-            step_rules, teacher_spec, space.control_genome(step_rules, teacher_spec)
-        )
-        if model.ratio(uniform) > low * (1 + 1e-9):
-            break
-        log(f"{slow}, but whole blocks of {step} leave one network at the target (the "
-            f"narrowest, predicted at {low:.3f} of the teacher)")  # fmt: skip
-    else:
-        log("latency: every width is searched")
-        return rules
-    log(f"{slow}: every width a whole block of {step} channels "
-        "(space.budget.latency.align_channels: false searches every width)")  # fmt: skip
-    return replace(rules, divisible_by=step)
+    # the model's block, else the largest block dividing it that can be searched: a CPU
+    # slow off blocks of 16 is not as slow on whole blocks of 8 (AVX-512, ONNX Runtime);
+    # the calibration then measures the model where the search looks
+    for step, why_not in block_steps(rules, teacher_spec):
+        if why_not is None:
+            log(f"{slow}: every width a whole block of {step} channels "
+                "(space.budget.latency.align_channels: false searches every width)")  # fmt: skip
+            return replace(rules, divisible_by=step)
+        log(f"{slow}, but {why_not}")
+    log("latency: every width is searched")
+    return rules
 
 
 def save_latency(cfg: ExperimentConfig, rules: SpaceRules) -> None:

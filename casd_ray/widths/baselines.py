@@ -14,8 +14,6 @@ first (the usual per-layer normalisation of global magnitude pruning).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -24,8 +22,9 @@ from casd_ray.errors import BudgetError
 from casd_ray.models.family import Spec, family_of, group_widths, with_group_widths
 from casd_ray.widths import space
 from casd_ray.widths.bisection import last_true
+from casd_ray.widths.channel_blocks import block_steps
 from casd_ray.widths.inherit import channel_importance
-from casd_ray.widths.latency_model import BLOCKS, repair_measured
+from casd_ray.widths.latency_model import repair_measured
 
 
 def global_order(
@@ -149,23 +148,29 @@ def aligned_uniform(rules: space.SpaceRules, teacher: Spec, uniform: Spec) -> Sp
     """The uniform genome repaired onto the latency budget as measured, every width a whole
     block of the latency model's channel block (and of ``space.divisible_by``): the fast path
     of the device's convolutions, which a user who knows the hardware takes by rounding
-    (Torch-Pruning's ``round_to``). Where whole blocks of that size cannot reach the target,
-    the largest block dividing it that can, as the run's own alignment falls back. A run that
-    searched in whole blocks already has it: ``uniform``, its own uniform network (a second
-    measured repair of the same genome could land elsewhere). Raises :class:`BudgetError`
-    where no such block reaches the target."""
-    model = rules.latency
-    blocks = sorted((b for b in BLOCKS if b > 1 and model.block % b == 0), reverse=True)
+    (Torch-Pruning's ``round_to``). The block is the one the run's own alignment takes
+    (:func:`block_steps`: the largest that reaches the target leaving more than one
+    network). A run that searched in that block already has it: ``uniform``, its own uniform
+    network (a second measured repair of the same genome could land elsewhere). Raises
+    :class:`BudgetError` where no such block reaches the target as measured."""
+    if rules.latency.block <= 1 or rules.divisible_by % rules.latency.block == 0:
+        return uniform  # no block on this device, or the run searched in whole ones
     genome = space.control_genome(rules, teacher)
-    for i, b in enumerate(blocks):
-        if rules.divisible_by % b == 0:
+    usable = [step for step, why_not in block_steps(rules, teacher) if why_not is None]
+    if not usable:
+        raise BudgetError(
+            f"space.budget.target: no uniform network in whole blocks of {rules.latency.block} "
+            "channels (or a block dividing it) reaches the target"
+        )
+    for i, step in enumerate(usable):
+        if step == rules.divisible_by:
             return uniform
         try:
             return repair_measured(
-                teacher, rules.granularity, genome, model,
-                min_channels=rules.min_channels, divisible_by=math.lcm(rules.divisible_by, b),
+                teacher, rules.granularity, genome, rules.latency,
+                min_channels=rules.min_channels, divisible_by=step,
             )[0]  # fmt: skip
         except BudgetError:
-            if i == len(blocks) - 1:
+            if i == len(usable) - 1:
                 raise
-    return uniform  # no block on this device: every width is on the fast path
+    return uniform
