@@ -14,6 +14,7 @@ from casd_ray.cli import main
 from casd_ray.errors import BudgetError
 from casd_ray.models.family import spec_for
 from casd_ray.report.deploy import validated_pick
+from casd_ray.study import latency_arms
 from casd_ray.study.compare import ARMS, LATENCY_ARMS, summarize
 from casd_ray.widths import latency_model as lm
 from casd_ray.widths import space
@@ -66,7 +67,9 @@ def test_compare_runs_every_arm_with_one_recipe(tmp_path, capsys):
     assert "compare: reusing" in capsys.readouterr().out
 
 
-def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(tmp_path, capsys):
+def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(
+    tmp_path, capsys, monkeypatch
+):
     """Under a latency budget the arms are held to the same *measured* latency: the random
     search repairs with the seed run's own latency model, the FLOPs-budget search's winner
     and the global ranking are scaled onto the budget, and every arm is measured beside the
@@ -117,6 +120,18 @@ def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(t
     assert flops["space"]["budget"]["metric"] == "flops"
     assert flops["space"]["budget"]["target"] == pytest.approx(arms["uniform"]["flops_ratio"])
     assert "latency ratio (measured)" in (runs / "lat-compare.md").read_text()
+
+    # run again (to add a seed, say): the arms whose widths measurements decided are kept,
+    # not measured, repaired and fine-tuned again onto other widths (measurements move)
+    def measured_again(*args, **kwargs):
+        raise AssertionError("an arm's widths measured again")
+
+    monkeypatch.setattr(lm, "measure_beside_teacher", measured_again)
+    monkeypatch.setattr(latency_arms, "measured_winner", measured_again)
+    assert main(["compare", str(config), "--seeds", "0"]) == 0
+    again = json.loads((runs / "lat-compare.json").read_text())["per_seed"]["0"]
+    for a in built:
+        assert again[a]["settings"]["widths"] == arms[a]["settings"]["widths"], a
 
 
 def _aligned_model(block: int, teacher, target_ratio: float = 0.5) -> lm.LatencyModel:

@@ -29,49 +29,27 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-from casd_ray.artifacts.network import is_complete
 from casd_ray.artifacts.run_folder import PARTS, SEARCH_DRIVER
 from casd_ray.artifacts.trials import TRIALS_FILE, read_trials, select_winner
 from casd_ray.config import ExperimentConfig
-from casd_ray.errors import BudgetError
 from casd_ray.files import read_json_or_none, write_json, write_text
-from casd_ray.models.family import Spec, build_model, spec_from_json
-from casd_ray.pipeline.latency import (
-    LATENCY_FILE,
-    judge_budget,
-    measured_winner,
-    saved_latency,
-    trained_onto_budget,
-)
-from casd_ray.pipeline.run import execute, fingerprints, load_teacher
-from casd_ray.pipeline.stages.student import StudentRecipe, part_settings, train_export
+from casd_ray.models.family import spec_from_json
+from casd_ray.pipeline.latency import saved_latency
+from casd_ray.pipeline.run import execute, load_teacher
 from casd_ray.report.deploy import validated_pick
-from casd_ray.stream.load import load_data
-from casd_ray.train import devices
+from casd_ray.study.arms import Log, arm_widths, fine_tuned_arm
+from casd_ray.study.latency_arms import LATENCY_ARMS, latency_arms, share_latency_model
 from casd_ray.widths import space
-from casd_ray.widths.baselines import (
-    aligned_uniform,
-    global_ranking_spec,
-    torch_pruning_allocation,
-)
-from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
+from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
 
 ARMS = ("winner", "uniform", "random", "global", "torch_pruning", "uniform_ce")
-# Under a latency budget every arm is held to the same *measured* latency, and Torch-Pruning
-# (which prunes to a FLOPs count) is replaced by what a user with a FLOPs-budget search would
-# deploy: its winner's allocation scaled onto the latency budget. ``uniform_aligned`` is the
-# uniform network with every width in whole blocks of the device's fast channel multiple (the
-# latency model's block): what a user who knows the hardware gets by rounding alone.
-LATENCY_ARMS = (
-    "winner", "uniform", "uniform_aligned", "random", "flops_winner", "global", "uniform_ce",
-)  # fmt: skip
+# Under a latency budget: LATENCY_ARMS (casd_ray/study/latency_arms.py).
 # The reference fine-tune a search's cost is measured against: experiments/cifar10_resnet20's
 # own recipe (5 epochs on 45k images). Cost is linear in images, so any run's fine-tune time
 # scales to it.
@@ -80,8 +58,6 @@ PICKED = "picked"  # the better of winner and uniform on validation, not a train
 KEEP = (
     "test_acc", "val_acc", "flops", "params", "flops_ratio", "seconds", "cpu_seconds", "settings",
 )  # fmt: skip
-
-Log = Callable[[str], None]
 
 
 def seed_config(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
@@ -96,32 +72,6 @@ def random_config(cfg: ExperimentConfig) -> ExperimentConfig:
             "search": cfg.search.model_copy(update={"algorithm": "random"}),
             "teacher": cfg.teacher.model_copy(update={"checkpoint": str(cfg.run_dir / "teacher")}),
         }
-    )
-
-
-def _arm(cfg: ExperimentConfig, spec: Spec, name: str, log: Log, start: dict | None = None) -> dict:
-    """Fine-tune ``spec`` with the run's recipe into ``run_dir/arms/name`` (reused if done);
-    ``start``: another tool's pruned weights instead of inheriting from the teacher."""
-    folder = cfg.run_dir / "arms" / name
-    settings = part_settings(fingerprints(cfg)["finetune"], spec)
-    if start is not None:
-        settings["start"] = name
-    saved = read_json_or_none(folder / "metrics.json")
-    if is_complete(folder) and isinstance(saved, dict) and saved.get("settings") == settings:
-        log(f"compare: reusing {folder}")
-        return saved
-    rules = space.rules_of(cfg.space, cfg.search.algorithm)
-    return train_export(
-        load_data(cfg.data, cfg.seed),
-        load_teacher(cfg, cfg.run_dir / "teacher"),
-        spec,
-        folder,
-        recipe=StudentRecipe(cfg.finetune, cfg.distill, rules.importance, cfg.seed, cfg.search.amp),
-        settings=settings,
-        device=devices.pick_device(1),
-        log=log,
-        label=name,
-        start=start,
     )
 
 
@@ -151,88 +101,6 @@ def _search_cost(run: Path, finetune: dict, images: int) -> dict:
     }
 
 
-def flops_config(cfg: ExperimentConfig, target: float) -> ExperimentConfig:
-    """The same search under a FLOPs budget of ``target`` (what a user without a latency
-    budget would run), on the seed run's teacher."""
-    budget = cfg.space.budget.model_copy(update={"metric": "flops", "target": target})
-    return cfg.model_copy(
-        update={
-            "name": f"{cfg.name}-flops",
-            "space": cfg.space.model_copy(update={"budget": budget}),
-            "teacher": cfg.teacher.model_copy(update={"checkpoint": str(cfg.run_dir / "teacher")}),
-        }
-    )
-
-
-def _share_latency_model(cfg: ExperimentConfig, other: ExperimentConfig) -> None:
-    """Give ``other``'s run the seed run's fitted latency model, so both repair genomes with
-    the same model (a second fit would measure, and predict, a little differently)."""
-    src, dst = cfg.run_dir / LATENCY_FILE, other.run_dir / LATENCY_FILE
-    if src.is_file() and not dst.is_file():
-        other.run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-
-
-def _latency_arms(
-    cfg: ExperimentConfig, rules: space.SpaceRules, arms: dict, teacher, rnd_row, log: Log
-) -> None:
-    """The latency budget's arms, each held to the budget *as measured* beside the teacher:
-    the random search's winner and the global ranking (allocated with the run's latency
-    model), the FLOPs-budget search's winner (at the uniform network's FLOPs) scaled onto
-    the latency budget, and the uniform network in whole channel blocks
-    (:func:`aligned_uniform`); ``rules`` carry the run's latency model."""
-    model, t = rules.latency, teacher.spec
-    kw = {"min_channels": rules.min_channels, "divisible_by": rules.divisible_by}
-
-    def onto_budget(genome: dict) -> Spec:
-        return repair_measured(t, rules.granularity, genome, model, **kw)[0]
-
-    # as the search's own winner: judged once, cut by single blocks where over
-    rnd = spec_from_json(rnd_row["widths"])
-    rnd = trained_onto_budget(rnd_row, rnd, rules, t, log, "compare: random")
-    arms["random"] = _arm(cfg, rnd, "random", log)
-    flops = flops_config(cfg, float(arms["uniform"]["flops_ratio"]))
-    execute(flops, ["teacher", "search"], log=log)
-    row = select_winner(read_trials(flops.run_dir / TRIALS_FILE))
-    arms["flops_winner"] = _arm(cfg, onto_budget(json.loads(row["genome"])), "flops_winner", log)
-
-    def global_at(ratio: float) -> Spec:
-        return global_ranking_spec(
-            teacher.model, t, target=ratio, metric="latency", criterion=rules.importance,
-            ratio_fn=model.ratio, **kw,
-        )  # fmt: skip
-
-    low = space.smallest_ratio(t, "latency", ratio_fn=model.ratio, **kw)
-    spec, _ = onto_measured_budget(t, global_at, model, low=low)
-    arms["global"] = _arm(cfg, spec, "global", log)
-    try:
-        spec = aligned_uniform(rules, t, _widths(arms["uniform"]))
-    except BudgetError as e:  # whole blocks of this size cannot reach the target
-        log(f"compare: no uniform_aligned arm: {e}")
-    else:
-        same = spec == _widths(arms["uniform"])  # the uniform arm already is in whole blocks
-        arms["uniform_aligned"] = (
-            arms["uniform"] if same else _arm(cfg, spec, "uniform_aligned", log)
-        )
-    # every network measured side by side with the teacher, in interleaved rounds; once
-    # (uniform_ce has uniform's widths, a winning control the winner's): timed twice, one
-    # network gave two ratios
-    names = [a for a in LATENCY_ARMS if a in arms]
-    first = {}
-    for a in names:
-        first.setdefault(_widths(arms[a]), a)
-    nets = {"teacher": build_model(t)} | {a: build_model(w) for w, a in first.items()}
-    measured = judge_budget(nets, model)
-    for a in names:
-        m = measured[first[_widths(arms[a])]]
-        arms[a] = {**arms[a], "latency_ratio": round(m["teacher_ratio"], 4),
-                   "within_budget": m["within_budget"]}  # fmt: skip
-
-
-def _widths(metrics: dict) -> Spec:
-    return spec_from_json(json.dumps(metrics["settings"]["widths"]))
-
-
 def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     """Every arm for one (already seeded) config; every stage is reused when done."""
     execute(cfg, ["teacher", "search", "finetune", "report"], log=log)
@@ -241,21 +109,18 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     latency = cfg.space.budget.metric == "latency"
     rnd = random_config(cfg)
     if latency:
-        _share_latency_model(cfg, rnd)
+        share_latency_model(cfg, rnd)
     execute(rnd, ["teacher", "search"], log=log)
     teacher = load_teacher(cfg, run / "teacher")
     rnd_trials = read_trials(rnd.run_dir / TRIALS_FILE)
     rules = saved_latency(cfg, space.rules_of(cfg.space, cfg.search.algorithm))
-    if latency:  # picked as the search's winner is: the best within the budget as measured
-        row = measured_winner(rnd_trials, rules, teacher.spec, log)
-    else:
-        row = select_winner(rnd_trials)
     ce = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"alpha": 0.0})})
-    arms["uniform_ce"] = _arm(ce, _widths(arms["uniform"]), "uniform_ce", log)
+    arms["uniform_ce"] = fine_tuned_arm(ce, arm_widths(arms["uniform"]), "uniform_ce", log)
     if latency:
-        _latency_arms(cfg, rules, arms, teacher, row, log)
+        latency_arms(cfg, rules, arms, teacher, rnd_trials, log)
         return _collect(cfg, arms, rnd, LATENCY_ARMS)
-    arms["random"] = _arm(cfg, spec_from_json(row["widths"]), "random", log)
+    row = select_winner(rnd_trials)
+    arms["random"] = fine_tuned_arm(cfg, spec_from_json(row["widths"]), "random", log)
     spec = global_ranking_spec(
         teacher.model,
         teacher.spec,
@@ -265,11 +130,11 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
         min_channels=rules.min_channels,
         divisible_by=rules.divisible_by,
     )
-    arms["global"] = _arm(cfg, spec, "global", log)
+    arms["global"] = fine_tuned_arm(cfg, spec, "global", log)
     tp_spec, tp_state = torch_pruning_allocation(
         teacher.model, teacher.spec, target=rules.target, metric=rules.metric
     )
-    arms["torch_pruning"] = _arm(cfg, tp_spec, "torch_pruning", log, start=tp_state)
+    arms["torch_pruning"] = fine_tuned_arm(cfg, tp_spec, "torch_pruning", log, start=tp_state)
     return _collect(cfg, arms, rnd, ARMS)
 
 
