@@ -605,6 +605,12 @@ def test_the_winner_is_the_best_trial_within_the_budget_as_measured(monkeypatch)
     assert row["measured_fraction"] == pytest.approx(0.97)  # the fine-tune keeps it as is
     assert any("trial best" in line and "1.300 of the latency target" in line for line in logs)
     assert "trial second" in logs[-1] and logs[-1].endswith("the winner")
+    # kept for the report: which better-validated trials measured over and were passed over
+    checked = row["finalists_measured"]
+    assert [c["trial_id"] for c in checked] == ["best", "second"]
+    assert [c["within_budget"] for c in checked] == [False, True]
+    assert checked[0]["fraction_of_target"] == pytest.approx(1.3)
+    assert checked[0]["predicted_fraction"] == pytest.approx(model.ratio(specs[0]) / 0.5, abs=1e-5)
     device({"best": 1.3, "second": 1.2, "third": 1.1})
     row = pipeline_latency.measured_winner(trials, rules, SMALL, logs.append)
     assert row["trial_id"] == "best" and math.isnan(row["measured_fraction"])  # to be cut

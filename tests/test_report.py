@@ -273,3 +273,16 @@ def test_a_latency_budget_is_reported_as_measured_with_a_plot(run_copy):
     summary["budget_latency"]["measured"]["winner"].update(judged)
     (run_dir / "finetune.json").write_text(json.dumps(summary))
     assert "| **no** (4 of 10 rounds within) |" in build_report(run_dir).read_text()
+    # the search's better-validated trials that measured over the budget: why the winner
+    # is not the search's best (on a real run five of them, the uniform control won)
+    summary["budget_latency"]["finalists"] = [
+        {"trial_id": "a1", "val_acc": 0.7708, "fraction_of_target": 1.125,
+         "predicted_fraction": 0.984, "within_budget": False},
+        {"trial_id": "b2", "val_acc": 0.7408, "fraction_of_target": 0.823,
+         "predicted_fraction": 0.914, "within_budget": True},
+    ]  # fmt: skip
+    (run_dir / "finetune.json").write_text(json.dumps(summary))
+    text = build_report(run_dir).read_text()
+    assert "1 better-validated trial measured over the budget and was passed over" in text
+    assert "a1 (val 77.08 %): 1.125 of the target, predicted 0.984" in text
+    assert "the winner, b2 (val 74.08 %), measured 0.823: the latency model" in text

@@ -222,24 +222,36 @@ def measured_winner(
     finalists, best validation first, are measured beside the teacher
     (:func:`judge_budget`), and the first within the budget wins; none within: the best,
     which measured repair then cuts. The row carries its ``measured_fraction`` of the
-    target (NaN for that best), so the network is judged once (:func:`judged_within`).
+    target (NaN for that best), so the network is judged once (:func:`judged_within`), and
+    ``finalists_measured``: every trial measured, for the report.
     """
     best = select_winner(trials)  # the one-line error where no trial is eligible
     teacher, model = build_model(teacher_spec), rules.latency
+    checked: list[dict] = []  # for the report: why the winner is not the search's best
+
+    def chosen(row: pd.Series, fraction: float) -> pd.Series:
+        extra = pd.Series({"measured_fraction": fraction, "finalists_measured": checked})
+        return pd.concat([row, extra])
+
     for _, row in ranked_eligible(trials).iterrows():
         spec = spec_from_json(row["widths"])
         m = judge_budget({"teacher": teacher, "student": build_model(spec)}, model, rounds=3)
         m = m["student"]
+        predicted = model.ratio(spec) / model.target_ratio
+        checked.append({
+            "trial_id": str(row["trial_id"]), "val_acc": float(row["best_val_acc"]),
+            "fraction_of_target": m["fraction_of_target"],
+            "predicted_fraction": round(predicted, 5), "within_budget": bool(m["within_budget"]),
+        })  # fmt: skip
         log(f"latency: trial {row['trial_id']} (val_acc {row['best_val_acc']:.4f}) measured "
-            f"{m['fraction_of_target']:.3f} of the latency target (predicted "
-            f"{model.ratio(spec) / model.target_ratio:.3f}; {m['rounds_within']} of "
-            f"{m['rounds']} rounds within): "
+            f"{m['fraction_of_target']:.3f} of the latency target (predicted {predicted:.3f}; "
+            f"{m['rounds_within']} of {m['rounds']} rounds within): "
             + ("the winner" if m["within_budget"] else "passed over"))  # fmt: skip
         if m["within_budget"]:
-            return pd.concat([row, pd.Series({"measured_fraction": m["fraction_of_target"]})])
+            return chosen(row, m["fraction_of_target"])
     log("latency: no finished trial measured within the latency budget; the best is cut "
         "onto it from its measurement")  # fmt: skip
-    return pd.concat([best, pd.Series({"measured_fraction": math.nan})])
+    return chosen(best, math.nan)
 
 
 def judged_within(row: pd.Series) -> bool:

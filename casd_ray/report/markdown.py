@@ -108,7 +108,35 @@ def _latency_lines(report: dict) -> list[str]:
             f"the teacher: ratios ×{cal['calibration']:.3f}; there MAPE {b['mape_pct']} % "
             f"(bias {b['bias_pct']:+} %) before; {after}.".replace("-", "−")
         )
-    return [*lines, "", "![latency](latency.png)", ""]
+    return [*lines, *_finalist_lines(lat), "", "![latency](latency.png)", ""]
+
+
+def _finalist_lines(lat: dict) -> list[str]:
+    """Why the winner is not the search's best trial: the better-validated ones measured
+    over the budget beside the teacher (the model had predicted them within)."""
+    checked = lat.get("finalists") or []
+    over = [c for c in checked if not c["within_budget"]]
+    if not over:
+        return []
+    won = [c for c in checked if c["within_budget"]]
+    n = len(over)
+    listed = "; ".join(
+        f"{c['trial_id']} (val {100 * c['val_acc']:.2f} %): {c['fraction_of_target']:.3f} of "
+        f"the target, predicted {c['predicted_fraction']:.3f}"
+        for c in over
+    )
+    end = (
+        f"the winner, {won[0]['trial_id']} (val {100 * won[0]['val_acc']:.2f} %), measured "
+        f"{won[0]['fraction_of_target']:.3f}"
+        if won
+        else "none measured within: the best was cut onto the budget from its measurement"
+    )
+    return [
+        "",
+        f"Winner chosen as measured: {n} better-validated trial{'s' if n > 1 else ''} "
+        f"measured over the budget and {'were' if n > 1 else 'was'} passed over ({listed}); "
+        f"{end}: the latency model under-predicted the networks the search ranked best.",
+    ]
 
 
 def _verdict(m: dict, lat: dict) -> str:

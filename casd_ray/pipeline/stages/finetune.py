@@ -230,6 +230,7 @@ def run_finetune(
     summary = _summarize(run_dir, data, teacher, trials, trial_ids, part, dev, amp, log)
     if rules.latency is not None:
         summary["budget_latency"] = _budget_latency(run_dir, teacher, rules.latency, log)
+        summary["budget_latency"]["finalists"] = winner_row.get("finalists_measured")
     write_json(run_dir / SUMMARY, summary)
     return summary
 
