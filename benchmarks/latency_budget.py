@@ -36,7 +36,8 @@ from casd_ray.errors import BudgetError
 from casd_ray.models.family import build_model, flops, spec_for
 from casd_ray.models.latency import Deployment, measure, measure_together
 from casd_ray.widths import space
-from casd_ray.widths.latency_model import build_latency_model, repair_measured
+from casd_ray.widths.latency_model import build_latency_model
+from casd_ray.widths.latency_repair import repair_measured
 
 
 def _trial(stop, threads: int) -> None:

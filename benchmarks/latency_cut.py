@@ -3,7 +3,7 @@ prediction keeps, on a latency-budget run's own distilled trials (model only, no
 
 (a) the genome rescaled onto the lower ratio (:func:`space.repair`, how the uniform network
 is repaired), (b) the trained network cut by single channel blocks and grown back
-(:func:`latency_cut.nearest_within`, how a winner is repaired). For each distilled trial,
+(:func:`latency_repair.nearest_within`, how a winner is repaired). For each distilled trial,
 taken 2 / 4 / 8 % under its predicted ratio: FLOPs kept over the teacher's by each, and each
 one's prediction over the goal.
 
@@ -21,8 +21,8 @@ from casd_ray.artifacts.trials import TRIALS_FILE, read_trials
 from casd_ray.models.family import flops, spec_from_json
 from casd_ray.pipeline.latency import LATENCY_FILE
 from casd_ray.widths import space
-from casd_ray.widths.latency_cut import nearest_within
 from casd_ray.widths.latency_model import LatencyModel
+from casd_ray.widths.latency_repair import nearest_within
 
 
 def main() -> None:

@@ -109,6 +109,14 @@ class LatencyConfig(_Strict):
             "ratios where the search looks; 0: no calibration"
         ),
     )
+    predictor: Literal["table", "features"] = Field(
+        "table",
+        description=(
+            "what predicts a candidate's latency for repair: table, every convolution timed "
+            "alone on the deployment at a grid of widths and summed (~1-2 min more to build); "
+            "features, a fit to FLOPs, activations and parameters"
+        ),
+    )
     align_channels: bool = Field(
         True,
         description=(

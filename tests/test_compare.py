@@ -17,7 +17,7 @@ from casd_ray.report.deploy import validated_pick
 from casd_ray.study import latency_arms
 from casd_ray.study.compare import ARMS, LATENCY_ARMS, summarize
 from casd_ray.widths import latency_model as lm
-from casd_ray.widths import space
+from casd_ray.widths import latency_repair, space
 from casd_ray.widths.baselines import aligned_uniform
 
 
@@ -126,7 +126,7 @@ def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(
     def measured_again(*args, **kwargs):
         raise AssertionError("an arm's widths measured again")
 
-    monkeypatch.setattr(lm, "measure_beside_teacher", measured_again)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", measured_again)
     monkeypatch.setattr(latency_arms, "measured_winner", measured_again)
     assert main(["compare", str(config), "--seeds", "0"]) == 0
     again = json.loads((runs / "lat-compare.json").read_text())["per_seed"]["0"]
@@ -157,7 +157,7 @@ def test_the_aligned_uniform_arm_keeps_whole_blocks_within_the_measured_budget(m
 
     for block in (8, 1):
         model = _aligned_model(block, teacher)
-        monkeypatch.setattr(lm, "measure_beside_teacher", device(model))
+        monkeypatch.setattr(latency_repair, "measure_beside_teacher", device(model))
         rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency", latency=model)
         uniform = space.candidate_spec(rules, teacher, space.control_genome(rules, teacher))
         spec = aligned_uniform(rules, teacher, uniform)
@@ -186,7 +186,7 @@ def test_a_search_in_whole_blocks_keeps_its_uniform_network_as_the_aligned_one(m
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(lm, "measure_beside_teacher", no_measuring)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", no_measuring)
     rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency", latency=model,
                              divisible_by=8)  # fmt: skip
     uniform = space.candidate_spec(rules, teacher, space.control_genome(rules, teacher))
@@ -208,7 +208,7 @@ def test_the_aligned_uniform_arm_falls_back_to_the_block_the_run_searched_in(mon
         return {k: {"median_ms": model.predict_ms(s), "iqr_ms": 0.0, "runs": 1,
                     "rounds_ms": [model.predict_ms(s)]} for k, s in got.items()}  # fmt: skip
 
-    monkeypatch.setattr(lm, "measure_beside_teacher", device)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", device)
     for searched in (8, 1):
         rules = space.SpaceRules(granularity="stage", target=0.5, metric="latency",
                                  latency=model, divisible_by=searched)  # fmt: skip
@@ -237,7 +237,7 @@ def test_the_aligned_uniform_arm_skips_a_block_that_leaves_one_network(monkeypat
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(lm, "measure_beside_teacher", no_measuring)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", no_measuring)
     rules = space.SpaceRules(granularity="stage", target=target, metric="latency",
                              latency=model, divisible_by=8)  # fmt: skip
     uniform = space.candidate_spec(rules, teacher, space.control_genome(rules, teacher))

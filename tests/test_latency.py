@@ -21,14 +21,17 @@ from casd_ray.models.family import build_model, family_of, flops, spec_for
 from casd_ray.pipeline import latency as pipeline_latency
 from casd_ray.pipeline.stages import finetune
 from casd_ray.search.trial_plan import candidate_facts, trial_plan
-from casd_ray.widths import latency_cut, space
 from casd_ray.widths import latency_model as lm
+from casd_ray.widths import latency_repair, space
 
 SMALL = spec_for("resnet8", width=8)
 QUICK = {"min_run_time": 0.02, "batch_size": 8}  # batch 8: compute, not call overhead
 # where a test measures a repaired network again: at QUICK's ~2 ms a rerun of the same pair
 # moved their ratio by up to 25 % (CI once measured 0.98 after repair had accepted <= 0.875)
 STEADY = {"min_run_time": 0.05, "batch_size": 16}
+# where a test stands a fitted features model in for the device's (tests/test_latency_table.py
+# has the per-layer table's own)
+FEATURES = {"predictor": "features"}
 
 
 def _dep(runtime: str = "torch", batch: int = 1) -> latency.Deployment:
@@ -282,9 +285,9 @@ def test_repair_measured_repairs_again_when_the_model_under_predicts(monkeypatch
         calls.append(student)
         return device(teacher, student, dep, rounds)
 
-    monkeypatch.setattr(lm, "measure_beside_teacher", measured)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", measured)
     genome = space.uniform_genome(SMALL, "stage")
-    student, lat = lm.repair_measured(SMALL, "stage", genome, model)
+    student, lat = latency_repair.repair_measured(SMALL, "stage", genome, model)
     assert len(calls) >= 2
     teacher_ms = device(SMALL, SMALL, None)["teacher"]["median_ms"]
     assert lat.median_ms <= 0.5 * teacher_ms * (1 + lm.TOLERANCE)
@@ -306,9 +309,9 @@ def test_a_network_measured_far_under_the_target_is_grown_back_towards_it(monkey
             "student": _one_round(slow * model.predict_ms(student)),
         }
 
-    monkeypatch.setattr(lm, "measure_beside_teacher", measured)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", measured)
     genome = space.uniform_genome(SMALL, "stage")
-    student, lat = lm.repair_measured(SMALL, "stage", genome, model)
+    student, lat = latency_repair.repair_measured(SMALL, "stage", genome, model)
     target = model.target_ms
     assert (1 - lm.SLACK) * target <= lat.median_ms <= target * (1 + lm.TOLERANCE)
     assert lat.median_ms == model.predict_ms(student) and len(calls) >= 3
@@ -318,10 +321,10 @@ def test_budget_holds_after_repair_as_measured():
     cfg = LatencyConfig(runtime="torch", fit_networks=8, check_networks=0, **STEADY)
     model = lm.build_latency_model(SMALL, cfg, 0.85, log=lambda _: None)
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
-    student, _ = lm.repair_measured(SMALL, "stage", genome, model)
+    student, _ = latency_repair.repair_measured(SMALL, "stage", genome, model)
     assert student != SMALL
     # measured again beside the teacher: within the budget up to a rerun's movement
-    ms = lm.measure_beside_teacher(SMALL, student, model.deployment(), rounds=5)
+    ms = latency_repair.measure_beside_teacher(SMALL, student, model.deployment(), rounds=5)
     assert ms["student"]["median_ms"] <= 0.85 * ms["teacher"]["median_ms"] * 1.15
 
 
@@ -339,7 +342,7 @@ def test_a_relative_budget_is_judged_beside_the_teacher_measured_in_the_same_rou
         target_ms=fitted.target_ms / 2,
     )
     genome = {"stage0": 0.5, "stage1": 1.0, "stage2": 0.7}
-    student, _ = lm.repair_measured(SMALL, "stage", genome, stale)
+    student, _ = latency_repair.repair_measured(SMALL, "stage", genome, stale)
     nets = {"teacher": build_model(SMALL), "student": build_model(student)}
     ms = latency.measure_together(nets, stale.deployment(), rounds=5)
     ratio = ms["student"]["median_ms"] / ms["teacher"]["median_ms"]
@@ -368,7 +371,7 @@ def test_finetune_measures_and_repairs_winner_and_uniform_onto_the_budget(monkey
     }
 
     device = _device_with_a_fixed_cost(model, 0.2)
-    monkeypatch.setattr(lm, "measure_beside_teacher", device)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", device)
     winner = pd.Series({"genome": json.dumps(genome)})
     logs: list[str] = []
     out = finetune._onto_measured_budget(specs, winner, rules, SMALL, logs.append)
@@ -394,7 +397,8 @@ def test_a_winner_measured_within_the_budget_is_fine_tuned_as_searched(monkeypat
         "winner": space.candidate_spec(rules, SMALL, genome),
         "uniform": space.candidate_spec(rules, SMALL, space.control_genome(rules, SMALL)),
     }
-    monkeypatch.setattr(lm, "measure_beside_teacher", _device_with_a_fixed_cost(model, 0.2))
+    device = _device_with_a_fixed_cost(model, 0.2)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", device)
     for fraction, kept in ((1.02, True), (0.95, True), (0.8, False), (float("nan"), False)):
         winner = pd.Series({"genome": json.dumps(genome), "measured_fraction": fraction})
         out = finetune._onto_measured_budget(specs, winner, rules, SMALL, lambda _: None)
@@ -407,7 +411,7 @@ def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
     cfg = ExperimentConfig(
         output_dir=str(tmp_path),
         space={"budget": {"metric": "latency", "target": 0.9, "latency": {
-            "runtime": "torch", "fit_networks": 4, "check_networks": 0, **QUICK}}},
+            "runtime": "torch", "fit_networks": 4, "check_networks": 0, **QUICK, **FEATURES}}},
     )  # fmt: skip
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     fitted = pipeline_latency.with_latency(cfg, rules, SMALL, lambda _: None)
@@ -435,7 +439,7 @@ def test_a_device_with_a_channel_block_gets_candidates_in_whole_blocks(tmp_path,
         cfg = ExperimentConfig(
             output_dir=str(tmp_path / f"{divisible_by}-{align}"),
             space={"divisible_by": divisible_by, "budget": {"metric": "latency", "latency": {
-                "align_channels": align, "calibrate_networks": 0}}},
+                "align_channels": align, "calibrate_networks": 0, **FEATURES}}},
         )  # fmt: skip
         rules = space.rules_of(cfg.space, cfg.search.algorithm)
         logs: list[str] = []
@@ -458,7 +462,7 @@ def test_a_device_with_a_channel_block_gets_candidates_in_whole_blocks(tmp_path,
         cfg = ExperimentConfig(
             output_dir=str(tmp_path / f"8-{target}"),
             space={"budget": {"metric": "latency", "target": target,
-                              "latency": {"calibrate_networks": 0}}},
+                              "latency": {"calibrate_networks": 0, **FEATURES}}},
         )  # fmt: skip
         logs = []
         rules = space.rules_of(cfg.space, cfg.search.algorithm)
@@ -482,7 +486,7 @@ def test_blocks_that_leave_one_network_at_the_target_are_not_searched(tmp_path, 
     cfg = ExperimentConfig(
         output_dir=str(tmp_path),
         space={"budget": {"metric": "latency", "target": target,
-                          "latency": {"calibrate_networks": 0}}},
+                          "latency": {"calibrate_networks": 0, **FEATURES}}},
     )  # fmt: skip
     rules = space.rules_of(cfg.space, cfg.search.algorithm)
     logs: list[str] = []
@@ -507,9 +511,9 @@ def test_repair_measured_gives_up_in_one_line_when_nothing_meets_the_target(monk
     def measured(teacher, student, dep, rounds=3):  # every student 1000x its teacher
         return {"teacher": _one_round(1.0), "student": _one_round(1e3)}
 
-    monkeypatch.setattr(lm, "measure_beside_teacher", measured)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", measured)
     with pytest.raises(errors.BudgetError) as err:
-        lm.repair_measured(SMALL, "stage", space.uniform_genome(SMALL, "stage"), model)
+        latency_repair.repair_measured(SMALL, "stage", space.uniform_genome(SMALL, "stage"), model)
     assert str(err.value).startswith("space.budget.target: ") and "\n" not in str(err.value)
 
 
@@ -646,7 +650,8 @@ def _calibrated_config(tmp_path, target: float) -> ExperimentConfig:
     return ExperimentConfig(
         output_dir=str(tmp_path),
         space={"granularity": "stage", "budget": {
-            "metric": "latency", "target": target, "latency": {"calibrate_networks": 8}}},
+            "metric": "latency", "target": target,
+            "latency": {"calibrate_networks": 8, **FEATURES}}},
     )  # fmt: skip
 
 
@@ -758,7 +763,7 @@ def test_a_trained_network_over_the_goal_loses_the_least_it_can():
             goal = model.ratio(spec) / over
             kw = {"divisible_by": 4, "ratio_fn": model.ratio}
             rescaled = space.repair(ALIGNED, "layer", genome, target=goal, metric="latency", **kw)
-            cut = latency_cut.nearest_within(spec, ALIGNED, goal, **kw)
+            cut = latency_repair.nearest_within(spec, ALIGNED, goal, **kw)
             assert model.ratio(cut) <= goal
             widths = family_of(cut).width_vector(cut)
             assert all(w % 4 == 0 for w in widths)
@@ -777,7 +782,7 @@ def test_a_trained_network_over_the_goal_loses_the_least_it_can():
 
 def test_a_winner_over_the_budget_is_cut_by_single_blocks_not_rescaled(monkeypatch):
     """Finetune's measured repair of a winner the search's measurement did not find within
-    the budget starts from the network it trained (:func:`latency_cut.repair_trained`)."""
+    the budget starts from the network it trained (:func:`latency_repair.repair_trained`)."""
     model = _aligned_model()
     rules = space.SpaceRules(
         granularity="layer", target=0.5, metric="latency", latency=model, divisible_by=4
@@ -790,10 +795,10 @@ def test_a_winner_over_the_budget_is_cut_by_single_blocks_not_rescaled(monkeypat
         "uniform": space.candidate_spec(rules, ALIGNED, space.control_genome(rules, ALIGNED)),
     }
     device = _device_with_a_fixed_cost(model, 0.1)  # 7 % over at half the teacher
-    monkeypatch.setattr(lm, "measure_beside_teacher", device)
+    monkeypatch.setattr(latency_repair, "measure_beside_teacher", device)
     winner = pd.Series({"genome": json.dumps(genome), "measured_fraction": float("nan")})
     out = finetune._onto_measured_budget(specs, winner, rules, ALIGNED, lambda _: None)
-    rescaled, _ = lm.repair_measured(ALIGNED, "layer", genome, model, divisible_by=4)
+    rescaled, _ = latency_repair.repair_measured(ALIGNED, "layer", genome, model, divisible_by=4)
     ms = device(ALIGNED, out["winner"], None)
     assert ms["student"]["median_ms"] <= 0.5 * ms["teacher"]["median_ms"] * (1 + lm.TOLERANCE)
     assert out["winner"] != specs["winner"]

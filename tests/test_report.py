@@ -273,6 +273,16 @@ def test_a_latency_budget_is_reported_as_measured_with_a_plot(run_copy):
     summary["budget_latency"]["measured"]["winner"].update(judged)
     (run_dir / "finetune.json").write_text(json.dumps(summary))
     assert "| **no** (4 of 10 rounds within) |" in build_report(run_dir).read_text()
+    # a per-layer table predicted: said, with the features model's error on the same networks
+    summary["budget_latency"]["model_error"].update(
+        entries=166,
+        predictor="table",
+        features={"networks": 50, "mape_pct": 3.5, "worst_pct": 13.9},
+    )
+    (run_dir / "finetune.json").write_text(json.dumps(summary))
+    text = build_report(run_dir).read_text()
+    assert "a table of 166 convolutions timed alone): MAPE 7.5 %" in text
+    assert "(the features model there: MAPE 3.5 %, worst 13.9 %)" in text
     # the search's better-validated trials that measured over the budget: why the winner
     # is not the search's best (on a real run five of them, the uniform control won)
     summary["budget_latency"]["finalists"] = [

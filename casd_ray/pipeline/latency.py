@@ -26,7 +26,6 @@ from casd_ray.models.latency import measure_rounds, summarize_rounds
 from casd_ray.pipeline.plan import Log
 from casd_ray.widths import space
 from casd_ray.widths.channel_blocks import block_steps
-from casd_ray.widths.latency_cut import repair_trained
 from casd_ray.widths.latency_model import (
     FEATURES,
     SLACK,
@@ -34,9 +33,10 @@ from casd_ray.widths.latency_model import (
     LatencyModel,
     build_latency_model,
     calibrated,
-    fractions_of_target,
     relative_error,
+    with_table,
 )
+from casd_ray.widths.latency_repair import fractions_of_target, repair_trained
 from casd_ray.widths.space import SpaceRules
 
 LATENCY_FILE = "latency.json"
@@ -109,6 +109,12 @@ def with_latency(
         divisible_by=s.divisible_by, seed=cfg.seed, log=log,
     )  # fmt: skip
     rules = _aligned(cfg, replace(rules, latency=model), teacher_spec, log)
+    if b.latency.predictor == "table":  # timed in the step the search uses, known only now
+        model = with_table(
+            rules.latency, teacher_spec, b.latency, b.target, min_channels=rules.min_channels,
+            divisible_by=rules.divisible_by, seed=cfg.seed, log=log,
+        )  # fmt: skip
+        rules = replace(rules, latency=model)
     return _calibrated(cfg, rules, teacher_spec, log)
 
 

@@ -90,11 +90,12 @@ def _latency_lines(report: dict) -> list[str]:
         acc = report["models"][name]["test_acc"]
         lines.append(f"| {name} | {_pct(acc)} | {m['median_ms']:.3f} | {m['iqr_ms']:.3f} | {ok} |")
     if err.get("networks"):
-        lines += [
-            "",
-            f"Latency model (repair's prediction): MAPE {err['mape_pct']} %, worst "
-            f"{err['worst_pct']} % on {err['networks']} measured random networks.",
-        ]
+        how = f": a table of {err['entries']} convolutions timed alone" if "entries" in err else ""
+        line = (f"Latency model (repair's prediction{how}): MAPE {err['mape_pct']} %, worst "
+                f"{err['worst_pct']} % on {err['networks']} measured random networks")  # fmt: skip
+        if f := err.get("features"):
+            line += f" (the features model there: MAPE {f['mape_pct']} %, worst {f['worst_pct']} %)"
+        lines += ["", line + "."]
     if cal := err.get("searched_space"):
         b, h = cal["before"], cal.get("held_out")
         after = (

@@ -26,7 +26,7 @@ from casd_ray.pipeline.run import execute
 from casd_ray.study.arms import Log, arm_widths, decided_arm, fine_tuned_arm, kept_arm
 from casd_ray.widths import space
 from casd_ray.widths.baselines import aligned_uniform, global_ranking_spec
-from casd_ray.widths.latency_model import onto_measured_budget, repair_measured
+from casd_ray.widths.latency_repair import onto_measured_budget, repair_measured
 
 # Torch-Pruning (which prunes to a FLOPs count) is replaced by what a user with a FLOPs-budget
 # search would deploy: its winner's allocation scaled onto the latency budget.

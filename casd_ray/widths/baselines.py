@@ -24,7 +24,7 @@ from casd_ray.widths import space
 from casd_ray.widths.bisection import last_true
 from casd_ray.widths.channel_blocks import block_steps
 from casd_ray.widths.inherit import channel_importance
-from casd_ray.widths.latency_model import repair_measured
+from casd_ray.widths.latency_repair import repair_measured
 
 
 def global_order(

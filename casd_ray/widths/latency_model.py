@@ -15,14 +15,13 @@ with it the prediction drops where a width reaches a whole block, as the device'
 does, and repair's bisection still returns a network within the budget (possibly not the
 largest one). Its error (MAPE and worst case) is measured on
 ``check_networks`` further random networks and reported. Networks are only ever *judged* by
-measurement: :func:`repair_measured` repairs again from the measured latency whenever the
-model under-predicted.
+measurement: :func:`casd_ray.widths.latency_repair.repair_measured` repairs again from the
+measured latency whenever the model under-predicted.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -42,6 +41,7 @@ from casd_ray.models.latency import (
     measure_together,
 )
 from casd_ray.widths import space
+from casd_ray.widths.latency_table import LatencyTable, fit_table, measure_table
 
 # A measured latency may exceed the target by this fraction and still meet the budget:
 # the median of a measurement moves by about this much between runs on a quiet CPU.
@@ -56,6 +56,9 @@ FEATURES = ("one", "gflops", "mactivations", "mparams", "unaligned_gflops")
 # AVX-512 CPU 3x3 convolutions of 17 channels took 2.5x the time of ones of 16 (ONNX Runtime,
 # batch 64, docs/performance.md "Latency budgets"). The block is chosen from measurements.
 BLOCKS = (1, 4, 8, 16)
+# grid step of a latency table where the space is not searched in whole blocks (AVX2's SIMD
+# width in floats; other widths are interpolated between whole blocks)
+TABLE_STEP = 8
 
 
 @lru_cache(maxsize=4096)
@@ -123,8 +126,12 @@ class LatencyModel:
     # measured over predicted ratio where the search looks (:func:`calibrated`; 1: not yet)
     calibration: float = 1.0
     error: dict = field(default_factory=dict, compare=False)
+    # per-layer table that predicts instead of the features (:func:`with_table`); None: features
+    table: LatencyTable | None = None
 
     def predict_ms(self, spec: Spec) -> float:
+        if self.table is not None:
+            return self.table.predict_ms(spec)
         return float(features(spec, self.block) @ np.array(self.coef))
 
     def ratio(self, spec: Spec) -> float:
@@ -145,34 +152,19 @@ class LatencyModel:
         return Deployment(self.runtime, self.shape, self.threads, self.min_run_time)
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "coef": list(self.coef), "shape": list(self.shape)}
+        table = self.table.as_dict() if self.table is not None else None
+        return {**self.__dict__, "coef": list(self.coef), "shape": list(self.shape),
+                "table": table}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyModel:
-        return cls(**{**d, "coef": tuple(d["coef"]), "shape": tuple(d["shape"])})
+        table = LatencyTable.from_dict(d["table"]) if d.get("table") else None
+        return cls(**{**d, "coef": tuple(d["coef"]), "shape": tuple(d["shape"]), "table": table})
 
 
 def measure_spec(spec: Spec, dep: Deployment) -> Latency:
     """Measured latency of a freshly built ``spec`` (cached per deployment and widths)."""
     return measure_cached(spec.model_dump_json(), lambda: build_model(spec), dep)
-
-
-def measure_beside_teacher(
-    teacher: Spec, student: Spec, dep: Deployment, rounds: int = 3
-) -> dict[str, dict]:
-    """Teacher and student measured in interleaved rounds (:func:`measure_together`): one
-    timing moves by ~30 % between runs on a shared CPU, the median of rounds and the ratio
-    of two networks measured side by side much less."""
-    nets = {"teacher": build_model(teacher), "student": build_model(student)}
-    return measure_together(nets, dep, rounds=rounds)
-
-
-def fractions_of_target(
-    rounds_ms: list[float], teacher_rounds_ms: list[float], model: LatencyModel
-) -> list[float]:
-    """Each round's latency over the target beside the teacher measured in that round."""
-    pairs = zip(rounds_ms, teacher_rounds_ms, strict=True)
-    return [ms / model.target_beside(t) for ms, t in pairs]
 
 
 def random_specs(
@@ -336,71 +328,45 @@ def build_latency_model(
     return LatencyModel(**{**models[block].__dict__, "error": error})
 
 
-def onto_measured_budget(
-    teacher: Spec,
-    build: Callable[[float], Spec],
+def with_table(
     model: LatencyModel,
-    *,
-    low: float = 0.0,
-    tries: int = 6,
-) -> tuple[Spec, Latency]:
-    """``build(ratio)`` allocates a network onto a predicted latency ratio; it is measured
-    beside the teacher and moved until it lands within [1 - :data:`SLACK`, 1 +
-    :data:`TOLERANCE`] of the target, the median of its rounds' fractions of the target
-    beside each round's teacher (:func:`fractions_of_target`): the next ratio scales by
-    target / measured (a secant through the origin), kept inside the bracket of ratios
-    already measured under and over the target, else bisected (never below ``low``).
-    Returns the network and its measured latency (median of interleaved rounds); after
-    ``tries`` the largest network measured within the target."""
-    dep = model.deployment()
-    ratio, under, over = model.target_ratio, low, math.inf
-    best: tuple[float, Spec, Latency] | None = None  # (fraction of its target, network, latency)
-    for _ in range(tries):
-        student = build(ratio)
-        ms = measure_beside_teacher(teacher, student, dep)
-        target = model.target_beside(ms["teacher"]["median_ms"])
-        got = ms["student"]
-        lat = Latency(got["median_ms"], got["iqr_ms"], got["runs"])
-        frac = statistics.median(
-            fractions_of_target(got["rounds_ms"], ms["teacher"]["rounds_ms"], model)
-        )
-        if frac <= 1 + TOLERANCE:
-            if best is None or frac > best[0]:
-                best = (frac, student, lat)
-            if frac >= 1 - SLACK:
-                return student, lat
-            under = max(under, ratio)
-        else:
-            over = min(over, ratio)
-        step = ratio / frac
-        if over < math.inf and not under < step < over:  # outside the bracket: bisect it
-            step = (under + over) / 2
-        ratio = min(step, 1.0)  # repair's targets are fractions of the teacher
-    if best is not None:
-        return best[1], best[2]
-    raise BudgetError(
-        f"space.budget.target: no network of this allocation measured within "
-        f"{target:.3f} ms after {tries} tries (last {lat.median_ms:.3f} ms)"
-    )
-
-
-def repair_measured(
     teacher: Spec,
-    granularity: str,
-    genome: dict[str, float],
-    model: LatencyModel,
+    cfg: LatencyConfig,
+    target: float,
     *,
     min_channels: int = 1,
     divisible_by: int = 1,
-    tries: int = 6,
-) -> tuple[Spec, Latency]:
-    """The genome repaired onto the latency budget as measured (:func:`onto_measured_budget`
-    with :func:`space.repair` and the model's prediction)."""
-    kw = {"min_channels": min_channels, "divisible_by": divisible_by, "ratio_fn": model.ratio}
-
-    def build(ratio: float) -> Spec:
-        return space.repair(teacher, granularity, genome, target=ratio, metric="latency", **kw)[0]
-
-    # never below the smallest network's prediction, which repair would refuse
-    low = space.smallest_ratio(teacher, "latency", **kw)
-    return onto_measured_budget(teacher, build, model, low=low, tries=tries)
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> LatencyModel:
+    """``model`` predicting with a per-layer latency table (:mod:`latency_table`) timed on its
+    deployment in the widths' step the search uses (``divisible_by``, else
+    :data:`TABLE_STEP`), fitted on ``fit_networks`` random networks of that step and judged
+    on ``check_networks`` more, beside the features model on the same networks (kept as
+    ``error["features"]``): on three runs' searched networks, each calibrated as a run is,
+    the features model's ratios were off by 2.0-2.1 % (worst 9.2-9.8 %), the table's by
+    1.0-1.3 % (worst 3.4-5.5 %; docs/results.md "A per-layer latency table")."""
+    dep = model.deployment()
+    step = divisible_by if divisible_by > 1 else TABLE_STEP
+    low = divisible_by * math.ceil(min_channels / divisible_by)
+    kw = {"min_channels": min_channels, "divisible_by": divisible_by}
+    table = measure_table(teacher, dep, step=step, min_channels=low)
+    specs = [teacher, *random_specs(teacher, cfg.fit_networks, seed + 7, **kw)]
+    table = fit_table(table, specs, [measure_spec(s, dep).median_ms for s in specs])
+    ref = table.predict_ms(teacher)
+    goal = cfg.target_ms if cfg.target_ms is not None else target * ref
+    out = replace(model, table=table, teacher_ms=ref, target_ms=goal)
+    check = random_specs(teacher, cfg.check_networks, seed + 8, **kw)
+    check_ms = [measure_spec(s, dep).median_ms for s in check]
+    error = {**model_error(out, check, check_ms), "predictor": "table",
+             "entries": len(table.entries), "step": step, "block": model.error.get("block"),
+             "teacher_measured_ms": model.error.get("teacher_measured_ms"),
+             "features": model_error(model, check, check_ms)}  # fmt: skip
+    if check:
+        f = error["features"]
+        where = f"in whole blocks of {divisible_by}" if divisible_by > 1 else "of any width"
+        log(f"latency table: {len(table.entries)} convolutions timed; MAPE "
+            f"{error['mape_pct']}%, worst {error['worst_pct']}% on {len(check)} measured "
+            f"networks {where} (the features model there: MAPE {f['mape_pct']}%, worst "
+            f"{f['worst_pct']}%)")  # fmt: skip
+    return replace(out, error=error)

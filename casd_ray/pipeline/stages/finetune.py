@@ -47,11 +47,8 @@ from casd_ray.pipeline.stages.student import (
 from casd_ray.train import devices
 from casd_ray.train.loop import evaluate_splits
 from casd_ray.widths import space
-from casd_ray.widths.latency_model import (
-    TOLERANCE,
-    LatencyModel,
-    repair_measured,
-)
+from casd_ray.widths.latency_model import TOLERANCE, LatencyModel
+from casd_ray.widths.latency_repair import repair_measured
 from casd_ray.widths.space import SpaceRules
 
 

@@ -1,4 +1,12 @@
-"""Moving a *trained* network onto a latency goal by the smallest change of its widths.
+"""Networks moved onto a latency budget *as measured*, not as predicted.
+
+The latency model predicts; only a measurement judges. Every repair here measures the
+network it proposes beside the teacher (interleaved rounds) and moves it again until it
+lands within the budget (:func:`onto_measured_budget`): a genome rescaled onto the next
+predicted ratio (:func:`repair_measured`), or a *trained* network cut by single channel
+blocks (:func:`repair_trained`).
+
+Moving a *trained* network onto a latency goal by the smallest change of its widths.
 
 A candidate the search trained and measured over the budget was repaired by rescaling its
 whole genome to a lower predicted ratio. In whole channel blocks that moves many layers at
@@ -15,12 +23,105 @@ within it (one block of a narrow layer can be a large step, so the cut alone ove
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Callable
+
 import numpy as np
 
-from casd_ray.models.family import Spec, family_of, flops
-from casd_ray.models.latency import Latency
+from casd_ray.errors import BudgetError
+from casd_ray.models.family import Spec, build_model, family_of, flops
+from casd_ray.models.latency import Deployment, Latency, measure_together
 from casd_ray.widths import space
-from casd_ray.widths.latency_model import LatencyModel, onto_measured_budget
+from casd_ray.widths.latency_model import SLACK, TOLERANCE, LatencyModel
+
+
+def measure_beside_teacher(
+    teacher: Spec, student: Spec, dep: Deployment, rounds: int = 3
+) -> dict[str, dict]:
+    """Teacher and student measured in interleaved rounds (:func:`measure_together`): one
+    timing moves by ~30 % between runs on a shared CPU, the median of rounds and the ratio
+    of two networks measured side by side much less."""
+    nets = {"teacher": build_model(teacher), "student": build_model(student)}
+    return measure_together(nets, dep, rounds=rounds)
+
+
+def fractions_of_target(
+    rounds_ms: list[float], teacher_rounds_ms: list[float], model: LatencyModel
+) -> list[float]:
+    """Each round's latency over the target beside the teacher measured in that round."""
+    pairs = zip(rounds_ms, teacher_rounds_ms, strict=True)
+    return [ms / model.target_beside(t) for ms, t in pairs]
+
+
+def onto_measured_budget(
+    teacher: Spec,
+    build: Callable[[float], Spec],
+    model: LatencyModel,
+    *,
+    low: float = 0.0,
+    tries: int = 6,
+) -> tuple[Spec, Latency]:
+    """``build(ratio)`` allocates a network onto a predicted latency ratio; it is measured
+    beside the teacher and moved until it lands within [1 - :data:`SLACK`, 1 +
+    :data:`TOLERANCE`] of the target, the median of its rounds' fractions of the target
+    beside each round's teacher (:func:`fractions_of_target`): the next ratio scales by
+    target / measured (a secant through the origin), kept inside the bracket of ratios
+    already measured under and over the target, else bisected (never below ``low``).
+    Returns the network and its measured latency (median of interleaved rounds); after
+    ``tries`` the largest network measured within the target."""
+    dep = model.deployment()
+    ratio, under, over = model.target_ratio, low, math.inf
+    best: tuple[float, Spec, Latency] | None = None  # (fraction of its target, network, latency)
+    for _ in range(tries):
+        student = build(ratio)
+        ms = measure_beside_teacher(teacher, student, dep)
+        target = model.target_beside(ms["teacher"]["median_ms"])
+        got = ms["student"]
+        lat = Latency(got["median_ms"], got["iqr_ms"], got["runs"])
+        frac = statistics.median(
+            fractions_of_target(got["rounds_ms"], ms["teacher"]["rounds_ms"], model)
+        )
+        if frac <= 1 + TOLERANCE:
+            if best is None or frac > best[0]:
+                best = (frac, student, lat)
+            if frac >= 1 - SLACK:
+                return student, lat
+            under = max(under, ratio)
+        else:
+            over = min(over, ratio)
+        step = ratio / frac
+        if over < math.inf and not under < step < over:  # outside the bracket: bisect it
+            step = (under + over) / 2
+        ratio = min(step, 1.0)  # repair's targets are fractions of the teacher
+    if best is not None:
+        return best[1], best[2]
+    raise BudgetError(
+        f"space.budget.target: no network of this allocation measured within "
+        f"{target:.3f} ms after {tries} tries (last {lat.median_ms:.3f} ms)"
+    )
+
+
+def repair_measured(
+    teacher: Spec,
+    granularity: str,
+    genome: dict[str, float],
+    model: LatencyModel,
+    *,
+    min_channels: int = 1,
+    divisible_by: int = 1,
+    tries: int = 6,
+) -> tuple[Spec, Latency]:
+    """The genome repaired onto the latency budget as measured (:func:`onto_measured_budget`
+    with :func:`space.repair` and the model's prediction)."""
+    kw = {"min_channels": min_channels, "divisible_by": divisible_by, "ratio_fn": model.ratio}
+
+    def build(ratio: float) -> Spec:
+        return space.repair(teacher, granularity, genome, target=ratio, metric="latency", **kw)[0]
+
+    # never below the smallest network's prediction, which repair would refuse
+    low = space.smallest_ratio(teacher, "latency", **kw)
+    return onto_measured_budget(teacher, build, model, low=low, tries=tries)
 
 
 def nearest_within(
