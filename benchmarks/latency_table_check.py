@@ -61,6 +61,10 @@ def main() -> None:
     ap.add_argument("--fit", type=int, default=26, help="random networks both are fitted on")
     ap.add_argument("--check", type=int, default=50, help="random networks both are judged on")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--save", type=Path,
+        help="write every measurement here (JSON): other predictors on the same measurements",
+    )  # fmt: skip
     args = ap.parse_args()
     saved = json.loads((args.runs[0] / LATENCY_FILE).read_text())
     run_model = LatencyModel.from_dict(saved["model"])
@@ -101,6 +105,14 @@ def main() -> None:
         args.rounds,
     )
     measured = np.array([got[k]["teacher_ratio"] for k in nets])
+    if args.save:
+        js = {"teacher": teacher.model_dump_json(), "table": table.as_dict()}
+        js["fit"] = [[s.model_dump_json(), ms] for s, ms in zip(fit_specs, fit_ms, strict=True)]
+        pairs = zip(check, check_ms, strict=True)
+        js["check"] = [[s.model_dump_json(), float(m)] for s, m in pairs]
+        js["searched"] = [[k, s.model_dump_json(), float(m)]
+                          for (k, s), m in zip(nets.items(), measured, strict=True)]  # fmt: skip
+        args.save.write_text(json.dumps(js))
     rows = {}
     for name, predict in models.items():
         rnd = relative_error(np.array([predict(s) for s in check]), check_ms)

@@ -380,7 +380,7 @@ def test_finetune_measures_and_repairs_winner_and_uniform_onto_the_budget(monkey
         ms = device(SMALL, out[name], None)
         limit = 0.5 * ms["teacher"]["median_ms"] * (1 + lm.TOLERANCE)
         assert ms["student"]["median_ms"] <= limit
-    assert len(logs) == 2 and "moved by single channel blocks" in logs[0]
+    assert len(logs) == 2 and "repaired from its trained widths" in logs[0]
     assert "repaired from the measurement" in logs[1]
 
 

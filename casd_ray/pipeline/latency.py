@@ -287,7 +287,7 @@ def trained_onto_budget(
     genome = json.loads(row["genome"])
     out, lat = repair_trained(teacher_spec, spec, genome, rules.granularity, rules.latency, **kw)
     if out != spec:
-        log(f"{name}: measured off the latency target; moved by single channel blocks to "
+        log(f"{name}: measured off the latency target; repaired from its trained widths to "
             f"{lat.median_ms:.3f} ms")  # fmt: skip
     return out
 
