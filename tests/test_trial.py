@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from casd_ray.data.load import load_dataset
 from casd_ray.models.family import build_model, flops, spec_for, spec_from_json
 from casd_ray.models.resnet import WidthSpec
 from casd_ray.search.packing import pack_data, pack_teacher
+from casd_ray.search.scratch import checkpoint_dir
 from casd_ray.search.trial import STATE_FILE, distill_trial, trial_resources
 from casd_ray.search.trial_plan import pack_logits, trial_plan
 from casd_ray.train import kd, loop, recipe
@@ -373,3 +377,23 @@ def test_a_promoted_candidate_continues_in_the_same_trial(setup, tmp_path, monke
     objectives = [m["objective"] for m in rec.metrics]
     assert objectives == sorted(objectives)  # each fidelity outranks the one before
     assert len(rec.checkpoints) == 3  # rung 0 needs no checkpoint: it is cheap to redo
+
+
+def test_a_killed_trials_scratch_checkpoint_is_swept_by_the_next(tmp_path):
+    """A trial killed inside ``report()`` (a lost node, the OOM killer, a test's SIGKILL)
+    never leaves its scratch checkpoint folder: 63 had piled up in /tmp on the development
+    machine, each a model state. A new scratch folder first removes those whose process no
+    longer runs; a live trial's, and folders not named by a process, stay."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    stale = tmp_path / f"casd-ckpt-{ended.pid}-k2j4x9a1"
+    stale.mkdir()
+    (stale / STATE_FILE).write_bytes(b"state")
+    live = tmp_path / f"casd-ckpt-{os.getpid()}-a8d0q2zz"
+    live.mkdir()
+    unnamed = tmp_path / "casd-ckpt-0hs9lnxe"  # named before the process id was
+    unnamed.mkdir()
+    with checkpoint_dir(tmp_path) as scratch:
+        assert scratch.parent == tmp_path and scratch.name.startswith(f"casd-ckpt-{os.getpid()}-")
+        assert not stale.exists() and live.exists() and unnamed.exists()
+    assert not scratch.exists()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from casd_ray.data.batches import Batching, to_tensors
 from casd_ray.models.family import Spec, build_model, spec_from_json
 from casd_ray.models.source import register_as
 from casd_ray.search.packing import batching_of
+from casd_ray.search.scratch import checkpoint_dir
 from casd_ray.search.screening import screen
 from casd_ray.search.trial_plan import TrialPlan, candidate_facts, genome_of, objective, rung0_score
 from casd_ray.train import devices
@@ -279,8 +279,8 @@ def distill_trial(
             **static,
         }
         export_metrics(metrics)
-        with tempfile.TemporaryDirectory(prefix="casd-ckpt-") as tmp:
-            _save_state(Path(tmp), run, epoch + 1, metrics)
+        with checkpoint_dir() as tmp:
+            _save_state(tmp, run, epoch + 1, metrics)
             # Tune copies the directory into its storage inside report().
             report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
     return metrics
