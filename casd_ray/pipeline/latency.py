@@ -25,7 +25,7 @@ from casd_ray.models.family import Spec, build_model, spec_from_json
 from casd_ray.models.latency import measure_rounds, summarize_rounds
 from casd_ray.pipeline.plan import Log
 from casd_ray.widths import space
-from casd_ray.widths.channel_blocks import block_steps
+from casd_ray.widths.channel_blocks import block_steps, no_block_to_take
 from casd_ray.widths.latency_model import (
     FEATURES,
     SLACK,
@@ -185,7 +185,7 @@ def _aligned(cfg: ExperimentConfig, rules: SpaceRules, teacher_spec: Spec, log: 
     of 8 kept 0.25 of the FLOPs, every off-block candidate of the same search 0.11-0.13, and
     it distilled 8 points above them (docs/results.md)."""
     model = rules.latency
-    if model.block <= 1 or rules.divisible_by % model.block == 0:
+    if no_block_to_take(rules):
         return rules
     slow = f"latency: convolutions off whole blocks of {model.block} channels measured slower"
     if not cfg.space.budget.latency.align_channels:

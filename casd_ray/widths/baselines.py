@@ -22,7 +22,7 @@ from casd_ray.errors import BudgetError
 from casd_ray.models.family import Spec, family_of, group_widths, with_group_widths
 from casd_ray.widths import space
 from casd_ray.widths.bisection import last_true
-from casd_ray.widths.channel_blocks import block_steps
+from casd_ray.widths.channel_blocks import block_steps, no_block_to_take
 from casd_ray.widths.inherit import channel_importance
 from casd_ray.widths.latency_repair import repair_measured
 
@@ -153,8 +153,8 @@ def aligned_uniform(rules: space.SpaceRules, teacher: Spec, uniform: Spec) -> Sp
     network). A run that searched in that block already has it: ``uniform``, its own uniform
     network (a second measured repair of the same genome could land elsewhere). Raises
     :class:`BudgetError` where no such block reaches the target as measured."""
-    if rules.latency.block <= 1 or rules.divisible_by % rules.latency.block == 0:
-        return uniform  # no block on this device, or the run searched in whole ones
+    if no_block_to_take(rules):
+        return uniform
     genome = space.control_genome(rules, teacher)
     usable = [step for step, why_not in block_steps(rules, teacher) if why_not is None]
     if not usable:

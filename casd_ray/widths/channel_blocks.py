@@ -18,6 +18,12 @@ from casd_ray.widths import space
 from casd_ray.widths.latency_model import BLOCKS
 
 
+def no_block_to_take(rules: space.SpaceRules) -> bool:
+    """The device has no channel block (the model found none), or ``space.divisible_by``
+    already keeps every width in whole blocks of it: nothing for :func:`block_steps`."""
+    return rules.latency.block <= 1 or rules.divisible_by % rules.latency.block == 0
+
+
 def block_steps(rules: space.SpaceRules, teacher: Spec) -> list[tuple[int, str | None]]:
     """Every block dividing the latency model's, largest first, as the width step it gives
     (with ``space.divisible_by``) and why it cannot be used (``None``: it can): no network
