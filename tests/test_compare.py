@@ -15,7 +15,7 @@ from casd_ray.errors import BudgetError
 from casd_ray.models.family import spec_for
 from casd_ray.report.deploy import validated_pick
 from casd_ray.study import latency_arms
-from casd_ray.study.compare import ARMS, LATENCY_ARMS, summarize
+from casd_ray.study.compare import ARMS, LATENCY_ARMS, _model_line, summarize
 from casd_ray.widths import latency_model as lm
 from casd_ray.widths import latency_repair, space
 from casd_ray.widths.baselines import aligned_uniform
@@ -96,7 +96,7 @@ def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(
     # whole channel blocks may not reach the budget of this 4-channel network: then said so
     assert set(LATENCY_ARMS) - set(built) <= {"uniform_aligned"}
     assert ("uniform_aligned" in arms) != ("no uniform_aligned arm" in out)
-    assert set(arms) == {*built, "picked", "search_cost", "random_cost"}
+    assert set(arms) == {*built, "picked", "search_cost", "random_cost", "latency_model"}
     same = [a for a in built if a != "uniform_ce"]
     settings = [{k: v for k, v in arms[a]["settings"].items() if k != "widths"} for a in same]
     assert all(s == settings[0] for s in settings)  # identical recipe, seed, teacher
@@ -119,7 +119,11 @@ def test_compare_under_a_latency_budget_holds_every_arm_to_the_measured_budget(
     flops = yaml.safe_load((runs / "lat-s0-flops" / "config.yaml").read_text())
     assert flops["space"]["budget"]["metric"] == "flops"
     assert flops["space"]["budget"]["target"] == pytest.approx(arms["uniform"]["flops_ratio"])
-    assert "latency ratio (measured)" in (runs / "lat-compare.md").read_text()
+    md = (runs / "lat-compare.md").read_text()
+    assert "latency ratio (measured)" in md
+    # which latency model held the arms, and its error, beside the figures it decided
+    assert arms["latency_model"]["predictor"] == "table"
+    assert "- seed 0: table, not checked on random networks (check_networks: 0)" in md
 
     # run again (to add a seed, say): the arms whose widths measurements decided are kept,
     # not measured, repaired and fine-tuned again onto other widths (measurements move)
@@ -276,3 +280,13 @@ def test_validated_pick_ties_go_to_fewer_flops_then_uniform():
     assert pick(0.8, 0.51) == "winner"
     assert pick(0.8, 0.49) == "uniform"
     assert pick(0.8, 0.5) == "uniform"
+
+
+def test_the_latency_model_line_says_predictor_error_calibration_and_held_out():
+    m = {"predictor": "table", "networks": 50, "mape_pct": 3.3, "worst_pct": 13.8,
+         "features_mape_pct": 3.2, "calibration": 1.0612, "held_out_mape_pct": 1.9,
+         "held_out_networks": 8, "held_out_within": 7}  # fmt: skip
+    assert _model_line(m) == (
+        "table, MAPE 3.3 % (worst 13.8 %) on 50 networks (the features model there 3.2 %); "
+        "calibrated ×1.061, held out MAPE 1.9 %, 7 of 8 within the budget"
+    )

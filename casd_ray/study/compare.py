@@ -44,7 +44,12 @@ from casd_ray.pipeline.latency import saved_latency
 from casd_ray.pipeline.run import execute, load_teacher
 from casd_ray.report.deploy import validated_pick
 from casd_ray.study.arms import Log, arm_widths, fine_tuned_arm
-from casd_ray.study.latency_arms import LATENCY_ARMS, latency_arms, share_latency_model
+from casd_ray.study.latency_arms import (
+    LATENCY_ARMS,
+    latency_arms,
+    model_summary,
+    share_latency_model,
+)
 from casd_ray.widths import space
 from casd_ray.widths.baselines import global_ranking_spec, torch_pruning_allocation
 
@@ -118,7 +123,8 @@ def run_seed(cfg: ExperimentConfig, log: Log = print) -> dict[str, dict]:
     arms["uniform_ce"] = fine_tuned_arm(ce, arm_widths(arms["uniform"]), "uniform_ce", log)
     if latency:
         latency_arms(cfg, rules, arms, teacher, rnd_trials, log)
-        return _collect(cfg, arms, rnd, LATENCY_ARMS)
+        return {**_collect(cfg, arms, rnd, LATENCY_ARMS),
+                "latency_model": model_summary(rules.latency)}  # fmt: skip
     row = select_winner(rnd_trials)
     arms["random"] = fine_tuned_arm(cfg, spec_from_json(row["widths"]), "random", log)
     spec = global_ranking_spec(
@@ -242,7 +248,27 @@ def render(summary: dict, per_seed: dict[int, dict[str, dict]]) -> str:
         "run's seconds per image), per seed: " + costs("search_cost", "multiple_of_reference"),
         "The random arm's search, likewise: " + costs("random_cost", "multiple_of_reference"),
     ]
+    models = {s: per_seed[s]["latency_model"] for s in seeds if "latency_model" in per_seed[s]}
+    if models:
+        lines += ["", "Latency model, per seed (random networks; then where the search looks):"]
+        lines += [f"- seed {s}: {_model_line(m)}" for s, m in models.items()]
     return "\n".join(lines) + "\n"
+
+
+def _model_line(m: dict) -> str:
+    """One seed's latency model in words (:func:`model_summary`)."""
+    text = f"{m['predictor']}, not checked on random networks (check_networks: 0)"
+    if m.get("networks"):
+        text = (f"{m['predictor']}, MAPE {m['mape_pct']} % (worst {m['worst_pct']} %) on "
+                f"{m['networks']} networks")  # fmt: skip
+        if m.get("features_mape_pct") is not None:
+            text += f" (the features model there {m['features_mape_pct']} %)"
+    if m.get("calibration") is not None:
+        text += f"; calibrated ×{m['calibration']:.3f}"
+    if m.get("held_out_networks"):
+        text += (f", held out MAPE {m['held_out_mape_pct']} %, {m['held_out_within']} of "
+                 f"{m['held_out_networks']} within the budget")  # fmt: skip
+    return text
 
 
 def compare(cfg: ExperimentConfig, seeds: Sequence[int], log: Log = print) -> Path:

@@ -26,6 +26,7 @@ from casd_ray.pipeline.run import execute
 from casd_ray.study.arms import Log, arm_widths, decided_arm, fine_tuned_arm, kept_arm
 from casd_ray.widths import space
 from casd_ray.widths.baselines import aligned_uniform, global_ranking_spec
+from casd_ray.widths.latency_model import LatencyModel
 from casd_ray.widths.latency_repair import onto_measured_budget, repair_measured
 
 # Torch-Pruning (which prunes to a FLOPs count) is replaced by what a user with a FLOPs-budget
@@ -129,3 +130,21 @@ def latency_arms(
         m = measured[first[arm_widths(arms[a])]]
         arms[a] = {**arms[a], "latency_ratio": round(m["teacher_ratio"], 4),
                    "within_budget": m["within_budget"]}  # fmt: skip
+
+
+def model_summary(model: LatencyModel) -> dict:
+    """The seed run's latency model as the comparison reports it: which predictor, its error
+    on random networks (and the features model's there, beside a table), its calibration
+    where the search looks and the held-out check after it."""
+    err = model.error
+    cal = err.get("searched_space", {})
+    held = cal.get("held_out", {})
+    return {
+        "predictor": err.get("predictor", "features"),
+        "networks": err.get("networks"), "mape_pct": err.get("mape_pct"),
+        "worst_pct": err.get("worst_pct"),
+        "features_mape_pct": err.get("features", {}).get("mape_pct"),
+        "calibration": cal.get("calibration"),
+        "held_out_mape_pct": held.get("mape_pct"), "held_out_networks": held.get("networks"),
+        "held_out_within": held.get("within_budget"),
+    }  # fmt: skip
