@@ -97,6 +97,24 @@ def test_a_device_bilinear_in_the_widths_is_predicted_exactly_off_the_grid(monke
     assert table.predict_ms(SMALL) == pytest.approx(truth(SMALL))  # unfitted: (0, 1)
 
 
+def test_depthwise_convolutions_are_timed_along_one_width(monkeypatch):
+    """A depthwise convolution (MobileNetV2's) has one width, in = out = groups: its grid is
+    one-dimensional and a user's model pruned by Torch-Pruning keeps its positions' names."""
+    mobilenet = spec_for("torchvision:mobilenet_v2")
+    positions = lt.table_positions(mobilenet, step=8, min_channels=8)
+    depthwise = [(k, a) for _n, k, a, _b in positions if k[10] > 1]
+    assert len(depthwise) == 17 and all(k[10] == k[0] == k[1] for k, _a in depthwise)
+
+    def cost(key: lt.Key) -> float:  # linear in the width for depthwise, bilinear otherwise
+        return 0.02 + 1e-6 * key[0] * key[1] / key[10] * key[2] * key[3] * key[11] * key[12]
+
+    entries = tuple((k, cost(k)) for k in lt.table_keys(positions))
+    table = lt.LatencyTable(positions, entries)
+    for spec in lm.random_specs(mobilenet, 2, seed=1, min_channels=8, divisible_by=4):
+        truth = sum(cost(k) for _n, k in lt.conv_layers(spec.model_dump_json()))
+        assert table.layers_ms(spec) == pytest.approx(truth, rel=1e-9)
+
+
 def test_the_table_error_on_a_small_model_is_bounded_and_below_the_features_model(monkeypatch):
     """On a noiseless device the network is the sum of its layers (plus the classifier):
     the table, fitted to whole networks, predicts within 3 %, the features model not as well

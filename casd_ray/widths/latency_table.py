@@ -72,9 +72,13 @@ def _widths(n: int, step: int, low: int) -> tuple[int, ...]:
     return tuple(sorted({min(low, n), *(b for b in blocks if b > low), n}))
 
 
+def _depthwise(key: Key) -> bool:
+    """One width: in = out = groups (each channel convolved alone)."""
+    return key[10] == key[0] == key[1] and key[10] > 1
+
+
 def _with_widths(key: Key, cin: int, cout: int) -> Key:
-    depthwise = key[10] == key[0] == key[1] and key[10] > 1
-    return (cin, cout, *key[2:10], cin if depthwise else key[10], *key[11:])
+    return (cin, cout, *key[2:10], cin if _depthwise(key) else key[10], *key[11:])
 
 
 def _layer(key: Key) -> nn.Module:
@@ -110,12 +114,10 @@ class LatencyTable:
         if name not in grids:
             raise KeyError(f"no convolution {name!r} in the latency table")
         teacher_key, g_in, g_out = grids[name]
-        depthwise = teacher_key[10] == teacher_key[0] == teacher_key[1] and teacher_key[10] > 1
         i0, i1, wi = _between(g_in, key[0])
-        if depthwise:  # one width: in = out = groups
-            return (1 - wi) * ms[_with_widths(teacher_key, i0, i0)] + wi * ms[
-                _with_widths(teacher_key, i1, i1)
-            ]
+        if _depthwise(teacher_key):
+            low, high = (ms[_with_widths(teacher_key, c, c)] for c in (i0, i1))
+            return (1 - wi) * low + wi * high
         o0, o1, wo = _between(g_out, key[1])
         corner = {(a, b): ms[_with_widths(teacher_key, a, b)] for a in (i0, i1) for b in (o0, o1)}
         return (
@@ -170,8 +172,7 @@ def table_keys(positions: tuple) -> list[Key]:
     """Every distinct convolution the table times (positions of one shape share entries)."""
     keys: dict[Key, None] = {}
     for _name, key, g_in, g_out in positions:
-        depthwise = key[10] == key[0] == key[1] and key[10] > 1
-        pairs = [(c, c) for c in g_in] if depthwise else [(a, b) for a in g_in for b in g_out]
+        pairs = [(c, c) for c in g_in] if _depthwise(key) else [(a, b) for a in g_in for b in g_out]
         for a, b in pairs:
             keys[_with_widths(key, a, b)] = None
     return list(keys)
