@@ -425,6 +425,24 @@ def test_the_run_keeps_its_latency_model_and_reuses_it(tmp_path):
     assert pipeline_latency.with_latency(cfg, flops_rules, SMALL, print) is flops_rules
 
 
+def test_a_latency_model_saved_before_the_table_is_reused_as_the_features_model(tmp_path):
+    """``latency.json`` files from before ``predictor`` existed hold a features model: the
+    setting ``features`` reuses them (as the search stage that used them is reused); the
+    default, a table, fits anew."""
+    budget = {"metric": "latency", "latency": {"predictor": "features"}}
+    old = ExperimentConfig(output_dir=str(tmp_path), space={"budget": budget})
+    rules = space.rules_of(old.space, old.search.algorithm)
+    fitted = replace(rules, latency=_fake_model())
+    old.run_dir.mkdir(parents=True)
+    pipeline_latency.save_latency(old, fitted)
+    saved = json.loads((old.run_dir / pipeline_latency.LATENCY_FILE).read_text())
+    assert "predictor" not in saved["settings"]  # as written before the setting
+    assert pipeline_latency.saved_latency(old, rules).latency == fitted.latency
+    budget["latency"]["predictor"] = "table"
+    new = ExperimentConfig(output_dir=str(tmp_path), space={"budget": budget})
+    assert pipeline_latency.saved_latency(new, rules).latency is None
+
+
 def test_a_device_with_a_channel_block_gets_candidates_in_whole_blocks(tmp_path, monkeypatch):
     """When the fitted model finds convolutions off whole blocks slower, every candidate's
     widths are whole blocks (with ``space.divisible_by``), in the run that fits the model and

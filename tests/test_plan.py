@@ -72,12 +72,15 @@ def test_a_setting_added_later_reuses_old_folders_when_set_off():
     assert fingerprints(ExperimentConfig.model_validate(raw))["search"] == old
 
 
-@pytest.mark.parametrize("key, off", [("align_channels", False), ("calibrate_networks", 0)])
+@pytest.mark.parametrize(
+    "key, off",
+    [("align_channels", False), ("calibrate_networks", 0), ("predictor", "features")],
+)
 def test_latency_settings_added_later_keep_old_folders_reusable(key, off):
-    """``space.budget.latency.align_channels`` and ``calibrate_networks`` came after runs
-    existed: under a FLOPs budget they change nothing and must not change the fingerprint;
-    under a latency budget the new default (aligned widths, a calibrated model) is refused as
-    changed, and the setting off matches the old folder."""
+    """``space.budget.latency.align_channels``, ``calibrate_networks`` and ``predictor``
+    came after runs existed: under a FLOPs budget they change nothing and must not change the
+    fingerprint; under a latency budget the new default (aligned widths, a calibrated model,
+    a latency table) is refused as changed, and the old behaviour matches the old folder."""
     from casd_ray.config import ExperimentConfig
     from casd_ray.pipeline.plan import fingerprints
 

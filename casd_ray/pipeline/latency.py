@@ -47,15 +47,14 @@ VERDICT_ROUNDS = 5
 
 def _settings(cfg: ExperimentConfig) -> dict:
     b = cfg.space.budget
+    # alignment shapes the search space and calibration is measured after the fit: a model
+    # saved without them is reused as it is; so is one saved before the table, as features
+    skip = {"align_channels", "calibrate_networks"}
+    if b.latency.predictor == "features":
+        skip.add("predictor")
     # the feature list too: a model saved with other features cannot be reused
-    return {
-        "target": b.target,
-        # alignment shapes the search space and calibration is measured after the fit: a
-        # model saved without them is reused as it is
-        **b.latency.model_dump(exclude={"align_channels", "calibrate_networks"}),
-        "seed": cfg.seed,
-        "features": list(FEATURES),
-    }
+    return {"target": b.target, **b.latency.model_dump(exclude=skip), "seed": cfg.seed,
+            "features": list(FEATURES)}  # fmt: skip
 
 
 def saved_latency(cfg: ExperimentConfig, rules: SpaceRules) -> SpaceRules:

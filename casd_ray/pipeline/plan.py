@@ -80,6 +80,8 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, dict]:
         del latency["align_channels"]  # added later; off or idle, folders before it match
     if cfg.space.budget.metric != "latency" or not latency["calibrate_networks"]:
         del latency["calibrate_networks"]  # so was this
+    if cfg.space.budget.metric != "latency" or latency["predictor"] == "features":
+        del latency["predictor"]  # and this (before it, the features model predicted)
     search = {
         "after": _digest(teacher),
         "space": dump["space"],
