@@ -344,8 +344,8 @@ def with_table(
     :data:`TABLE_STEP`), fitted on ``fit_networks`` random networks of that step and judged
     on ``check_networks`` more, beside the features model on the same networks (kept as
     ``error["features"]``): on three runs' searched networks, each calibrated as a run is,
-    the features model's ratios were off by 2.0-2.1 % (worst 9.2-9.8 %), the table's by
-    1.0-1.3 % (worst 3.4-5.5 %; docs/results.md "A per-layer latency table")."""
+    the features model's ratios were off by 2.0-2.5 % (worst 8.4-9.8 %), the table's by
+    1.0-1.3 % (worst 2.2-5.5 %; docs/results.md "A per-layer latency table")."""
     dep = model.deployment()
     step = divisible_by if divisible_by > 1 else TABLE_STEP
     low = divisible_by * math.ceil(min_channels / divisible_by)
