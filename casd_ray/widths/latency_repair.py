@@ -6,19 +6,18 @@ lands within the budget (:func:`onto_measured_budget`): a genome rescaled onto t
 predicted ratio (:func:`repair_measured`), or a *trained* network cut by single channel
 blocks (:func:`repair_trained`).
 
-Moving a *trained* network onto a latency goal by the smallest change of its widths.
-
-A candidate the search trained and measured over the budget was repaired by rescaling its
-whole genome to a lower predicted ratio. In whole channel blocks that moves many layers at
-once: on a real run (ResNet-20, 0.5 of the teacher's ONNX Runtime latency, blocks of 8) a
-winner measured 2-4 % over kept 0.251 of the FLOPs after the rescale, 0.319 when single
-blocks of single layers were cut instead (model only, docs/method.md "Measured repair").
-The network fine-tuned is meant to be the one the search chose; a repair that reshapes it
-fine-tunes another. So here one block of one group is cut at a time, the one that saves the
-most predicted latency per FLOP lost (FLOPs as the stand-in for accuracy kept), and last the
-cut that meets the goal losing the fewest FLOPs; then single blocks of the layers cut are
-added back, the most FLOPs per predicted millisecond first, while the prediction stays
-within it (one block of a narrow layer can be a large step, so the cut alone overshoots).
+A trained network is moved by the smallest change of its widths. A candidate the search
+trained and measured over the budget was repaired by rescaling its whole genome to a lower
+predicted ratio. In whole channel blocks that moves many layers at once: on a real run
+(ResNet-20, 0.5 of the teacher's ONNX Runtime latency, blocks of 8) a winner measured 2-4 %
+over kept 0.251 of the FLOPs after the rescale, 0.319 when single blocks of single layers
+were cut instead (model only, docs/method.md "Measured repair"). The network fine-tuned is
+meant to be the one the search chose; a repair that reshapes it fine-tunes another. So here
+one block of one group is cut at a time, the one that saves the most predicted latency per
+FLOP lost (FLOPs as the stand-in for accuracy kept), and last the cut that meets the goal
+losing the fewest FLOPs; then single blocks of the layers cut are added back, the most FLOPs
+per predicted millisecond first, while the prediction stays within it (one block of a narrow
+layer can be a large step, so the cut alone overshoots).
 """
 
 from __future__ import annotations
